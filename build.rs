@@ -1,0 +1,26 @@
+//! Compiles `proto/keyplane/v1/*.proto` with protox (no `protoc` needed) and writes the
+//! file descriptor set that server reflection and the authorization-matrix test read.
+use std::{env, fs, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = PathBuf::from("proto/keyplane/v1");
+    let mut files: Vec<PathBuf> = fs::read_dir(&proto_dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|ext| ext == "proto"));
+    files.sort();
+
+    let fds = protox::compile(&files, ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("keyplane_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! Database migrations for keyplane (SQLite and PostgreSQL).
+
+pub use sea_orm_migration;
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_init;
+
+/// Runs all keyplane schema migrations in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_init::Migration)]
+    }
+}

@@ -1,0 +1,202 @@
+//! Authentication and authorization of keyplane's own callers (SPEC §2): who is calling,
+//! for which tenant, with which built-in scopes. Knows nothing of gRPC; the transport layer
+//! hands it the raw credential values.
+pub mod jwt;
+
+use std::fmt;
+
+use crate::domain::records::VerifyCode;
+use crate::domain::scope::{self, BuiltinScope, ScopeString};
+use crate::domain::{TenantAccess, TenantId};
+use crate::storage::StoreError;
+use crate::verification::KeyVerifier;
+use jwt::JwtVerifier;
+
+/// Why a caller was refused. Each variant is one row of SPEC §2.5 (plus the tenant-header
+/// rules of §2.3); none carries the credential itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential: send `authorization: Bearer <JWT>` or `x-api-key`")]
+    CredentialsMissing,
+    #[error("the bearer token is invalid")]
+    TokenInvalid,
+    #[error("the bearer token has expired")]
+    TokenExpired,
+    #[error("the bearer token is not valid yet")]
+    TokenNotYetValid,
+    #[error("the API key is not valid")]
+    ApiKeyInvalid,
+    #[error("x-tenant-id does not match the credential's tenant")]
+    TenantMismatch,
+    #[error("x-tenant-id must be a UUID")]
+    TenantHeaderInvalid,
+    #[error("a platform token must name the tenant in x-tenant-id")]
+    TenantRequired,
+    #[error("the credential lacks the scope {0}")]
+    MissingScope(BuiltinScope),
+    #[error("the caller cannot grant scopes it does not hold: {}", .0.join(", "))]
+    ScopeEscalation(Vec<String>),
+    #[error("could not check the credential")]
+    Store(#[from] StoreError),
+}
+
+/// What kind of credential the caller presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerKind {
+    TenantToken,
+    PlatformToken,
+    ApiKey,
+}
+
+/// A verified caller, handed to every handler.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub kind: CallerKind,
+    /// The token's `sub`, or the admin key's id.
+    pub subject: String,
+    pub access: TenantAccess,
+    /// Granted scope strings as presented (only built-in ones matter to keyplane's API).
+    pub scopes: Vec<String>,
+}
+
+impl fmt::Debug for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Caller")
+            .field("kind", &self.kind)
+            .field("subject", &self.subject)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+impl Caller {
+    /// The single tenant this call acts for; a platform token without `x-tenant-id` has
+    /// none.
+    pub fn tenant(&self) -> Result<TenantId, AuthError> {
+        match self.access {
+            TenantAccess::One(tenant) => Ok(tenant),
+            TenantAccess::Any => Err(AuthError::TenantRequired),
+        }
+    }
+
+    pub fn has(&self, needed: BuiltinScope) -> bool {
+        scope::any_satisfies(&self.scopes, &needed.scope())
+    }
+
+    pub fn require(&self, needed: BuiltinScope) -> Result<(), AuthError> {
+        if self.has(needed) {
+            Ok(())
+        } else {
+            Err(AuthError::MissingScope(needed))
+        }
+    }
+
+    /// No escalation through keys: every built-in scope put on a key must be held by the
+    /// caller itself.
+    pub fn may_grant<'a>(
+        &self,
+        scopes: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), AuthError> {
+        let beyond: Vec<String> = scopes
+            .into_iter()
+            .filter_map(BuiltinScope::from_str)
+            .filter(|b| !self.has(*b))
+            .map(|b| b.as_str().to_owned())
+            .collect();
+        if beyond.is_empty() {
+            Ok(())
+        } else {
+            Err(AuthError::ScopeEscalation(beyond))
+        }
+    }
+}
+
+/// The raw credential values of one request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// The `authorization` header.
+    pub authorization: Option<&'a str>,
+    /// The `x-api-key` header.
+    pub api_key: Option<&'a str>,
+    /// The `x-tenant-id` header.
+    pub tenant: Option<&'a str>,
+}
+
+/// Turns credentials into a [`Caller`].
+#[derive(Clone)]
+pub struct Authenticator {
+    jwt: std::sync::Arc<JwtVerifier>,
+    keys: KeyVerifier,
+}
+
+impl Authenticator {
+    pub fn new(jwt: JwtVerifier, keys: KeyVerifier) -> Self {
+        Self {
+            jwt: std::sync::Arc::new(jwt),
+            keys,
+        }
+    }
+
+    pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, AuthError> {
+        let caller = match (creds.authorization, creds.api_key) {
+            (Some(authorization), _) => self.bearer(authorization)?,
+            (None, Some(key)) => self.admin_key(key).await?,
+            (None, None) => return Err(AuthError::CredentialsMissing),
+        };
+        let Some(header) = creds.tenant else {
+            return Ok(caller);
+        };
+        let named = TenantId::parse(header).ok_or(AuthError::TenantHeaderInvalid)?;
+        match caller.access {
+            TenantAccess::Any => Ok(Caller {
+                access: TenantAccess::One(named),
+                ..caller
+            }),
+            TenantAccess::One(own) if own == named => Ok(caller),
+            TenantAccess::One(_) => Err(AuthError::TenantMismatch),
+        }
+    }
+
+    fn bearer(&self, authorization: &str) -> Result<Caller, AuthError> {
+        let (scheme, token) = authorization
+            .split_once(' ')
+            .ok_or(AuthError::TokenInvalid)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::TokenInvalid);
+        }
+        let identity = self.jwt.verify(token.trim())?;
+        Ok(match identity.tenant {
+            Some(tenant) => Caller {
+                kind: CallerKind::TenantToken,
+                subject: identity.subject,
+                access: TenantAccess::One(tenant),
+                scopes: identity.scopes,
+            },
+            None => Caller {
+                kind: CallerKind::PlatformToken,
+                subject: identity.subject,
+                access: TenantAccess::Any,
+                scopes: identity.scopes,
+            },
+        })
+    }
+
+    async fn admin_key(&self, presented: &str) -> Result<Caller, AuthError> {
+        let verification = self
+            .keys
+            .verify(TenantAccess::Any, presented, &[] as &[ScopeString])
+            .await?;
+        match (verification.code, verification.key) {
+            (VerifyCode::Valid, Some(key)) => Ok(Caller {
+                kind: CallerKind::ApiKey,
+                subject: key.id.to_string(),
+                access: TenantAccess::One(key.tenant_id),
+                scopes: key
+                    .builtin_scopes()
+                    .map(|b| b.as_str().to_owned())
+                    .collect(),
+            }),
+            _ => Err(AuthError::ApiKeyInvalid),
+        }
+    }
+}

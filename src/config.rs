@@ -1,0 +1,187 @@
+//! Command line and environment configuration (SPEC §5.2). Every flag also reads an
+//! environment variable; the `///` docs below are the `--help` text.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::jwt::JwtSettings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyplane",
+    version,
+    about = "Multi-tenant gRPC control plane for API keys, workspaces and scopes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server.
+    Serve(ServeArgs),
+    /// Mint a JWT with the configured HS256 secret (for operators and tests).
+    Token(TokenArgs),
+    /// Apply or inspect database migrations.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Database URL: `sqlite://FILE?mode=rwc` (embedded) or `postgres://USER:PASSWORD@HOST/DB`.
+    #[arg(
+        long,
+        env = "KEYPLANE_DATABASE_URL",
+        default_value = "sqlite://keyplane.db?mode=rwc",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
+/// How callers' JWTs are validated. At least one key source is needed outside `--dev`.
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
+    /// HS256 shared secret, at least 32 bytes.
+    #[arg(long, env = "KEYPLANE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RSA (RS256), EC P-256 (ES256) or Ed25519 (EdDSA) public key.
+    #[arg(long, env = "KEYPLANE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// JWKS file; the token's `kid` selects the key.
+    #[arg(long, env = "KEYPLANE_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "KEYPLANE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "KEYPLANE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[arg(long, env = "KEYPLANE_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+}
+
+impl JwtArgs {
+    pub fn settings(&self) -> JwtSettings {
+        JwtSettings {
+            secret: self.jwt_secret.clone(),
+            public_key_file: self.jwt_public_key.clone(),
+            jwks_file: self.jwks_file.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway_secs: self.jwt_leeway.as_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on (port 0 picks a free port).
+    #[arg(long, env = "KEYPLANE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    /// Address for the Prometheus `/metrics` endpoint; off when unset.
+    #[arg(long, env = "KEYPLANE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Development mode: runs with nothing configured (SQLite in the working directory, a
+    /// generated HS256 secret kept in `keyplane.dev-secret`) and prints an admin token.
+    #[arg(long, env = "KEYPLANE_DEV")]
+    pub dev: bool,
+    /// Do not apply pending migrations on start.
+    #[arg(long, env = "KEYPLANE_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// How long in-flight calls may take to finish after SIGTERM / Ctrl-C.
+    #[arg(long, env = "KEYPLANE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// How often coalesced `last_used_time` values are written.
+    #[arg(long, env = "KEYPLANE_USAGE_FLUSH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub usage_flush_interval: Duration,
+    /// How often the database is checked for the health service.
+    #[arg(long, env = "KEYPLANE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Tenant the token acts for; omit for a platform token (which names the tenant per
+    /// call in `x-tenant-id`).
+    #[arg(long)]
+    pub tenant: Option<uuid::Uuid>,
+    /// Space-separated scopes; default: every built-in scope.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// The `sub` claim.
+    #[arg(long, default_value = "operator")]
+    pub subject: String,
+    /// Sign with the secret of `serve --dev` (and default to its tenant).
+    #[arg(long)]
+    pub dev: bool,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum MigrateAction {
+    /// Apply pending migrations.
+    #[default]
+    Up,
+    /// List applied and pending migrations.
+    Status,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// What to do.
+    #[arg(value_enum, default_value = "up")]
+    pub action: MigrateAction,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+/// Everything `Application::build` needs, independent of how it was configured.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub jwt: JwtSettings,
+    pub migrate: bool,
+    pub shutdown_grace: Duration,
+    pub usage_flush_interval: Duration,
+    pub health_interval: Duration,
+}
+
+impl Settings {
+    /// Settings for tests and embedding: everything at its default but the given values.
+    pub fn new(listen: SocketAddr, database_url: impl Into<String>, jwt: JwtSettings) -> Self {
+        Self {
+            listen,
+            database_url: database_url.into(),
+            jwt,
+            migrate: true,
+            shutdown_grace: Duration::from_secs(10),
+            usage_flush_interval: Duration::from_secs(2),
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The API key format: `{prefix}_{random}{checksum}`, GitHub's token scheme.
+//!
+//! `random` is 32 bytes from the OS CSPRNG written as 43 base62 characters; `checksum` is
+//! the CRC32 of `{prefix}_{random}` as 6 base62 characters. Covering the prefix too means
+//! any single-character typo anywhere in a key is caught without a database lookup. At rest
+//! only the SHA-256 digest of the whole secret is kept.
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// 62^43 > 2^256, so 43 characters hold any 32 bytes.
+const RANDOM_LEN: usize = 43;
+/// 62^6 > 2^32.
+const CHECKSUM_LEN: usize = 6;
+const BODY_LEN: usize = RANDOM_LEN + CHECKSUM_LEN;
+const PREFIX_MAX: usize = 16;
+/// No valid key is longer than this; longer input is refused before any other work.
+pub const MAX_KEY_LEN: usize = PREFIX_MAX + 1 + BODY_LEN;
+
+/// A key prefix: `^[a-z][a-z0-9]{0,15}$`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    pub const DEFAULT: &'static str = "kp";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        let ok = (1..=PREFIX_MAX).contains(&bytes.len())
+            && bytes[0].is_ascii_lowercase()
+            && bytes[1..]
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        ok.then(|| Self(text.to_owned()))
+    }
+
+    pub fn default_prefix() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// SHA-256 of a whole secret: the only form in which keys are stored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest(pub [u8; 32]);
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyDigest(..)")
+    }
+}
+
+/// A well-formed secret. Its `Debug` never shows the secret, so it cannot leak into logs by
+/// accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKeySecret {
+    text: String,
+    prefix_len: usize,
+}
+
+impl fmt::Debug for ApiKeySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKeySecret({})", self.masked())
+    }
+}
+
+/// Why a presented key is malformed (all of these answer `VERIFY_CODE_MALFORMED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedKey {
+    #[error("not of the form prefix_body")]
+    Shape,
+    #[error("invalid prefix")]
+    Prefix,
+    #[error("wrong length")]
+    Length,
+    #[error("character outside base62")]
+    Alphabet,
+    #[error("checksum mismatch")]
+    Checksum,
+}
+
+impl ApiKeySecret {
+    /// Generates a new secret from the operating system's CSPRNG.
+    pub fn generate(prefix: &KeyPrefix) -> Result<Self, getrandom::Error> {
+        let mut random = [0u8; 32];
+        getrandom::fill(&mut random)?;
+        let mut text = String::with_capacity(prefix.as_str().len() + 1 + BODY_LEN);
+        text.push_str(prefix.as_str());
+        text.push('_');
+        text.push_str(&encode_base62(&random, RANDOM_LEN));
+        let checksum = crc32fast::hash(text.as_bytes());
+        text.push_str(&encode_base62(&checksum.to_be_bytes(), CHECKSUM_LEN));
+        Ok(Self {
+            prefix_len: prefix.as_str().len(),
+            text,
+        })
+    }
+
+    /// Checks shape, alphabet and checksum; touches nothing else.
+    pub fn parse(text: &str) -> Result<Self, MalformedKey> {
+        if text.len() > MAX_KEY_LEN {
+            return Err(MalformedKey::Length);
+        }
+        let (prefix, body) = text.split_once('_').ok_or(MalformedKey::Shape)?;
+        KeyPrefix::parse(prefix).ok_or(MalformedKey::Prefix)?;
+        if body.len() != BODY_LEN {
+            return Err(MalformedKey::Length);
+        }
+        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(MalformedKey::Alphabet);
+        }
+        let (signed, checksum) = text.split_at(text.len() - CHECKSUM_LEN);
+        let expected = encode_base62(
+            &crc32fast::hash(signed.as_bytes()).to_be_bytes(),
+            CHECKSUM_LEN,
+        );
+        if checksum != expected {
+            return Err(MalformedKey::Checksum);
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            prefix_len: prefix.len(),
+        })
+    }
+
+    /// The full secret, to hand to the client exactly once.
+    pub fn expose(&self) -> &str {
+        &self.text
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.text[..self.prefix_len]
+    }
+
+    pub fn last_four(&self) -> &str {
+        &self.text[self.text.len() - 4..]
+    }
+
+    pub fn masked(&self) -> String {
+        masked_key(self.prefix(), self.last_four())
+    }
+
+    pub fn digest(&self) -> KeyDigest {
+        KeyDigest(Sha256::digest(self.text.as_bytes()).into())
+    }
+}
+
+/// The displayable form of a key: its prefix and last 4 characters, nothing more.
+pub fn masked_key(prefix: &str, last_four: &str) -> String {
+    format!("{prefix}_****{last_four}")
+}
+
+/// Big-endian bytes as exactly `width` base62 digits (left-padded with `0`).
+fn encode_base62(bytes: &[u8], width: usize) -> String {
+    let mut number = bytes.to_vec();
+    let mut digits = vec![b'0'; width];
+    for slot in digits.iter_mut().rev() {
+        // One long division of `number` by 62; the remainder is the next digit.
+        let mut remainder = 0u32;
+        for byte in number.iter_mut() {
+            let acc = (remainder << 8) | u32::from(*byte);
+            *byte = (acc / 62) as u8;
+            remainder = acc % 62;
+        }
+        *slot = ALPHABET[remainder as usize];
+    }
+    // Only ASCII from ALPHABET was written.
+    String::from_utf8(digits).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> ApiKeySecret {
+        ApiKeySecret::generate(&KeyPrefix::default_prefix()).unwrap()
+    }
+
+    #[test]
+    fn base62_known_values() {
+        assert_eq!(encode_base62(&[0, 0, 0, 0], 6), "000000");
+        assert_eq!(encode_base62(&61u32.to_be_bytes(), 6), "00000z");
+        assert_eq!(encode_base62(&62u32.to_be_bytes(), 6), "000010");
+        assert_eq!(encode_base62(&u32::MAX.to_be_bytes(), 6), "4gfFC3");
+        assert_eq!(encode_base62(&[0xff; 32], 43).len(), 43);
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let k = key();
+        let text = k.expose();
+        assert!(text.starts_with("kp_"));
+        assert_eq!(text.len(), 3 + 49);
+        assert_eq!(k.masked(), format!("kp_****{}", &text[text.len() - 4..]));
+        assert_ne!(key().expose(), text, "two keys must differ");
+        assert!(
+            !format!("{k:?}").contains(&text[3..]),
+            "Debug must not show the secret"
+        );
+    }
+
+    #[test]
+    fn rejects_without_panicking() {
+        for bad in [
+            "",
+            "_",
+            "kp_",
+            "kp",
+            "KP_abc",
+            "kp_short",
+            "1p_x",
+            &"a".repeat(500),
+        ] {
+            assert!(ApiKeySecret::parse(bad).is_err(), "{bad}");
+        }
+        let mut text = key().expose().to_owned();
+        text.replace_range(5..6, "!");
+        assert_eq!(ApiKeySecret::parse(&text), Err(MalformedKey::Alphabet));
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(KeyPrefix::parse("kp").is_some());
+        assert!(KeyPrefix::parse("a").is_some());
+        assert!(KeyPrefix::parse("abcdefghij012345").is_some());
+        for bad in ["", "1a", "Kp", "k_p", "abcdefghij0123456", "kp-"] {
+            assert!(KeyPrefix::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    const CHARS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-!";
+
+    proptest! {
+        #[test]
+        fn every_generated_key_parses(prefix in "[a-z][a-z0-9]{0,15}") {
+            let k = ApiKeySecret::generate(&KeyPrefix::parse(&prefix).unwrap()).unwrap();
+            let parsed = ApiKeySecret::parse(k.expose()).unwrap();
+            prop_assert_eq!(parsed.prefix(), prefix.as_str());
+            prop_assert_eq!(parsed.digest(), k.digest());
+        }
+
+        #[test]
+        fn any_single_character_change_is_malformed(
+            prefix in "[a-z][a-z0-9]{0,15}",
+            position in any::<prop::sample::Index>(),
+            replacement in prop::sample::select(CHARS),
+        ) {
+            let k = ApiKeySecret::generate(&KeyPrefix::parse(&prefix).unwrap()).unwrap();
+            let mut bytes = k.expose().as_bytes().to_vec();
+            let i = position.index(bytes.len());
+            prop_assume!(bytes[i] != replacement);
+            bytes[i] = replacement;
+            let changed = String::from_utf8(bytes).unwrap();
+            prop_assert!(ApiKeySecret::parse(&changed).is_err(), "{} accepted", changed);
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics(text in ".{0,100}") {
+            let _ = ApiKeySecret::parse(&text);
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The resources as the service sees them, and the validated inputs that create or change
+//! them. Storage maps rows to these; the gRPC layer maps these to messages.
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::TenantId;
+use super::key::{KeyPrefix, masked_key};
+use super::scope::{self, BuiltinScope, ScopeString};
+
+/// Labels or metadata, kept sorted so responses and etags are stable.
+pub type StringMap = BTreeMap<String, String>;
+
+/// An entity tag derived from the row's revision counter, which every update increments.
+pub fn etag(revision: i64) -> String {
+    format!("r{revision}")
+}
+
+/// Parses an etag sent back by a client; an unparseable one can only be stale.
+pub fn revision_of(etag: &str) -> Option<i64> {
+    etag.strip_prefix('r')?.parse().ok()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workspace {
+    pub id: Uuid,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub description: String,
+    pub company: Option<String>,
+    pub is_private: bool,
+    pub is_personal: bool,
+    pub owner_id: String,
+    pub source: String,
+    pub default_key_prefix: String,
+    pub labels: StringMap,
+    pub revision: i64,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewWorkspace {
+    pub name: String,
+    pub description: String,
+    pub company: Option<String>,
+    pub is_private: bool,
+    pub is_personal: bool,
+    pub owner_id: String,
+    pub default_key_prefix: KeyPrefix,
+    pub labels: StringMap,
+    pub request_id: Option<Uuid>,
+}
+
+/// The fields an update changes; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspacePatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub company: Option<Option<String>>,
+    pub is_private: Option<bool>,
+    pub is_personal: Option<bool>,
+    pub owner_id: Option<String>,
+    pub default_key_prefix: Option<KeyPrefix>,
+    pub labels: Option<StringMap>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scope {
+    pub id: Uuid,
+    /// `None` for the built-in scopes, which belong to every tenant.
+    pub tenant_id: Option<TenantId>,
+    pub workspace_id: Option<Uuid>,
+    pub scope: ScopeString,
+    pub name: String,
+    pub description: String,
+    pub category: String,
+    pub builtin: bool,
+    pub revision: i64,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+}
+
+impl Scope {
+    /// The record of a built-in scope: the same on every deployment.
+    pub fn builtin(b: BuiltinScope) -> Self {
+        Self {
+            id: b.id(),
+            tenant_id: None,
+            workspace_id: None,
+            scope: b.scope(),
+            name: b.as_str().to_owned(),
+            description: b.description().to_owned(),
+            category: "keyplane".to_owned(),
+            builtin: true,
+            revision: 1,
+            create_time: DateTime::UNIX_EPOCH,
+            update_time: DateTime::UNIX_EPOCH,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewScope {
+    pub workspace_id: Option<Uuid>,
+    pub scope: ScopeString,
+    pub name: String,
+    pub description: String,
+    pub category: String,
+    pub request_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScopePatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub category: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub tenant_id: TenantId,
+    pub workspace_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub last_four: String,
+    pub scopes: Vec<String>,
+    pub owner_id: Option<String>,
+    pub metadata: StringMap,
+    pub expire_time: Option<DateTime<Utc>>,
+    pub disabled: bool,
+    pub revoke_time: Option<DateTime<Utc>>,
+    pub last_used_time: Option<DateTime<Utc>>,
+    pub successor_id: Option<Uuid>,
+    pub revision: i64,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+}
+
+/// The outcome of checking a key, in the order SPEC §3.4 lists the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyCode {
+    Valid,
+    Malformed,
+    NotFound,
+    Revoked,
+    Expired,
+    Disabled,
+    InsufficientScopes,
+}
+
+impl ApiKey {
+    pub fn masked_key(&self) -> String {
+        masked_key(&self.prefix, &self.last_four)
+    }
+
+    /// Revoked, expired or disabled, checked in that order; `None` when the key is usable.
+    pub fn unusable(&self, now: DateTime<Utc>) -> Option<VerifyCode> {
+        if self.revoke_time.is_some_and(|t| t <= now) {
+            Some(VerifyCode::Revoked)
+        } else if self.expire_time.is_some_and(|t| t <= now) {
+            Some(VerifyCode::Expired)
+        } else if self.disabled {
+            Some(VerifyCode::Disabled)
+        } else {
+            None
+        }
+    }
+
+    /// The full check of §3.4 for a key that was found.
+    pub fn check(&self, now: DateTime<Utc>, required: &[ScopeString]) -> (VerifyCode, Vec<String>) {
+        if let Some(code) = self.unusable(now) {
+            return (code, Vec::new());
+        }
+        let missing: Vec<String> = scope::missing(&self.scopes, required)
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect();
+        if missing.is_empty() {
+            (VerifyCode::Valid, missing)
+        } else {
+            (VerifyCode::InsufficientScopes, missing)
+        }
+    }
+
+    /// The built-in scopes this key grants (what it may do as an admin key).
+    pub fn builtin_scopes(&self) -> impl Iterator<Item = BuiltinScope> + '_ {
+        self.scopes.iter().filter_map(|s| BuiltinScope::from_str(s))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub workspace_id: Uuid,
+    pub name: String,
+    /// `None`: the workspace's default prefix.
+    pub prefix: Option<KeyPrefix>,
+    pub scopes: Vec<ScopeString>,
+    pub owner_id: Option<String>,
+    pub metadata: StringMap,
+    pub expire_time: Option<DateTime<Utc>>,
+    pub request_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<ScopeString>>,
+    pub owner_id: Option<Option<String>>,
+    pub metadata: Option<StringMap>,
+    pub expire_time: Option<Option<DateTime<Utc>>>,
+    pub disabled: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn key() -> ApiKey {
+        let now = Utc::now();
+        ApiKey {
+            id: Uuid::now_v7(),
+            tenant_id: TenantId::new(Uuid::now_v7()),
+            workspace_id: Uuid::now_v7(),
+            name: String::new(),
+            prefix: "kp".into(),
+            last_four: "abcd".into(),
+            scopes: vec!["crm:*".into()],
+            owner_id: None,
+            metadata: StringMap::new(),
+            expire_time: None,
+            disabled: false,
+            revoke_time: None,
+            last_used_time: None,
+            successor_id: None,
+            revision: 1,
+            create_time: now,
+            update_time: now,
+        }
+    }
+
+    #[test]
+    fn checks_run_in_the_specified_order() {
+        let now = Utc::now();
+        let need = [ScopeString::parse("erp:read").unwrap()];
+        let mut k = key();
+        assert_eq!(
+            k.check(now, &need),
+            (VerifyCode::InsufficientScopes, vec!["erp:read".into()])
+        );
+        k.disabled = true;
+        assert_eq!(k.check(now, &need).0, VerifyCode::Disabled);
+        k.expire_time = Some(now - Duration::seconds(1));
+        assert_eq!(k.check(now, &need).0, VerifyCode::Expired);
+        k.revoke_time = Some(now);
+        assert_eq!(k.check(now, &need).0, VerifyCode::Revoked);
+        let mut ok = key();
+        ok.expire_time = Some(now + Duration::seconds(60));
+        assert_eq!(
+            ok.check(now, &[ScopeString::parse("crm:read").unwrap()]).0,
+            VerifyCode::Valid
+        );
+        assert_eq!(ok.masked_key(), "kp_****abcd");
+    }
+
+    #[test]
+    fn etags_round_trip() {
+        assert_eq!(revision_of(&etag(42)), Some(42));
+        assert_eq!(revision_of("42"), None);
+    }
+}

@@ -1,0 +1,284 @@
+//! `keyplane.v1.ApiKeyService`.
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, RequestCheck};
+use super::{KeyplaneApi, caller};
+use crate::domain::key::KeyPrefix;
+use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
+use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, Validator};
+use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
+use crate::storage::ApiKeyFilter;
+
+const MUTABLE: &[&str] = &[
+    "name",
+    "scopes",
+    "owner_id",
+    "metadata",
+    "expire_time",
+    "disabled",
+];
+const OUTPUT_ONLY: &[&str] = &[
+    "id",
+    "tenant_id",
+    "workspace_id",
+    "prefix",
+    "masked_key",
+    "revoke_time",
+    "last_used_time",
+    "create_time",
+    "update_time",
+    "etag",
+    "successor_id",
+];
+/// The longest grace period a rotation may give the old key.
+const MAX_GRACE_SECS: i64 = 30 * 24 * 3600;
+
+fn owner(v: &mut Validator, field: &str, text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| v.max_len(field, text, OWNER_MAX))
+}
+
+#[tonic::async_trait]
+impl ApiKeyService for KeyplaneApi {
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let tenant = caller.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let workspace_id = v.id("workspace_id", &r.workspace_id);
+        let name = v.max_len("name", r.name.trim(), NAME_MAX);
+        let prefix = if r.prefix.is_empty() {
+            None
+        } else {
+            let parsed = KeyPrefix::parse(&r.prefix);
+            if parsed.is_none() {
+                v.add("prefix", "must match ^[a-z][a-z0-9]{0,15}$");
+            }
+            parsed
+        };
+        let scopes = v.scopes("scopes", &r.scopes);
+        let owner_id = owner(&mut v, "owner_id", &r.owner_id);
+        let metadata = convert::labels(r.metadata);
+        validate::metadata(&mut v, "metadata", &metadata);
+        let now = chrono::Utc::now();
+        let expire_time = r
+            .expire_time
+            .as_ref()
+            .and_then(|t| v.future_time("expire_time", t, now));
+        let request_id = convert::request_id(&mut v, &r.request_id);
+        let new = v.finish(|| NewApiKey {
+            workspace_id: workspace_id.unwrap_or_default(),
+            name,
+            prefix,
+            scopes,
+            owner_id,
+            metadata,
+            expire_time,
+            request_id,
+        })?;
+        caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
+        let (key, secret) = self.store.create_api_key(tenant, new).await?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(key.into()),
+            secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_api_key(
+        &self,
+        request: Request<pb::GetApiKeyRequest>,
+    ) -> Result<Response<pb::GetApiKeyResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let mut v = Validator::new();
+        let id = v.id("id", &request.get_ref().id);
+        let id = v.finish(|| id.unwrap_or_default())?;
+        let key = self.store.get_api_key(tenant, id).await?;
+        Ok(Response::new(pb::GetApiKeyResponse {
+            api_key: Some(key.into()),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let filter = ApiKeyFilter {
+            workspace_id: v.optional_id("workspace_id", &r.workspace_id),
+            owner_id: owner(&mut v, "owner_id", &r.owner_id),
+        };
+        let filters = format!(
+            "{:?}",
+            ("api_keys", tenant, &filter.workspace_id, &filter.owner_id)
+        );
+        let (size, after) =
+            convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &filters);
+        v.finish(|| ())?;
+        let page = self
+            .store
+            .list_api_keys(tenant, &filter, after, size)
+            .await?;
+        let next_page_token = self.next_token(page.more, page.items.last().map(|k| k.id), &filters);
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: page.items.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_api_key(
+        &self,
+        request: Request<pb::UpdateApiKeyRequest>,
+    ) -> Result<Response<pb::UpdateApiKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let tenant = caller.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let k = r.api_key.unwrap_or_default();
+        let id = v.id("api_key.id", &k.id);
+        let paths = convert::update_paths(
+            &mut v,
+            r.update_mask.as_ref(),
+            MUTABLE,
+            OUTPUT_ONLY,
+            |p| match p {
+                "name" => !k.name.is_empty(),
+                "scopes" => !k.scopes.is_empty(),
+                "owner_id" => !k.owner_id.is_empty(),
+                "metadata" => !k.metadata.is_empty(),
+                "expire_time" => k.expire_time.is_some(),
+                "disabled" => k.disabled,
+                _ => false,
+            },
+        );
+        let now = chrono::Utc::now();
+        let mut patch = ApiKeyPatch::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => patch.name = Some(v.max_len("api_key.name", k.name.trim(), NAME_MAX)),
+                "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &k.scopes)),
+                "owner_id" => patch.owner_id = Some(owner(&mut v, "api_key.owner_id", &k.owner_id)),
+                "metadata" => {
+                    let metadata = convert::labels(k.metadata.clone());
+                    validate::metadata(&mut v, "api_key.metadata", &metadata);
+                    patch.metadata = Some(metadata);
+                }
+                "expire_time" => {
+                    patch.expire_time = Some(
+                        k.expire_time
+                            .as_ref()
+                            .and_then(|t| v.future_time("api_key.expire_time", t, now)),
+                    )
+                }
+                "disabled" => patch.disabled = Some(k.disabled),
+                _ => {}
+            }
+        }
+        let id = v.finish(|| id.unwrap_or_default())?;
+        if let Some(scopes) = &patch.scopes {
+            caller.may_grant(scopes.iter().map(|s| s.as_str()))?;
+        }
+        let key = self
+            .store
+            .update_api_key(tenant, id, patch, convert::expected_revision(&r.etag))
+            .await?;
+        Ok(Response::new(pb::UpdateApiKeyResponse {
+            api_key: Some(key.into()),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let mut v = Validator::new();
+        let id = v.id("id", &request.get_ref().id);
+        let id = v.finish(|| id.unwrap_or_default())?;
+        let key = self.store.revoke_api_key(tenant, id).await?;
+        Ok(Response::new(pb::RevokeApiKeyResponse {
+            api_key: Some(key.into()),
+        }))
+    }
+
+    async fn rotate_api_key(
+        &self,
+        request: Request<pb::RotateApiKeyRequest>,
+    ) -> Result<Response<pb::RotateApiKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let tenant = caller.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let id = v.id("id", &r.id);
+        let grace = r.grace_period.unwrap_or_default();
+        if grace.seconds < 0
+            || grace.nanos < 0
+            || grace.seconds > MAX_GRACE_SECS
+            || grace.nanos >= 1_000_000_000
+        {
+            v.add(
+                "grace_period",
+                format!("must be between 0 and {MAX_GRACE_SECS}s"),
+            );
+        }
+        let id = v.finish(|| id.unwrap_or_default())?;
+        let grace = chrono::Duration::seconds(grace.seconds)
+            + chrono::Duration::nanoseconds(grace.nanos.into());
+        // Rotation hands out a fresh secret with the same scopes: the caller must be able to
+        // grant them.
+        let current = self.store.get_api_key(tenant, id).await?;
+        caller.may_grant(current.scopes.iter().map(String::as_str))?;
+        let rotated = self.store.rotate_api_key(tenant, id, grace).await?;
+        Ok(Response::new(pb::RotateApiKeyResponse {
+            api_key: Some(rotated.key.into()),
+            secret: rotated.secret.expose().to_owned(),
+        }))
+    }
+
+    async fn delete_api_key(
+        &self,
+        request: Request<pb::DeleteApiKeyRequest>,
+    ) -> Result<Response<pb::DeleteApiKeyResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let mut v = Validator::new();
+        let id = v.id("id", &request.get_ref().id);
+        let id = v.finish(|| id.unwrap_or_default())?;
+        self.store.delete_api_key(tenant, id).await?;
+        Ok(Response::new(pb::DeleteApiKeyResponse {}))
+    }
+
+    async fn verify_api_key(
+        &self,
+        request: Request<pb::VerifyApiKeyRequest>,
+    ) -> Result<Response<pb::VerifyApiKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let required = v.scopes("required_scopes", &r.required_scopes);
+        v.finish(|| ())?;
+        let outcome = self
+            .verifier
+            .verify(caller.access, &r.key, &required)
+            .await?;
+        let code: pb::VerifyCode = outcome.code.into();
+        Ok(Response::new(pb::VerifyApiKeyResponse {
+            valid: outcome.code == VerifyCode::Valid,
+            code: code.into(),
+            tenant_id: outcome
+                .key
+                .as_ref()
+                .map(|k| k.tenant_id.to_string())
+                .unwrap_or_default(),
+            workspace_id: outcome
+                .key
+                .as_ref()
+                .map(|k| k.workspace_id.to_string())
+                .unwrap_or_default(),
+            api_key: outcome.key.map(Into::into),
+            missing_scopes: outcome.missing,
+        }))
+    }
+}

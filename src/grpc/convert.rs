@@ -1,0 +1,262 @@
+//! Proto ⇄ domain conversion: requests are parsed into validated domain values (every
+//! problem collected into one `BadRequest`), records are written back as messages.
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use prost_types::{FieldMask, Timestamp};
+use uuid::Uuid;
+
+use crate::domain::page::{PageSize, PageTokenCodec};
+use crate::domain::parse_uuid;
+use crate::domain::records::{self, ApiKey, Scope, VerifyCode, Workspace};
+use crate::domain::scope::ScopeString;
+use crate::domain::validate::{SCOPES_MAX, Validator};
+use crate::proto as pb;
+
+pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// A timestamp from a request; `None` when out of chrono's range.
+pub fn from_timestamp(t: &Timestamp) -> Option<DateTime<Utc>> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return None;
+    }
+    DateTime::from_timestamp(t.seconds, t.nanos as u32)
+}
+
+fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+fn unsorted(map: &BTreeMap<String, String>) -> HashMap<String, String> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+impl From<Workspace> for pb::Workspace {
+    fn from(w: Workspace) -> Self {
+        pb::Workspace {
+            id: w.id.to_string(),
+            tenant_id: w.tenant_id.to_string(),
+            name: w.name,
+            description: w.description,
+            company: w.company,
+            is_private: w.is_private,
+            is_personal: w.is_personal,
+            owner_id: w.owner_id,
+            source: w.source,
+            default_key_prefix: w.default_key_prefix,
+            labels: unsorted(&w.labels),
+            create_time: Some(timestamp(w.create_time)),
+            update_time: Some(timestamp(w.update_time)),
+            etag: records::etag(w.revision),
+        }
+    }
+}
+
+impl From<Scope> for pb::Scope {
+    fn from(s: Scope) -> Self {
+        pb::Scope {
+            id: s.id.to_string(),
+            tenant_id: s.tenant_id.map(|t| t.to_string()).unwrap_or_default(),
+            workspace_id: s.workspace_id.map(|w| w.to_string()).unwrap_or_default(),
+            resource: s.scope.resource().to_owned(),
+            action: s.scope.action().to_owned(),
+            scope: s.scope.to_string(),
+            name: s.name,
+            description: s.description,
+            category: s.category,
+            builtin: s.builtin,
+            create_time: Some(timestamp(s.create_time)),
+            update_time: Some(timestamp(s.update_time)),
+            etag: records::etag(s.revision),
+        }
+    }
+}
+
+impl From<ApiKey> for pb::ApiKey {
+    fn from(k: ApiKey) -> Self {
+        pb::ApiKey {
+            masked_key: k.masked_key(),
+            id: k.id.to_string(),
+            tenant_id: k.tenant_id.to_string(),
+            workspace_id: k.workspace_id.to_string(),
+            name: k.name,
+            prefix: k.prefix,
+            scopes: k.scopes,
+            owner_id: k.owner_id.unwrap_or_default(),
+            metadata: unsorted(&k.metadata),
+            expire_time: k.expire_time.map(timestamp),
+            disabled: k.disabled,
+            revoke_time: k.revoke_time.map(timestamp),
+            last_used_time: k.last_used_time.map(timestamp),
+            create_time: Some(timestamp(k.create_time)),
+            update_time: Some(timestamp(k.update_time)),
+            etag: records::etag(k.revision),
+            successor_id: k.successor_id.map(|id| id.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<VerifyCode> for pb::VerifyCode {
+    fn from(code: VerifyCode) -> Self {
+        match code {
+            VerifyCode::Valid => pb::VerifyCode::Valid,
+            VerifyCode::Malformed => pb::VerifyCode::Malformed,
+            VerifyCode::NotFound => pb::VerifyCode::NotFound,
+            VerifyCode::Revoked => pb::VerifyCode::Revoked,
+            VerifyCode::Expired => pb::VerifyCode::Expired,
+            VerifyCode::Disabled => pb::VerifyCode::Disabled,
+            VerifyCode::InsufficientScopes => pb::VerifyCode::InsufficientScopes,
+        }
+    }
+}
+
+/// Parsing helpers over a [`Validator`].
+pub trait RequestCheck {
+    /// A required resource id.
+    fn id(&mut self, field: &str, text: &str) -> Option<Uuid>;
+    /// An optional id (empty means none).
+    fn optional_id(&mut self, field: &str, text: &str) -> Option<Uuid>;
+    /// A list of scope strings, at most [`SCOPES_MAX`].
+    fn scopes(&mut self, field: &str, list: &[String]) -> Vec<ScopeString>;
+    /// A future expiry.
+    fn future_time(
+        &mut self,
+        field: &str,
+        t: &Timestamp,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>>;
+}
+
+impl RequestCheck for Validator {
+    fn id(&mut self, field: &str, text: &str) -> Option<Uuid> {
+        if text.is_empty() {
+            self.add(field, "is required");
+            return None;
+        }
+        self.optional_id(field, text)
+    }
+
+    fn optional_id(&mut self, field: &str, text: &str) -> Option<Uuid> {
+        if text.is_empty() {
+            return None;
+        }
+        let parsed = parse_uuid(text);
+        if parsed.is_none() {
+            self.add(field, "must be a UUID");
+        }
+        parsed
+    }
+
+    fn scopes(&mut self, field: &str, list: &[String]) -> Vec<ScopeString> {
+        if list.len() > SCOPES_MAX {
+            self.add(field, format!("at most {SCOPES_MAX} scopes"));
+            return Vec::new();
+        }
+        let mut out: Vec<ScopeString> = Vec::with_capacity(list.len());
+        for s in list {
+            match ScopeString::parse(s) {
+                Ok(parsed) if !out.contains(&parsed) => out.push(parsed),
+                Ok(_) => {}
+                Err(e) => self.add(field, format!("{}: {e}", truncate(s))),
+            }
+        }
+        out
+    }
+
+    fn future_time(
+        &mut self,
+        field: &str,
+        t: &Timestamp,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        match from_timestamp(t) {
+            Some(at) if at > now => Some(at),
+            Some(_) => {
+                self.add(field, "must be in the future");
+                None
+            }
+            None => {
+                self.add(field, "is not a valid timestamp");
+                None
+            }
+        }
+    }
+}
+
+/// Echoing a client's bad value is useful; echoing a megabyte of it is not.
+const ECHO_MAX: usize = 80;
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= ECHO_MAX {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(ECHO_MAX).collect::<String>())
+    }
+}
+
+/// An optional idempotency key.
+pub fn request_id(v: &mut Validator, text: &str) -> Option<Uuid> {
+    v.optional_id("request_id", text)
+}
+
+/// Page size and cursor of a list request.
+pub fn page(
+    v: &mut Validator,
+    codec: &PageTokenCodec,
+    size: i32,
+    token: &str,
+    filters: &str,
+) -> (u64, Option<Uuid>) {
+    let size = v
+        .check("page_size", PageSize::parse(size))
+        .map_or(0, |s| s.get());
+    let cursor = v
+        .check("page_token", codec.decode(token, filters))
+        .flatten();
+    (size, cursor)
+}
+
+/// The fields an update touches (AIP-134): the mask's paths, checked against what may
+/// change, or (empty mask) every mutable field the request sets.
+pub fn update_paths(
+    v: &mut Validator,
+    mask: Option<&FieldMask>,
+    mutable: &[&str],
+    output_only: &[&str],
+    is_set: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let paths: Vec<String> = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    if paths.is_empty() {
+        return mutable
+            .iter()
+            .filter(|p| is_set(p))
+            .map(|p| (*p).to_owned())
+            .collect();
+    }
+    for p in &paths {
+        if output_only.contains(&p.as_str()) {
+            v.add("update_mask", format!("{} is output only", truncate(p)));
+        } else if !mutable.contains(&p.as_str()) {
+            v.add("update_mask", format!("unknown field {}", truncate(p)));
+        }
+    }
+    paths
+}
+
+pub fn labels(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    sorted(map)
+}
+
+/// An etag sent with an update: `None` when absent; an unparseable one can never match.
+pub fn expected_revision(etag: &str) -> Option<i64> {
+    if etag.is_empty() {
+        None
+    } else {
+        Some(records::revision_of(etag).unwrap_or(-1))
+    }
+}

@@ -1,0 +1,209 @@
+//! The one place where errors become `tonic::Status`: a `google.rpc.Status` with
+//! `ErrorInfo` (domain `keyplane.dev`, UPPER_SNAKE_CASE reason, the values involved) and,
+//! for validation errors, `BadRequest` with one field violation per bad field.
+//! Internal causes go to the log with a request id; the client sees only the id.
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::auth::AuthError;
+use crate::domain::validate::ValidationError;
+use crate::storage::StoreError;
+
+pub const DOMAIN: &str = "keyplane.dev";
+
+/// Errors that only the transport layer produces.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("built-in scopes cannot be changed or deleted")]
+    BuiltinReadOnly,
+    #[error("scope {0} is a built-in scope")]
+    BuiltinExists(String),
+    #[error("no caller identity on the request")]
+    MissingCaller,
+}
+
+fn status(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: HashMap<String, String>,
+) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+fn meta<const N: usize>(pairs: [(&str, String); N]) -> HashMap<String, String> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// An internal error: logged in full under a fresh request id, answered with only the id.
+fn internal(cause: &(dyn std::error::Error + 'static)) -> Status {
+    let request_id = uuid::Uuid::now_v7().to_string();
+    tracing::error!(%request_id, error = %ErrorChain(cause), "internal error");
+    let mut details = ErrorDetails::with_error_info(
+        "INTERNAL",
+        DOMAIN,
+        meta([("request_id", request_id.clone())]),
+    );
+    details.set_request_info(request_id.clone(), "");
+    Status::with_error_details(
+        Code::Internal,
+        format!("internal error (request id {request_id})"),
+        details,
+    )
+}
+
+/// Displays an error with its whole `source()` chain, for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+impl From<ValidationError> for Status {
+    fn from(err: ValidationError) -> Self {
+        let fields = err
+            .violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut details =
+            ErrorDetails::with_error_info("INVALID_ARGUMENT", DOMAIN, meta([("fields", fields)]));
+        for v in &err.violations {
+            details.add_bad_request_violation(v.field.clone(), v.description.clone());
+        }
+        Status::with_error_details(Code::InvalidArgument, err.to_string(), details)
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        let message = err.to_string();
+        let (code, reason, metadata) = match &err {
+            AuthError::CredentialsMissing => {
+                (Code::Unauthenticated, "CREDENTIALS_MISSING", meta([]))
+            }
+            AuthError::TokenInvalid => (Code::Unauthenticated, "TOKEN_INVALID", meta([])),
+            AuthError::TokenExpired => (Code::Unauthenticated, "TOKEN_EXPIRED", meta([])),
+            AuthError::TokenNotYetValid => (Code::Unauthenticated, "TOKEN_NOT_YET_VALID", meta([])),
+            AuthError::ApiKeyInvalid => (Code::Unauthenticated, "API_KEY_INVALID", meta([])),
+            AuthError::TenantMismatch => (Code::PermissionDenied, "TENANT_MISMATCH", meta([])),
+            AuthError::TenantHeaderInvalid => {
+                let mut details =
+                    ErrorDetails::with_error_info("TENANT_ID_INVALID", DOMAIN, meta([]));
+                details.add_bad_request_violation("x-tenant-id", "must be a UUID");
+                return Status::with_error_details(Code::InvalidArgument, message, details);
+            }
+            AuthError::TenantRequired => (Code::InvalidArgument, "TENANT_ID_REQUIRED", meta([])),
+            AuthError::MissingScope(scope) => (
+                Code::PermissionDenied,
+                "MISSING_SCOPE",
+                meta([("scope", scope.as_str().to_owned())]),
+            ),
+            AuthError::ScopeEscalation(scopes) => (
+                Code::PermissionDenied,
+                "SCOPE_ESCALATION",
+                meta([("scopes", scopes.join(" "))]),
+            ),
+            AuthError::Store(_) => {
+                let AuthError::Store(inner) = err else {
+                    unreachable!()
+                };
+                return inner.into();
+            }
+        };
+        status(code, message, reason, metadata)
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(err: StoreError) -> Self {
+        let message = err.to_string();
+        match &err {
+            StoreError::NotFound { kind, id } => status(
+                Code::NotFound,
+                format!("{kind} {id} not found"),
+                "NOT_FOUND",
+                meta([("resource_type", (*kind).to_owned()), ("id", id.clone())]),
+            ),
+            StoreError::AlreadyExists(_) => {
+                status(Code::AlreadyExists, message, "ALREADY_EXISTS", meta([]))
+            }
+            StoreError::StaleEtag => status(Code::Aborted, message, "ETAG_MISMATCH", meta([])),
+            StoreError::FailedPrecondition { reason, .. } => {
+                status(Code::FailedPrecondition, message, reason, meta([]))
+            }
+            StoreError::UnknownScopes(scopes) => {
+                let mut details = ErrorDetails::with_error_info(
+                    "UNKNOWN_SCOPE",
+                    DOMAIN,
+                    meta([("scopes", scopes.join(" "))]),
+                );
+                for s in scopes {
+                    details.add_bad_request_violation(
+                        "scopes",
+                        format!("scope {s} does not exist for this key"),
+                    );
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %ErrorChain(cause), "database unavailable");
+                let mut details =
+                    ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", DOMAIN, meta([]));
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+                Status::with_error_details(
+                    Code::Unavailable,
+                    "the database is unavailable; retry later",
+                    details,
+                )
+            }
+            StoreError::Database(_) | StoreError::Corrupt(_) => internal(&err),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        match &err {
+            ApiError::BuiltinReadOnly => status(
+                Code::PermissionDenied,
+                err.to_string(),
+                "BUILTIN_SCOPE_READ_ONLY",
+                meta([]),
+            ),
+            ApiError::BuiltinExists(scope) => status(
+                Code::AlreadyExists,
+                err.to_string(),
+                "ALREADY_EXISTS",
+                meta([("scope", scope.clone())]),
+            ),
+            ApiError::MissingCaller => internal(&err),
+        }
+    }
+}
+
+/// Requests above the size limit: tonic reports OUT_OF_RANGE, the gRPC convention (and
+/// SPEC §4.1) is RESOURCE_EXHAUSTED.
+pub fn request_too_large(limit: usize) -> Status {
+    status(
+        Code::ResourceExhausted,
+        format!("request message larger than {limit} bytes"),
+        "REQUEST_TOO_LARGE",
+        meta([("limit_bytes", limit.to_string())]),
+    )
+}

@@ -1,0 +1,53 @@
+//! Transport: thin gRPC handlers over the domain and storage layers, the authentication
+//! layer in front of them, health and reflection.
+mod api_keys;
+pub mod auth_layer;
+pub mod convert;
+pub mod error;
+pub mod health;
+mod scopes;
+mod workspaces;
+
+use tonic::Request;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::domain::page::PageTokenCodec;
+use crate::storage::Store;
+use crate::verification::KeyVerifier;
+use error::ApiError;
+
+/// Implements every keyplane service; cheap to clone.
+#[derive(Clone)]
+pub struct KeyplaneApi {
+    store: Store,
+    verifier: KeyVerifier,
+    pages: PageTokenCodec,
+}
+
+impl KeyplaneApi {
+    pub fn new(store: Store, verifier: KeyVerifier, pages: PageTokenCodec) -> Self {
+        Self {
+            store,
+            verifier,
+            pages,
+        }
+    }
+
+    /// The token for the page after the one ending at `last`; empty at the end.
+    fn next_token(&self, more: bool, last: Option<Uuid>, filters: &str) -> String {
+        match (more, last) {
+            (true, Some(id)) => self.pages.encode(id, filters),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The caller the auth layer attached to the request.
+fn caller<T>(request: &Request<T>) -> Result<Caller, ApiError> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or(ApiError::MissingCaller)
+}

@@ -1,0 +1,218 @@
+//! `keyplane.v1.ScopeService`.
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, RequestCheck};
+use super::error::ApiError;
+use super::{KeyplaneApi, caller};
+use crate::domain::records::{NewScope, ScopePatch};
+use crate::domain::scope::{BuiltinScope, PART_MAX, ScopeString};
+use crate::domain::validate::{DESCRIPTION_MAX, NAME_MAX, Validator};
+use crate::proto::{self as pb, scope_service_server::ScopeService};
+
+const MUTABLE: &[&str] = &["name", "description", "category"];
+const OUTPUT_ONLY: &[&str] = &[
+    "id",
+    "tenant_id",
+    "workspace_id",
+    "resource",
+    "action",
+    "scope",
+    "builtin",
+    "create_time",
+    "update_time",
+    "etag",
+];
+const CATEGORY_MAX: usize = 64;
+const DEFAULT_CATEGORY: &str = "custom";
+
+#[tonic::async_trait]
+impl ScopeService for KeyplaneApi {
+    async fn create_scope(
+        &self,
+        request: Request<pb::CreateScopeRequest>,
+    ) -> Result<Response<pb::CreateScopeResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let workspace_id = v.optional_id("workspace_id", &r.workspace_id);
+        let has_parts = !r.resource.is_empty() || !r.action.is_empty();
+        let (resource, action) = match (has_parts, r.representation.is_empty()) {
+            (true, false) => {
+                v.add(
+                    "representation",
+                    "give either resource and action, or representation",
+                );
+                (String::new(), String::new())
+            }
+            (false, true) => {
+                v.add("resource", "is required (or give representation)");
+                (String::new(), String::new())
+            }
+            (true, true) => (r.resource.clone(), r.action.clone()),
+            (false, false) => match r.representation.split_once(':') {
+                Some((res, act)) => (res.to_owned(), act.to_owned()),
+                None => {
+                    v.add("representation", "must have the form resource:action");
+                    (String::new(), String::new())
+                }
+            },
+        };
+        let composed = format!("{resource}:{action}");
+        if let Some(builtin) = BuiltinScope::from_str(&composed) {
+            return Err(ApiError::BuiltinExists(builtin.as_str().to_owned()).into());
+        }
+        let field = if r.representation.is_empty() {
+            "resource"
+        } else {
+            "representation"
+        };
+        let scope = if v.is_ok() {
+            if resource.len() > PART_MAX || action.len() > PART_MAX {
+                v.add(
+                    field,
+                    format!("resource and action are at most {PART_MAX} characters each"),
+                );
+                None
+            } else {
+                v.check(field, ScopeString::parse_custom(&resource, &action))
+            }
+        } else {
+            None
+        };
+        let name = if r.name.trim().is_empty() {
+            composed
+        } else {
+            v.max_len("name", r.name.trim(), NAME_MAX)
+        };
+        let description = v.max_len("description", &r.description, DESCRIPTION_MAX);
+        let category = if r.category.is_empty() {
+            DEFAULT_CATEGORY.to_owned()
+        } else {
+            v.max_len("category", &r.category, CATEGORY_MAX)
+        };
+        let request_id = convert::request_id(&mut v, &r.request_id);
+        let Some(scope) = scope else {
+            return Err(v.finish(|| ()).err().unwrap_or_default().into());
+        };
+        let new = v.finish(|| NewScope {
+            workspace_id,
+            scope,
+            name,
+            description,
+            category,
+            request_id,
+        })?;
+        let scope = self.store.create_scope(tenant, new).await?;
+        Ok(Response::new(pb::CreateScopeResponse {
+            scope: Some(scope.into()),
+        }))
+    }
+
+    async fn get_scope(
+        &self,
+        request: Request<pb::GetScopeRequest>,
+    ) -> Result<Response<pb::GetScopeResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let mut v = Validator::new();
+        let id = v.id("id", &request.get_ref().id);
+        let id = v.finish(|| id.unwrap_or_default())?;
+        let scope = self.store.get_scope(tenant, id).await?;
+        Ok(Response::new(pb::GetScopeResponse {
+            scope: Some(scope.into()),
+        }))
+    }
+
+    async fn list_scopes(
+        &self,
+        request: Request<pb::ListScopesRequest>,
+    ) -> Result<Response<pb::ListScopesResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let workspace_id = v.optional_id("workspace_id", &r.workspace_id);
+        let filters = format!("{:?}", ("scopes", tenant, workspace_id, r.exclude_builtin));
+        let (size, after) =
+            convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &filters);
+        v.finish(|| ())?;
+        let page = self
+            .store
+            .list_scopes(tenant, workspace_id, !r.exclude_builtin, after, size)
+            .await?;
+        let next_page_token = self.next_token(page.more, page.items.last().map(|s| s.id), &filters);
+        Ok(Response::new(pb::ListScopesResponse {
+            scopes: page.items.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_scope(
+        &self,
+        request: Request<pb::UpdateScopeRequest>,
+    ) -> Result<Response<pb::UpdateScopeResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let s = r.scope.unwrap_or_default();
+        let id = v.id("scope.id", &s.id);
+        let paths = convert::update_paths(
+            &mut v,
+            r.update_mask.as_ref(),
+            MUTABLE,
+            OUTPUT_ONLY,
+            |p| match p {
+                "name" => !s.name.is_empty(),
+                "description" => !s.description.is_empty(),
+                "category" => !s.category.is_empty(),
+                _ => false,
+            },
+        );
+        let mut patch = ScopePatch::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => patch.name = Some(v.max_len("scope.name", s.name.trim(), NAME_MAX)),
+                "description" => {
+                    patch.description =
+                        Some(v.max_len("scope.description", &s.description, DESCRIPTION_MAX))
+                }
+                "category" => {
+                    let category = if s.category.is_empty() {
+                        DEFAULT_CATEGORY
+                    } else {
+                        &s.category
+                    };
+                    patch.category = Some(v.max_len("scope.category", category, CATEGORY_MAX))
+                }
+                _ => {}
+            }
+        }
+        let id = v.finish(|| id.unwrap_or_default())?;
+        if BuiltinScope::from_id(id).is_some() {
+            return Err(ApiError::BuiltinReadOnly.into());
+        }
+        let scope = self
+            .store
+            .update_scope(tenant, id, patch, convert::expected_revision(&r.etag))
+            .await?;
+        Ok(Response::new(pb::UpdateScopeResponse {
+            scope: Some(scope.into()),
+        }))
+    }
+
+    async fn delete_scope(
+        &self,
+        request: Request<pb::DeleteScopeRequest>,
+    ) -> Result<Response<pb::DeleteScopeResponse>, Status> {
+        let tenant = caller(&request)?.tenant()?;
+        let r = request.into_inner();
+        let mut v = Validator::new();
+        let id = v.id("id", &r.id);
+        let id = v.finish(|| id.unwrap_or_default())?;
+        if BuiltinScope::from_id(id).is_some() {
+            return Err(ApiError::BuiltinReadOnly.into());
+        }
+        let removed = self.store.delete_scope(tenant, id, r.force).await?;
+        Ok(Response::new(pb::DeleteScopeResponse {
+            removed_grant_count: removed as i64,
+        }))
+    }
+}

@@ -1,0 +1,15 @@
+//! keyplane: a multi-tenant gRPC control plane for API keys, workspaces and permission
+//! scopes. Layers, outermost first: `grpc` (transport) → `domain` ← `storage`, with `auth`
+//! and `verification` in between; `startup` wires them together.
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod proto;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;
+pub mod verification;
+
+pub use startup::Application;

@@ -1,0 +1,234 @@
+//! Building and running the server: `Application::build` connects, migrates and binds
+//! (port 0 works); `run_until_stopped` serves until the shutdown future resolves, then
+//! drains gracefully (SPEC §5.4).
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::Authenticator;
+use crate::auth::jwt::JwtVerifier;
+use crate::config::Settings;
+use crate::domain::page::PageTokenCodec;
+use crate::grpc::KeyplaneApi;
+use crate::grpc::auth_layer::{AuthLayer, MAX_REQUEST_BYTES};
+use crate::grpc::health::{self, DrainingHealth};
+use crate::proto::{
+    api_key_service_server::ApiKeyServiceServer, scope_service_server::ScopeServiceServer,
+    workspace_service_server::WorkspaceServiceServer,
+};
+use crate::storage::usage::UsageRecorder;
+use crate::storage::{self, Migrator, MigratorTrait, Store};
+use crate::telemetry::redact_url;
+use crate::verification::KeyVerifier;
+
+/// Streams one HTTP/2 connection may open at once: enough for any real client, and a
+/// bound on what one connection can make the server hold.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// A built, bound server that has not started serving yet.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    settings: Settings,
+    store: Store,
+    api: KeyplaneApi,
+    auth: Authenticator,
+    usage: Arc<UsageRecorder>,
+    health: HealthReporter,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        if !settings.jwt.is_configured() {
+            anyhow::bail!(
+                "authentication is not configured: set --jwt-secret (KEYPLANE_JWT_SECRET, HS256, at least 32 bytes), \
+                 --jwt-public-key (KEYPLANE_JWT_PUBLIC_KEY) or --jwks-file (KEYPLANE_JWKS_FILE); \
+                 or run `keyplane serve --dev` to try it locally"
+            );
+        }
+        let jwt = JwtVerifier::from_settings(&settings.jwt).context("invalid JWT configuration")?;
+        let db = storage::connect(&settings.database_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the database {}",
+                    redact_url(&settings.database_url)
+                )
+            })?;
+        if settings.migrate {
+            Migrator::up(&db, None)
+                .await
+                .context("cannot apply migrations")?;
+        }
+        let store = Store::new(db);
+
+        // Page tokens must verify on every replica and across restarts, so the key lives in
+        // the database.
+        let key_hex = store
+            .shared_setting("page_token_key", || {
+                let mut key = [0u8; 32];
+                getrandom::fill(&mut key)
+                    .map(|_| BASE64.encode(key))
+                    .unwrap_or_default()
+            })
+            .await
+            .context("cannot read the page-token key")?;
+        let key: [u8; 32] = BASE64
+            .decode(&key_hex)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .context("the stored page-token key is corrupt")?;
+        let pages = PageTokenCodec::new(key);
+
+        let usage = Arc::new(UsageRecorder::default());
+        let verifier = KeyVerifier::new(store.clone(), usage.clone());
+        let auth = Authenticator::new(jwt, verifier.clone());
+        let api = KeyplaneApi::new(store.clone(), verifier, pages);
+
+        let health = HealthReporter::new();
+        let initial = if store.ping().await.is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health::set_all(&health, initial).await;
+
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let local_addr = listener.local_addr()?;
+        tracing::info!(%local_addr, database = store.backend(), "keyplane ready");
+        Ok(Self {
+            listener,
+            local_addr,
+            settings,
+            store,
+            api,
+            auth,
+            usage,
+            health,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting, ends
+    /// health `Watch` streams, lets in-flight calls finish within the grace period and
+    /// writes pending key usage.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let draining = CancellationToken::new();
+        let stop_monitor = CancellationToken::new();
+        let stop_usage = CancellationToken::new();
+
+        let monitor = tokio::spawn(health::monitor(
+            self.store.clone(),
+            self.health.clone(),
+            self.settings.health_interval,
+            stop_monitor.clone(),
+        ));
+        let usage = self.usage.clone();
+        let usage_store = self.store.clone();
+        let flush_interval = self.settings.usage_flush_interval;
+        let usage_stop = stop_usage.clone();
+        let flusher =
+            tokio::spawn(async move { usage.run(usage_store, flush_interval, usage_stop).await });
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let router = Server::builder()
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .layer(AuthLayer::new(self.auth.clone()))
+            .add_service(HealthServer::new(DrainingHealth::new(
+                self.health.clone(),
+                draining.clone(),
+            )))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                WorkspaceServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                ScopeServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                ApiKeyServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            );
+
+        let serve = router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(self.listener),
+            draining.clone().cancelled_owned(),
+        );
+        tokio::pin!(serve);
+
+        let result = tokio::select! {
+            result = &mut serve => result.context("the server stopped"),
+            _ = shutdown => {
+                tracing::info!("shutting down: reporting NOT_SERVING and draining");
+                stop_monitor.cancel();
+                let _ = monitor.await;
+                health::set_all(&self.health, ServingStatus::NotServing).await;
+                draining.cancel();
+                match tokio::time::timeout(self.settings.shutdown_grace, &mut serve).await {
+                    Ok(result) => result.context("the server failed while draining"),
+                    Err(_) => {
+                        tracing::warn!(grace = ?self.settings.shutdown_grace, "grace period over; closing remaining calls");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        stop_usage.cancel();
+        let _ = flusher.await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

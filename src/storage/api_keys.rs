@@ -1,0 +1,482 @@
+//! API key repository. Keys are stored as their SHA-256 digest; their scopes are rows of
+//! `api_key_scopes` so that deleting a scope can find (and refuse or remove) its grants.
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+    sea_query::{Expr, ExprTrait},
+};
+use uuid::Uuid;
+
+use super::entity::{api_key, api_key_scope};
+use super::scopes::require_workspace;
+use super::workspaces::{Page, UPDATE_ATTEMPTS};
+use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
+use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
+use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
+use crate::domain::{TenantAccess, TenantId};
+
+/// Filters of `ListApiKeys`.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeyFilter {
+    pub workspace_id: Option<Uuid>,
+    pub owner_id: Option<String>,
+}
+
+/// The result of a rotation: the successor and its secret.
+#[derive(Debug)]
+pub struct Rotated {
+    pub key: ApiKey,
+    pub secret: ApiKeySecret,
+}
+
+fn from_model(m: api_key::Model, scopes: Vec<String>) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: m.id,
+        tenant_id: TenantId::new(m.tenant_id),
+        workspace_id: m.workspace_id,
+        name: m.name,
+        prefix: m.prefix,
+        last_four: m.last_four,
+        scopes,
+        owner_id: m.owner_id,
+        metadata: map_from_json(m.metadata)?,
+        expire_time: m.expire_time,
+        disabled: m.disabled,
+        revoke_time: m.revoke_time,
+        last_used_time: m.last_used_time,
+        successor_id: m.replaced_by,
+        revision: m.revision,
+        create_time: m.create_time,
+        update_time: m.update_time,
+    })
+}
+
+/// The granted scope strings of each key, sorted.
+async fn load_scopes(
+    conn: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<String>>, StoreError> {
+    let mut by_key: HashMap<Uuid, Vec<String>> = HashMap::new();
+    if ids.is_empty() {
+        return Ok(by_key);
+    }
+    let rows = api_key_scope::Entity::find()
+        .filter(api_key_scope::Column::ApiKeyId.is_in(ids.iter().copied()))
+        .order_by_asc(api_key_scope::Column::Scope)
+        .all(conn)
+        .await?;
+    for row in rows {
+        by_key.entry(row.api_key_id).or_default().push(row.scope);
+    }
+    Ok(by_key)
+}
+
+async fn with_scopes(
+    conn: &impl ConnectionTrait,
+    models: Vec<api_key::Model>,
+) -> Result<Vec<ApiKey>, StoreError> {
+    let ids: Vec<Uuid> = models.iter().map(|m| m.id).collect();
+    let mut scopes = load_scopes(conn, &ids).await?;
+    models
+        .into_iter()
+        .map(|m| {
+            let s = scopes.remove(&m.id).unwrap_or_default();
+            from_model(m, s)
+        })
+        .collect()
+}
+
+async fn insert_grants(
+    conn: &impl ConnectionTrait,
+    key_id: Uuid,
+    grants: &[(String, Option<Uuid>)],
+) -> Result<(), StoreError> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let rows = grants
+        .iter()
+        .map(|(scope, scope_id)| api_key_scope::ActiveModel {
+            api_key_id: Set(key_id),
+            scope: Set(scope.clone()),
+            scope_id: Set(*scope_id),
+        });
+    api_key_scope::Entity::insert_many(rows)
+        .exec_without_returning(conn)
+        .await?;
+    Ok(())
+}
+
+fn key_query(tenant: TenantId, id: Uuid) -> sea_orm::Select<api_key::Entity> {
+    api_key::Entity::find()
+        .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+        .filter(api_key::Column::Id.eq(id))
+}
+
+impl Store {
+    /// Issues a key. Returns the secret only when this call created the key; a retry with
+    /// the same request id returns the first key without it.
+    pub async fn create_api_key(
+        &self,
+        tenant: TenantId,
+        new: NewApiKey,
+    ) -> Result<(ApiKey, Option<ApiKeySecret>), StoreError> {
+        if let Some(request_id) = new.request_id
+            && let Some(existing) = self.api_key_by_request(tenant, request_id).await?
+        {
+            return Ok((existing, None));
+        }
+        let txn = self.db.begin().await?;
+        let workspace = require_workspace(&txn, tenant, new.workspace_id).await?;
+        let prefix = match new.prefix {
+            Some(p) => p,
+            None => KeyPrefix::parse(&workspace.default_key_prefix)
+                .ok_or_else(|| StoreError::Corrupt(format!("workspace {} prefix", workspace.id)))?,
+        };
+        let grants = Self::resolve_grants(&txn, tenant, new.workspace_id, &new.scopes).await?;
+        let secret = ApiKeySecret::generate(&prefix)
+            .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
+        let now = db_now();
+        let model = api_key::Model {
+            id: Uuid::now_v7(),
+            tenant_id: tenant.as_uuid(),
+            workspace_id: new.workspace_id,
+            name: new.name,
+            prefix: prefix.as_str().to_owned(),
+            key_digest: secret.digest().0.to_vec(),
+            last_four: secret.last_four().to_owned(),
+            owner_id: new.owner_id,
+            metadata: map_to_json(&new.metadata),
+            expire_time: new.expire_time,
+            disabled: false,
+            revoke_time: None,
+            last_used_time: None,
+            replaced_by: None,
+            revision: 1,
+            request_id: new.request_id,
+            create_time: now,
+            update_time: now,
+        };
+        let inserted = api_key::Entity::insert(api_key::ActiveModel::from(model.clone()))
+            .exec_without_returning(&txn)
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) && new.request_id.is_some() => {
+                drop(txn);
+                let request_id = new.request_id.unwrap_or_default();
+                let existing = self.api_key_by_request(tenant, request_id).await?;
+                return existing.map(|k| (k, None)).ok_or(StoreError::Database(e));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        insert_grants(&txn, model.id, &grants).await?;
+        txn.commit().await?;
+        let mut scopes: Vec<String> = grants.into_iter().map(|(s, _)| s).collect();
+        scopes.sort();
+        Ok((from_model(model, scopes)?, Some(secret)))
+    }
+
+    async fn api_key_by_request(
+        &self,
+        tenant: TenantId,
+        request_id: Uuid,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        let found = api_key::Entity::find()
+            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(api_key::Column::RequestId.eq(request_id))
+            .one(&self.db)
+            .await?;
+        Ok(with_scopes(&self.db, found.into_iter().collect())
+            .await?
+            .pop())
+    }
+
+    pub async fn get_api_key(&self, tenant: TenantId, id: Uuid) -> Result<ApiKey, StoreError> {
+        let found = key_query(tenant, id).one(&self.db).await?;
+        with_scopes(&self.db, found.into_iter().collect())
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::not_found("api key", id))
+    }
+
+    pub async fn list_api_keys(
+        &self,
+        tenant: TenantId,
+        filter: &ApiKeyFilter,
+        after: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Page<ApiKey>, StoreError> {
+        let mut query =
+            api_key::Entity::find().filter(api_key::Column::TenantId.eq(tenant.as_uuid()));
+        if let Some(ws) = filter.workspace_id {
+            require_workspace(&self.db, tenant, ws).await?;
+            query = query.filter(api_key::Column::WorkspaceId.eq(ws));
+        }
+        if let Some(owner) = &filter.owner_id {
+            query = query.filter(api_key::Column::OwnerId.eq(owner.as_str()));
+        }
+        if let Some(after) = after {
+            query = query.filter(api_key::Column::Id.gt(after));
+        }
+        let rows = query
+            .order_by_asc(api_key::Column::Id)
+            .limit(limit + 1)
+            .all(&self.db)
+            .await?;
+        Ok(Page::from_rows(with_scopes(&self.db, rows).await?, limit))
+    }
+
+    pub async fn update_api_key(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        patch: ApiKeyPatch,
+        expected_revision: Option<i64>,
+    ) -> Result<ApiKey, StoreError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let txn = self.db.begin().await?;
+            let model = key_query(tenant, id)
+                .one(&txn)
+                .await?
+                .ok_or_else(|| StoreError::not_found("api key", id))?;
+            let mut current = with_scopes(&txn, vec![model]).await?.remove(0);
+            if expected_revision.is_some_and(|r| r != current.revision) {
+                return Err(StoreError::StaleEtag);
+            }
+            let read_revision = current.revision;
+            let p = patch.clone();
+            if let Some(v) = p.name {
+                current.name = v;
+            }
+            if let Some(v) = p.owner_id {
+                current.owner_id = v;
+            }
+            if let Some(v) = p.metadata {
+                current.metadata = v;
+            }
+            if let Some(v) = p.expire_time {
+                current.expire_time = v;
+            }
+            if let Some(v) = p.disabled {
+                current.disabled = v;
+            }
+            current.revision = read_revision + 1;
+            current.update_time = db_now();
+            let result = api_key::Entity::update_many()
+                .set(api_key::ActiveModel {
+                    name: Set(current.name.clone()),
+                    owner_id: Set(current.owner_id.clone()),
+                    metadata: Set(map_to_json(&current.metadata)),
+                    expire_time: Set(current.expire_time),
+                    disabled: Set(current.disabled),
+                    revision: Set(current.revision),
+                    update_time: Set(current.update_time),
+                    ..Default::default()
+                })
+                .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+                .filter(api_key::Column::Id.eq(id))
+                .filter(api_key::Column::Revision.eq(read_revision))
+                .exec(&txn)
+                .await?;
+            if result.rows_affected != 1 {
+                if expected_revision.is_some() {
+                    return Err(StoreError::StaleEtag);
+                }
+                continue;
+            }
+            if let Some(scopes) = &p.scopes {
+                let grants =
+                    Self::resolve_grants(&txn, tenant, current.workspace_id, scopes).await?;
+                api_key_scope::Entity::delete_many()
+                    .filter(api_key_scope::Column::ApiKeyId.eq(id))
+                    .exec(&txn)
+                    .await?;
+                insert_grants(&txn, id, &grants).await?;
+                current.scopes = grants.into_iter().map(|(s, _)| s).collect();
+                current.scopes.sort();
+            }
+            txn.commit().await?;
+            return Ok(current);
+        }
+        Err(StoreError::StaleEtag)
+    }
+
+    /// Revokes a key; revoking a revoked key changes nothing.
+    pub async fn revoke_api_key(&self, tenant: TenantId, id: Uuid) -> Result<ApiKey, StoreError> {
+        let now = db_now();
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::RevokeTime, Expr::value(now))
+            .col_expr(api_key::Column::UpdateTime, Expr::value(now))
+            .col_expr(
+                api_key::Column::Revision,
+                Expr::col(api_key::Column::Revision).add(1),
+            )
+            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(api_key::Column::Id.eq(id))
+            .filter(api_key::Column::RevokeTime.is_null())
+            .exec(&self.db)
+            .await?;
+        self.get_api_key(tenant, id).await
+    }
+
+    /// Replaces a key by a successor with a new secret. The old key is revoked at once when
+    /// `grace` is zero, otherwise it expires after `grace`. A key has at most one successor:
+    /// the compare-and-set on `replaced_by` makes concurrent rotations fail but one.
+    pub async fn rotate_api_key(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        grace: chrono::Duration,
+    ) -> Result<Rotated, StoreError> {
+        let txn = self.db.begin().await?;
+        let model = key_query(tenant, id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", id))?;
+        let now = db_now();
+        let old = with_scopes(&txn, vec![model.clone()]).await?.remove(0);
+        if old.revoke_time.is_some() {
+            return Err(StoreError::FailedPrecondition {
+                reason: "KEY_REVOKED",
+                message: "a revoked key cannot be rotated".into(),
+            });
+        }
+        if old.successor_id.is_some() {
+            return Err(already_rotated());
+        }
+        if old.expire_time.is_some_and(|t| t <= now) {
+            return Err(StoreError::FailedPrecondition {
+                reason: "KEY_EXPIRED",
+                message: "an expired key cannot be rotated".into(),
+            });
+        }
+        let prefix = KeyPrefix::parse(&old.prefix)
+            .ok_or_else(|| StoreError::Corrupt(format!("key {id} prefix")))?;
+        let secret = ApiKeySecret::generate(&prefix)
+            .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
+        let successor_id = Uuid::now_v7();
+
+        let mut retire = api_key::Entity::update_many()
+            .col_expr(api_key::Column::ReplacedBy, Expr::value(successor_id))
+            .col_expr(api_key::Column::UpdateTime, Expr::value(now))
+            .col_expr(
+                api_key::Column::Revision,
+                Expr::col(api_key::Column::Revision).add(1),
+            );
+        retire = if grace.is_zero() {
+            retire.col_expr(api_key::Column::RevokeTime, Expr::value(now))
+        } else {
+            let end = now + grace;
+            let until = old.expire_time.map_or(end, |t| Ord::min(t, end));
+            retire.col_expr(api_key::Column::ExpireTime, Expr::value(until))
+        };
+        let result = retire
+            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(api_key::Column::Id.eq(id))
+            .filter(api_key::Column::ReplacedBy.is_null())
+            .filter(api_key::Column::RevokeTime.is_null())
+            .exec(&txn)
+            .await?;
+        if result.rows_affected != 1 {
+            return Err(already_rotated());
+        }
+
+        let successor = api_key::Model {
+            id: successor_id,
+            key_digest: secret.digest().0.to_vec(),
+            last_four: secret.last_four().to_owned(),
+            revoke_time: None,
+            last_used_time: None,
+            replaced_by: None,
+            revision: 1,
+            request_id: None,
+            create_time: now,
+            update_time: now,
+            ..model
+        };
+        api_key::Entity::insert(api_key::ActiveModel::from(successor.clone()))
+            .exec_without_returning(&txn)
+            .await?;
+        let grants: Vec<(String, Option<Uuid>)> = api_key_scope::Entity::find()
+            .filter(api_key_scope::Column::ApiKeyId.eq(id))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|g| (g.scope, g.scope_id))
+            .collect();
+        insert_grants(&txn, successor_id, &grants).await?;
+        txn.commit().await?;
+        Ok(Rotated {
+            key: from_model(successor, old.scopes)?,
+            secret,
+        })
+    }
+
+    pub async fn delete_api_key(&self, tenant: TenantId, id: Uuid) -> Result<(), StoreError> {
+        let result = api_key::Entity::delete_many()
+            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(api_key::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        if result.rows_affected == 0 {
+            return Err(StoreError::not_found("api key", id));
+        }
+        Ok(())
+    }
+
+    /// The key with this digest, if the caller may see its tenant.
+    pub async fn find_api_key_by_digest(
+        &self,
+        access: TenantAccess,
+        digest: &KeyDigest,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        let mut query =
+            api_key::Entity::find().filter(api_key::Column::KeyDigest.eq(digest.0.to_vec()));
+        if let TenantAccess::One(tenant) = access {
+            query = query.filter(api_key::Column::TenantId.eq(tenant.as_uuid()));
+        }
+        let found = query.one(&self.db).await?;
+        Ok(with_scopes(&self.db, found.into_iter().collect())
+            .await?
+            .pop())
+    }
+
+    /// Writes coalesced `last_used_time` values in one transaction. A value only moves
+    /// forward, so batches from several replicas may land in any order.
+    pub async fn record_key_usage(
+        &self,
+        batch: &[(TenantId, Uuid, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin().await?;
+        for (tenant, id, used) in batch {
+            api_key::Entity::update_many()
+                .col_expr(api_key::Column::LastUsedTime, Expr::value(*used))
+                .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+                .filter(api_key::Column::Id.eq(*id))
+                .filter(
+                    sea_orm::Condition::any()
+                        .add(api_key::Column::LastUsedTime.is_null())
+                        .add(api_key::Column::LastUsedTime.lt(*used)),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+}
+
+fn already_rotated() -> StoreError {
+    StoreError::FailedPrecondition {
+        reason: "KEY_ALREADY_ROTATED",
+        message: "the key was already rotated; rotate its successor instead".into(),
+    }
+}

@@ -1,0 +1,33 @@
+//! Entity for the `api_keys` table.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "api_keys")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub workspace_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    #[sea_orm(column_type = "Blob", unique)]
+    pub key_digest: Vec<u8>,
+    pub last_four: String,
+    pub owner_id: Option<String>,
+    pub metadata: Json,
+    pub expire_time: Option<ChronoDateTimeUtc>,
+    pub disabled: bool,
+    pub revoke_time: Option<ChronoDateTimeUtc>,
+    pub last_used_time: Option<ChronoDateTimeUtc>,
+    pub replaced_by: Option<Uuid>,
+    pub revision: i64,
+    pub request_id: Option<Uuid>,
+    pub create_time: ChronoDateTimeUtc,
+    pub update_time: ChronoDateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

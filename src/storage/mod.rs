@@ -1,0 +1,196 @@
+//! Storage: sea-orm entities and the repositories over them. Every repository method takes
+//! the tenant it acts for, so a query without a tenant filter cannot be written by accident.
+pub mod entity;
+
+mod api_keys;
+mod scopes;
+pub mod usage;
+mod workspaces;
+
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectOptions, Database, DatabaseConnection, DbErr, EntityTrait, RuntimeErr, SqlErr,
+};
+
+pub use api_keys::{ApiKeyFilter, Rotated};
+pub use migration::{Migrator, sea_orm_migration::MigratorTrait};
+
+/// Why a storage call failed. Keeps the database error as the source for the logs; the
+/// transport layer decides what the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("the etag does not match the current revision")]
+    StaleEtag,
+    #[error("{message}")]
+    FailedPrecondition {
+        reason: &'static str,
+        message: String,
+    },
+    /// Scopes named on a key that do not exist for it.
+    #[error("unknown scopes: {0:?}")]
+    UnknownScopes(Vec<String>),
+    #[error("database unavailable")]
+    Unavailable(#[source] DbErr),
+    #[error("database error")]
+    Database(#[source] DbErr),
+    /// A stored value that the domain refuses: a bug or a hand-edited row.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn not_found(kind: &'static str, id: impl ToString) -> Self {
+        StoreError::NotFound {
+            kind,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl From<DbErr> for StoreError {
+    fn from(err: DbErr) -> Self {
+        if is_unavailable(&err) {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Database(err)
+        }
+    }
+}
+
+/// Whether an error means "the database cannot be reached right now" (worth a retry by
+/// the client) rather than a bug.
+fn is_unavailable(err: &DbErr) -> bool {
+    let runtime = match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return true,
+        DbErr::Exec(r) | DbErr::Query(r) => r,
+        _ => return false,
+    };
+    let RuntimeErr::SqlxError(sqlx_err) = runtime else {
+        return false;
+    };
+    match sqlx_err.as_ref() {
+        sea_orm::sqlx::Error::Io(_)
+        | sea_orm::sqlx::Error::PoolTimedOut
+        | sea_orm::sqlx::Error::PoolClosed
+        | sea_orm::sqlx::Error::WorkerCrashed
+        | sea_orm::sqlx::Error::Tls(_)
+        | sea_orm::sqlx::Error::Protocol(_) => true,
+        sea_orm::sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // PostgreSQL: 08xxx connection exceptions, 57P0x shutdown / cannot connect now;
+            // SQLite: 5 = SQLITE_BUSY, 6 = SQLITE_LOCKED.
+            code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "6"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether the error is a unique-constraint violation (a concurrent or repeated insert).
+pub(crate) fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// Opens the database named by the URL: SQLite (WAL, foreign keys on) or PostgreSQL.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(5))
+        });
+    if url.starts_with("sqlite:") {
+        // One writer at a time is all SQLite allows; a small pool avoids lock convoys.
+        options.max_connections(4).min_connections(1);
+    } else {
+        options.max_connections(16).min_connections(1);
+    }
+    Database::connect(options).await
+}
+
+/// The handle every repository method hangs off.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await.map_err(StoreError::from)
+    }
+
+    /// A setting shared by every replica: the stored value, or `init()` stored first by
+    /// whichever replica got there first.
+    pub async fn shared_setting(
+        &self,
+        name: &str,
+        init: impl FnOnce() -> String,
+    ) -> Result<String, StoreError> {
+        use entity::setting;
+        if let Some(row) = setting::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+        {
+            return Ok(row.value);
+        }
+        let row = setting::ActiveModel {
+            name: sea_orm::Set(name.to_owned()),
+            value: sea_orm::Set(init()),
+        };
+        setting::Entity::insert(row)
+            .on_conflict_do_nothing_on([setting::Column::Name])
+            .exec(&self.db)
+            .await?;
+        setting::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+            .map(|row| row.value)
+            .ok_or_else(|| StoreError::Corrupt(format!("setting {name} vanished")))
+    }
+
+    /// The database backend's name, for logs.
+    pub fn backend(&self) -> &'static str {
+        match self.db.get_database_backend() {
+            sea_orm::DbBackend::Postgres => "postgres",
+            sea_orm::DbBackend::Sqlite => "sqlite",
+            _ => "other",
+        }
+    }
+}
+
+/// Parses a JSON string map column.
+fn map_from_json(
+    value: serde_json::Value,
+) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+    serde_json::from_value(value).map_err(|e| StoreError::Corrupt(format!("map column: {e}")))
+}
+
+fn map_to_json(map: &std::collections::BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::Value::Object(
+        map.iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+fn db_now() -> chrono::DateTime<chrono::Utc> {
+    // Microseconds: what PostgreSQL keeps, so a value read back equals the value written.
+    let now = chrono::Utc::now();
+    chrono::DurationRound::duration_trunc(now, chrono::TimeDelta::microseconds(1)).unwrap_or(now)
+}

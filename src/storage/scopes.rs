@@ -1,0 +1,326 @@
+//! Scope repository: custom scopes live in the database; built-in scopes are constants
+//! listed in front of them.
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
+    sea_query::{Expr, ExprTrait, Query},
+};
+use uuid::Uuid;
+
+use super::entity::{api_key, api_key_scope, scope, workspace};
+use super::workspaces::{Page, UPDATE_ATTEMPTS};
+use super::{Store, StoreError, db_now, is_unique_violation};
+use crate::domain::TenantId;
+use crate::domain::records::{NewScope, Scope, ScopePatch};
+use crate::domain::scope::{BuiltinScope, ScopeString};
+
+fn from_model(m: scope::Model) -> Result<Scope, StoreError> {
+    let parsed = ScopeString::parse(&m.scope)
+        .map_err(|e| StoreError::Corrupt(format!("scope {}: {e}", m.id)))?;
+    Ok(Scope {
+        id: m.id,
+        tenant_id: Some(TenantId::new(m.tenant_id)),
+        workspace_id: m.workspace_id,
+        scope: parsed,
+        name: m.name,
+        description: m.description,
+        category: m.category,
+        builtin: false,
+        revision: m.revision,
+        create_time: m.create_time,
+        update_time: m.update_time,
+    })
+}
+
+/// Fails with NOT_FOUND unless the workspace exists for this tenant.
+pub(super) async fn require_workspace(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<workspace::Model, StoreError> {
+    workspace::Entity::find()
+        .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
+        .filter(workspace::Column::Id.eq(id))
+        .one(conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found("workspace", id))
+}
+
+/// The scopes a key of `workspace_id` may hold: tenant-wide ones and the workspace's own.
+fn usable_in(workspace_id: Uuid) -> Condition {
+    Condition::any()
+        .add(scope::Column::WorkspaceId.is_null())
+        .add(scope::Column::WorkspaceId.eq(workspace_id))
+}
+
+impl Store {
+    pub async fn create_scope(&self, tenant: TenantId, new: NewScope) -> Result<Scope, StoreError> {
+        if let Some(request_id) = new.request_id
+            && let Some(existing) = self.scope_by_request(tenant, request_id).await?
+        {
+            return Ok(existing);
+        }
+        if let Some(ws) = new.workspace_id {
+            require_workspace(&self.db, tenant, ws).await?;
+        }
+        let now = db_now();
+        let model = scope::Model {
+            id: Uuid::now_v7(),
+            tenant_id: tenant.as_uuid(),
+            workspace_id: new.workspace_id,
+            resource: new.scope.resource().to_owned(),
+            action: new.scope.action().to_owned(),
+            scope: new.scope.as_str().to_owned(),
+            name: new.name,
+            description: new.description,
+            category: new.category,
+            revision: 1,
+            request_id: new.request_id,
+            create_time: now,
+            update_time: now,
+        };
+        let active: scope::ActiveModel = model.clone().into();
+        match scope::Entity::insert(active)
+            .exec_without_returning(&self.db)
+            .await
+        {
+            Ok(_) => from_model(model),
+            Err(e) if is_unique_violation(&e) => {
+                if let Some(request_id) = new.request_id
+                    && let Some(existing) = self.scope_by_request(tenant, request_id).await?
+                {
+                    return Ok(existing);
+                }
+                Err(StoreError::AlreadyExists(format!(
+                    "scope {} already exists",
+                    new.scope
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn scope_by_request(
+        &self,
+        tenant: TenantId,
+        request_id: Uuid,
+    ) -> Result<Option<Scope>, StoreError> {
+        scope::Entity::find()
+            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(scope::Column::RequestId.eq(request_id))
+            .one(&self.db)
+            .await?
+            .map(from_model)
+            .transpose()
+    }
+
+    pub async fn get_scope(&self, tenant: TenantId, id: Uuid) -> Result<Scope, StoreError> {
+        if let Some(b) = BuiltinScope::from_id(id) {
+            return Ok(Scope::builtin(b));
+        }
+        scope::Entity::find()
+            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(scope::Column::Id.eq(id))
+            .one(&self.db)
+            .await?
+            .map(from_model)
+            .transpose()?
+            .ok_or_else(|| StoreError::not_found("scope", id))
+    }
+
+    /// Built-in scopes first (their ids sort before every generated id), then custom
+    /// scopes in creation order. With a workspace: only what a key there may hold.
+    pub async fn list_scopes(
+        &self,
+        tenant: TenantId,
+        workspace_id: Option<Uuid>,
+        include_builtin: bool,
+        after: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Page<Scope>, StoreError> {
+        if let Some(ws) = workspace_id {
+            require_workspace(&self.db, tenant, ws).await?;
+        }
+        let mut items: Vec<Scope> = if include_builtin {
+            BuiltinScope::ALL
+                .into_iter()
+                .filter(|b| after.is_none_or(|a| b.id() > a))
+                .map(Scope::builtin)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let wanted = (limit + 1).saturating_sub(items.len() as u64);
+        if wanted > 0 {
+            let mut query =
+                scope::Entity::find().filter(scope::Column::TenantId.eq(tenant.as_uuid()));
+            if let Some(ws) = workspace_id {
+                query = query.filter(usable_in(ws));
+            }
+            if let Some(after) = after {
+                query = query.filter(scope::Column::Id.gt(after));
+            }
+            let rows = query
+                .order_by_asc(scope::Column::Id)
+                .limit(wanted)
+                .all(&self.db)
+                .await?;
+            for row in rows {
+                items.push(from_model(row)?);
+            }
+        }
+        Ok(Page::from_rows(items, limit))
+    }
+
+    pub async fn update_scope(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        patch: ScopePatch,
+        expected_revision: Option<i64>,
+    ) -> Result<Scope, StoreError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let mut current = self.get_scope(tenant, id).await?;
+            if expected_revision.is_some_and(|r| r != current.revision) {
+                return Err(StoreError::StaleEtag);
+            }
+            let read_revision = current.revision;
+            if let Some(v) = patch.name.clone() {
+                current.name = v;
+            }
+            if let Some(v) = patch.description.clone() {
+                current.description = v;
+            }
+            if let Some(v) = patch.category.clone() {
+                current.category = v;
+            }
+            current.revision = read_revision + 1;
+            current.update_time = db_now();
+            let result = scope::Entity::update_many()
+                .set(scope::ActiveModel {
+                    name: Set(current.name.clone()),
+                    description: Set(current.description.clone()),
+                    category: Set(current.category.clone()),
+                    revision: Set(current.revision),
+                    update_time: Set(current.update_time),
+                    ..Default::default()
+                })
+                .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
+                .filter(scope::Column::Id.eq(id))
+                .filter(scope::Column::Revision.eq(read_revision))
+                .exec(&self.db)
+                .await?;
+            if result.rows_affected == 1 {
+                return Ok(current);
+            }
+            if expected_revision.is_some() {
+                return Err(StoreError::StaleEtag);
+            }
+        }
+        Err(StoreError::StaleEtag)
+    }
+
+    /// Deletes a custom scope. Returns how many keys lost it (only with `force`).
+    pub async fn delete_scope(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        force: bool,
+    ) -> Result<u64, StoreError> {
+        let txn = self.db.begin().await?;
+        let found = scope::Entity::find()
+            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(scope::Column::Id.eq(id))
+            .count(&txn)
+            .await?;
+        if found == 0 {
+            return Err(StoreError::not_found("scope", id));
+        }
+        let grants = api_key_scope::Entity::find()
+            .filter(api_key_scope::Column::ScopeId.eq(id))
+            .count(&txn)
+            .await?;
+        if grants > 0 && !force {
+            return Err(StoreError::FailedPrecondition {
+                reason: "SCOPE_IN_USE",
+                message: format!("{grants} keys hold this scope; remove it from them or set force"),
+            });
+        }
+        if grants > 0 {
+            // The keys' scope lists change, so their etags must too.
+            api_key::Entity::update_many()
+                .col_expr(
+                    api_key::Column::Revision,
+                    Expr::col(api_key::Column::Revision).add(1),
+                )
+                .col_expr(api_key::Column::UpdateTime, Expr::value(db_now()))
+                .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+                .filter(
+                    api_key::Column::Id.in_subquery(
+                        Query::select()
+                            .column(api_key_scope::Column::ApiKeyId)
+                            .from(api_key_scope::Entity)
+                            .and_where(api_key_scope::Column::ScopeId.eq(id))
+                            .to_owned(),
+                    ),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        // Grants go with the scope (ON DELETE CASCADE).
+        scope::Entity::delete_many()
+            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(scope::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(grants)
+    }
+
+    /// Resolves the scopes requested for a key of `workspace_id` into grant rows: built-ins
+    /// have no scope row, custom scopes prefer the workspace's own over a tenant-wide one.
+    pub(super) async fn resolve_grants(
+        conn: &impl ConnectionTrait,
+        tenant: TenantId,
+        workspace_id: Uuid,
+        wanted: &[ScopeString],
+    ) -> Result<Vec<(String, Option<Uuid>)>, StoreError> {
+        let custom: Vec<&str> = wanted
+            .iter()
+            .filter(|s| BuiltinScope::from_str(s.as_str()).is_none())
+            .map(|s| s.as_str())
+            .collect();
+        let rows = if custom.is_empty() {
+            Vec::new()
+        } else {
+            scope::Entity::find()
+                .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
+                .filter(usable_in(workspace_id))
+                .filter(scope::Column::Scope.is_in(custom))
+                .all(conn)
+                .await?
+        };
+        let mut grants = Vec::with_capacity(wanted.len());
+        let mut unknown = Vec::new();
+        for s in wanted {
+            if BuiltinScope::from_str(s.as_str()).is_some() {
+                grants.push((s.to_string(), None));
+                continue;
+            }
+            let best = rows
+                .iter()
+                .filter(|r| r.scope == s.as_str())
+                .max_by_key(|r| r.workspace_id.is_some());
+            match best {
+                Some(row) => grants.push((s.to_string(), Some(row.id))),
+                None => unknown.push(s.to_string()),
+            }
+        }
+        if unknown.is_empty() {
+            Ok(grants)
+        } else {
+            Err(StoreError::UnknownScopes(unknown))
+        }
+    }
+}
