@@ -1,0 +1,11 @@
+//! Integration tests: the real server, real sockets, real SQL (SQLite always, PostgreSQL
+//! when `KEYPLANE_TEST_POSTGRES_URL` is set).
+mod helpers;
+
+mod api_keys;
+mod auth;
+mod isolation;
+mod lifecycle;
+mod scopes;
+mod verify;
+mod workspaces;
