@@ -1,4 +1,5 @@
 //! The three commands of SPEC §5.1: `serve`, `token` and `migrate`.
+use std::io::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -116,18 +117,19 @@ fn print_dev_banner(app: &Application, jwt: &JwtSettings, format: LogFormat) -> 
     };
     let token = mint_hs256(secret, &claims)?;
     let addr = app.local_addr();
-    if format == LogFormat::Text {
-        println!(
+    // A closed stdout (e.g. `serve --dev | head`) must not take the server down.
+    let mut out = std::io::stdout().lock();
+    let _ = if format == LogFormat::Text {
+        writeln!(
+            out,
             "\nkeyplane dev mode on {addr} — admin token for tenant {DEV_TENANT} (all built-in scopes, 24h):\n\n  \
              export KEYPLANE_TOKEN={token}\n\ntry:\n\n  \
              grpcurl -plaintext -H \"authorization: Bearer $KEYPLANE_TOKEN\" {addr} keyplane.v1.WorkspaceService/ListWorkspaces\n"
-        );
+        )
     } else {
-        println!(
-            "{}",
-            serde_json::json!({ "dev_admin_token": token, "tenant_id": DEV_TENANT, "listen": addr.to_string() })
-        );
-    }
+        let banner = serde_json::json!({ "dev_admin_token": token, "tenant_id": DEV_TENANT, "listen": addr.to_string() });
+        writeln!(out, "{banner}")
+    };
     Ok(())
 }
 
