@@ -118,12 +118,11 @@ fn read(path: &Path) -> Result<Vec<u8>, JwtConfigError> {
     })
 }
 
+type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
 fn pem_key(path: &Path) -> Result<VerifyKey, JwtConfigError> {
     let pem = read(path)?;
-    let candidates: [(
-        Algorithm,
-        fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>,
-    ); 3] = [
+    let candidates: [(Algorithm, PemParser); 3] = [
         (Algorithm::RS256, DecodingKey::from_rsa_pem),
         (Algorithm::ES256, DecodingKey::from_ec_pem),
         (Algorithm::EdDSA, DecodingKey::from_ed_pem),

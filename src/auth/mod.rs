@@ -99,7 +99,7 @@ impl Caller {
     ) -> Result<(), AuthError> {
         let beyond: Vec<String> = scopes
             .into_iter()
-            .filter_map(BuiltinScope::from_str)
+            .filter_map(BuiltinScope::parse)
             .filter(|b| !self.has(*b))
             .map(|b| b.as_str().to_owned())
             .collect();

@@ -187,7 +187,7 @@ impl ApiKey {
 
     /// The built-in scopes this key grants (what it may do as an admin key).
     pub fn builtin_scopes(&self) -> impl Iterator<Item = BuiltinScope> + '_ {
-        self.scopes.iter().filter_map(|s| BuiltinScope::from_str(s))
+        self.scopes.iter().filter_map(|s| BuiltinScope::parse(s))
     }
 }
 

@@ -160,7 +160,7 @@ impl BuiltinScope {
         }
     }
 
-    pub fn from_str(text: &str) -> Option<Self> {
+    pub fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|b| b.as_str() == text)
     }
 
@@ -211,7 +211,7 @@ mod tests {
         for b in BuiltinScope::ALL {
             let s = b.scope();
             assert!(s.is_reserved(), "{b}");
-            assert_eq!(BuiltinScope::from_str(b.as_str()), Some(b));
+            assert_eq!(BuiltinScope::parse(b.as_str()), Some(b));
             assert_eq!(BuiltinScope::from_id(b.id()), Some(b));
             assert!(ids.insert(b.id()));
         }

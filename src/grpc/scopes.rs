@@ -5,8 +5,8 @@ use super::convert::{self, RequestCheck};
 use super::error::ApiError;
 use super::{KeyplaneApi, caller};
 use crate::domain::records::{NewScope, ScopePatch};
-use crate::domain::scope::{BuiltinScope, PART_MAX, ScopeString};
-use crate::domain::validate::{DESCRIPTION_MAX, NAME_MAX, Validator};
+use crate::domain::scope::{BuiltinScope, ScopeError, ScopeString};
+use crate::domain::validate::{DESCRIPTION_MAX, NAME_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, scope_service_server::ScopeService};
 
 const MUTABLE: &[&str] = &["name", "description", "category"];
@@ -35,52 +35,52 @@ impl ScopeService for KeyplaneApi {
         let r = request.into_inner();
         let mut v = Validator::new();
         let workspace_id = v.optional_id("workspace_id", &r.workspace_id);
-        let has_parts = !r.resource.is_empty() || !r.action.is_empty();
-        let (resource, action) = match (has_parts, r.representation.is_empty()) {
+        let from_representation = !r.representation.is_empty();
+        let parsed = match (
+            from_representation,
+            r.resource.is_empty() && r.action.is_empty(),
+        ) {
             (true, false) => {
                 v.add(
                     "representation",
                     "give either resource and action, or representation",
                 );
-                (String::new(), String::new())
+                None
             }
             (false, true) => {
                 v.add("resource", "is required (or give representation)");
-                (String::new(), String::new())
-            }
-            (true, true) => (r.resource.clone(), r.action.clone()),
-            (false, false) => match r.representation.split_once(':') {
-                Some((res, act)) => (res.to_owned(), act.to_owned()),
-                None => {
-                    v.add("representation", "must have the form resource:action");
-                    (String::new(), String::new())
-                }
-            },
-        };
-        let composed = format!("{resource}:{action}");
-        if let Some(builtin) = BuiltinScope::from_str(&composed) {
-            return Err(ApiError::BuiltinExists(builtin.as_str().to_owned()).into());
-        }
-        let field = if r.representation.is_empty() {
-            "resource"
-        } else {
-            "representation"
-        };
-        let scope = if v.is_ok() {
-            if resource.len() > PART_MAX || action.len() > PART_MAX {
-                v.add(
-                    field,
-                    format!("resource and action are at most {PART_MAX} characters each"),
-                );
                 None
-            } else {
-                v.check(field, ScopeString::parse_custom(&resource, &action))
             }
-        } else {
-            None
+            (false, false) => Some(ScopeString::from_parts(&r.resource, &r.action)),
+            (true, true) => Some(ScopeString::parse(&r.representation)),
+        };
+        let scope = match parsed {
+            Some(Ok(s)) if BuiltinScope::parse(s.as_str()).is_some() => {
+                return Err(ApiError::BuiltinExists(s.to_string()).into());
+            }
+            Some(Ok(s)) if s.is_reserved() => {
+                let field = if from_representation {
+                    "representation"
+                } else {
+                    "resource"
+                };
+                v.add(field, ScopeError::Reserved.to_string());
+                None
+            }
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                let field = match (from_representation, &e) {
+                    (true, _) => "representation",
+                    (false, ScopeError::Action) => "action",
+                    (false, _) => "resource",
+                };
+                v.add(field, e.to_string());
+                None
+            }
+            None => None,
         };
         let name = if r.name.trim().is_empty() {
-            composed
+            scope.as_ref().map(ToString::to_string).unwrap_or_default()
         } else {
             v.max_len("name", r.name.trim(), NAME_MAX)
         };
@@ -91,17 +91,20 @@ impl ScopeService for KeyplaneApi {
             v.max_len("category", &r.category, CATEGORY_MAX)
         };
         let request_id = convert::request_id(&mut v, &r.request_id);
+        let (description, category, request_id) =
+            v.finish(|| (description, category, request_id))?;
+        // Every path that leaves `scope` empty recorded a violation above.
         let Some(scope) = scope else {
-            return Err(v.finish(|| ()).err().unwrap_or_default().into());
+            return Err(ValidationError::single("resource", "is required").into());
         };
-        let new = v.finish(|| NewScope {
+        let new = NewScope {
             workspace_id,
             scope,
             name,
             description,
             category,
             request_id,
-        })?;
+        };
         let scope = self.store.create_scope(tenant, new).await?;
         Ok(Response::new(pb::CreateScopeResponse {
             scope: Some(scope.into()),

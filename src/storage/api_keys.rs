@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
@@ -130,7 +129,7 @@ impl Store {
         {
             return Ok((existing, None));
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let workspace = require_workspace(&txn, tenant, new.workspace_id).await?;
         let prefix = match new.prefix {
             Some(p) => p,
@@ -239,7 +238,7 @@ impl Store {
         expected_revision: Option<i64>,
     ) -> Result<ApiKey, StoreError> {
         for _ in 0..UPDATE_ATTEMPTS {
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let model = key_query(tenant, id)
                 .one(&txn)
                 .await?
@@ -333,7 +332,7 @@ impl Store {
         id: Uuid,
         grace: chrono::Duration,
     ) -> Result<Rotated, StoreError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let model = key_query(tenant, id)
             .one(&txn)
             .await?
@@ -455,7 +454,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         for (tenant, id, used) in batch {
             api_key::Entity::update_many()
                 .col_expr(api_key::Column::LastUsedTime, Expr::value(*used))

@@ -3,7 +3,7 @@
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    QuerySelect,
     sea_query::{Expr, ExprTrait, Query},
 };
 use uuid::Uuid;
@@ -187,7 +187,12 @@ impl Store {
             }
             let read_revision = current.revision;
             if let Some(v) = patch.name.clone() {
-                current.name = v;
+                // An emptied name falls back to the scope string, as on create.
+                current.name = if v.is_empty() {
+                    current.scope.to_string()
+                } else {
+                    v
+                };
             }
             if let Some(v) = patch.description.clone() {
                 current.description = v;
@@ -228,7 +233,7 @@ impl Store {
         id: Uuid,
         force: bool,
     ) -> Result<u64, StoreError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let found = scope::Entity::find()
             .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
             .filter(scope::Column::Id.eq(id))
@@ -288,7 +293,7 @@ impl Store {
     ) -> Result<Vec<(String, Option<Uuid>)>, StoreError> {
         let custom: Vec<&str> = wanted
             .iter()
-            .filter(|s| BuiltinScope::from_str(s.as_str()).is_none())
+            .filter(|s| BuiltinScope::parse(s.as_str()).is_none())
             .map(|s| s.as_str())
             .collect();
         let rows = if custom.is_empty() {
@@ -304,7 +309,7 @@ impl Store {
         let mut grants = Vec::with_capacity(wanted.len());
         let mut unknown = Vec::new();
         for s in wanted {
-            if BuiltinScope::from_str(s.as_str()).is_some() {
+            if BuiltinScope::parse(s.as_str()).is_some() {
                 grants.push((s.to_string(), None));
                 continue;
             }

@@ -1,7 +1,7 @@
 //! Workspace repository.
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    QuerySelect,
 };
 use uuid::Uuid;
 
@@ -218,7 +218,7 @@ impl Store {
         id: Uuid,
         force: bool,
     ) -> Result<u64, StoreError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let exists = workspace::Entity::find()
             .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
             .filter(workspace::Column::Id.eq(id))
