@@ -75,8 +75,19 @@ fn migrate_applies_and_reports_status() {
 #[tokio::test]
 async fn dev_server_prints_a_working_token_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut child = keyplane(dir.path())
-        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &metrics_addr.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -137,6 +148,13 @@ async fn dev_server_prints_a_working_token_and_drains_on_sigterm() {
         .await
         .expect("the minted token works");
 
+    let metrics = http_get(metrics_addr, "/metrics");
+    assert!(
+        metrics.contains("keyplane_rpc_duration_seconds") && metrics.contains("ListWorkspaces"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&token), "metrics never hold a token");
+
     let mut watch = HealthClient::new(channel)
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -164,4 +182,13 @@ async fn dev_server_prints_a_working_token_and_drains_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
 }

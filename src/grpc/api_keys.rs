@@ -264,6 +264,8 @@ impl ApiKeyService for KeyplaneApi {
             .verify(caller.access, &r.key, &required)
             .await?;
         let code: pb::VerifyCode = outcome.code.into();
+        metrics::counter!("keyplane_verifications_total", "code" => code.as_str_name())
+            .increment(1);
         Ok(Response::new(pb::VerifyApiKeyResponse {
             valid: outcome.code == VerifyCode::Valid,
             code: code.into(),

@@ -157,10 +157,20 @@ where
                     Ok(caller) => {
                         request.extensions_mut().insert(caller);
                     }
-                    Err(status) => return Ok(status.into_http()),
+                    Err(status) => {
+                        metrics::counter!("keyplane_auth_failures_total", "code" => format!("{:?}", status.code()))
+                            .increment(1);
+                        return Ok(status.into_http());
+                    }
                 },
             }
-            inner.call(request).await.map(remap_too_large)
+            // Only known paths get here, so the label set stays bounded.
+            let method = request.uri().path().to_owned();
+            let started = std::time::Instant::now();
+            let response = inner.call(request).await.map(remap_too_large);
+            metrics::histogram!("keyplane_rpc_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            response
         })
     }
 }
