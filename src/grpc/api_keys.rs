@@ -1,11 +1,14 @@
 //! `keyplane.v1.ApiKeyService`.
+use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::convert::{self, RequestCheck};
 use super::{KeyplaneApi, caller};
 use crate::domain::key::KeyPrefix;
 use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
-use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, Validator};
+use crate::domain::scope::ScopeString;
+use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
 use crate::storage::ApiKeyFilter;
 
@@ -37,6 +40,130 @@ fn owner(v: &mut Validator, field: &str, text: &str) -> Option<String> {
     (!text.is_empty()).then(|| v.max_len(field, text, OWNER_MAX))
 }
 
+/// Parses and validates a create request; `now` bounds `expire_time`.
+pub fn parse_create(
+    r: pb::CreateApiKeyRequest,
+    now: DateTime<Utc>,
+) -> Result<NewApiKey, ValidationError> {
+    let mut v = Validator::new();
+    let workspace_id = v.id("workspace_id", &r.workspace_id);
+    let name = v.max_len("name", r.name.trim(), NAME_MAX);
+    let prefix = if r.prefix.is_empty() {
+        None
+    } else {
+        let parsed = KeyPrefix::parse(&r.prefix);
+        if parsed.is_none() {
+            v.add("prefix", "must match ^[a-z][a-z0-9]{0,15}$");
+        }
+        parsed
+    };
+    let scopes = v.scopes("scopes", &r.scopes);
+    let owner_id = owner(&mut v, "owner_id", &r.owner_id);
+    let metadata = convert::labels(r.metadata);
+    validate::metadata(&mut v, "metadata", &metadata);
+    let expire_time = r
+        .expire_time
+        .as_ref()
+        .and_then(|t| v.future_time("expire_time", t, now));
+    let request_id = convert::request_id(&mut v, &r.request_id);
+    v.finish(|| NewApiKey {
+        workspace_id: workspace_id.unwrap_or_default(),
+        name,
+        prefix,
+        scopes,
+        owner_id,
+        metadata,
+        expire_time,
+        request_id,
+    })
+}
+
+/// Parses and validates an update request: the id, the changes and the expected revision.
+pub fn parse_update(
+    r: pb::UpdateApiKeyRequest,
+    now: DateTime<Utc>,
+) -> Result<(Uuid, ApiKeyPatch, Option<i64>), ValidationError> {
+    let mut v = Validator::new();
+    let k = r.api_key.unwrap_or_default();
+    let id = v.id("api_key.id", &k.id);
+    let paths =
+        convert::update_paths(
+            &mut v,
+            r.update_mask.as_ref(),
+            MUTABLE,
+            OUTPUT_ONLY,
+            |p| match p {
+                "name" => !k.name.is_empty(),
+                "scopes" => !k.scopes.is_empty(),
+                "owner_id" => !k.owner_id.is_empty(),
+                "metadata" => !k.metadata.is_empty(),
+                "expire_time" => k.expire_time.is_some(),
+                "disabled" => k.disabled,
+                _ => false,
+            },
+        );
+    let mut patch = ApiKeyPatch::default();
+    for path in &paths {
+        match path.as_str() {
+            "name" => patch.name = Some(v.max_len("api_key.name", k.name.trim(), NAME_MAX)),
+            "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &k.scopes)),
+            "owner_id" => patch.owner_id = Some(owner(&mut v, "api_key.owner_id", &k.owner_id)),
+            "metadata" => {
+                let metadata = convert::labels(k.metadata.clone());
+                validate::metadata(&mut v, "api_key.metadata", &metadata);
+                patch.metadata = Some(metadata);
+            }
+            "expire_time" => {
+                patch.expire_time = Some(
+                    k.expire_time
+                        .as_ref()
+                        .and_then(|t| v.future_time("api_key.expire_time", t, now)),
+                )
+            }
+            "disabled" => patch.disabled = Some(k.disabled),
+            _ => {}
+        }
+    }
+    v.finish(|| {
+        (
+            id.unwrap_or_default(),
+            patch,
+            convert::expected_revision(&r.etag),
+        )
+    })
+}
+
+/// Parses and validates a rotate request: the id and the grace period.
+pub fn parse_rotate(
+    r: pb::RotateApiKeyRequest,
+) -> Result<(Uuid, chrono::Duration), ValidationError> {
+    let mut v = Validator::new();
+    let id = v.id("id", &r.id);
+    let grace = r.grace_period.unwrap_or_default();
+    if grace.seconds < 0
+        || grace.nanos < 0
+        || grace.seconds > MAX_GRACE_SECS
+        || grace.nanos >= 1_000_000_000
+    {
+        v.add(
+            "grace_period",
+            format!("must be between 0 and {MAX_GRACE_SECS}s"),
+        );
+    }
+    v.finish(|| {
+        let grace = chrono::Duration::seconds(grace.seconds)
+            + chrono::Duration::nanoseconds(grace.nanos.into());
+        (id.unwrap_or_default(), grace)
+    })
+}
+
+/// The scopes a verification requires.
+pub fn parse_required_scopes(scopes: &[String]) -> Result<Vec<ScopeString>, ValidationError> {
+    let mut v = Validator::new();
+    let required = v.scopes("required_scopes", scopes);
+    v.finish(|| required)
+}
+
 #[tonic::async_trait]
 impl ApiKeyService for KeyplaneApi {
     async fn create_api_key(
@@ -45,39 +172,7 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         let caller = caller(&request)?;
         let tenant = caller.tenant()?;
-        let r = request.into_inner();
-        let mut v = Validator::new();
-        let workspace_id = v.id("workspace_id", &r.workspace_id);
-        let name = v.max_len("name", r.name.trim(), NAME_MAX);
-        let prefix = if r.prefix.is_empty() {
-            None
-        } else {
-            let parsed = KeyPrefix::parse(&r.prefix);
-            if parsed.is_none() {
-                v.add("prefix", "must match ^[a-z][a-z0-9]{0,15}$");
-            }
-            parsed
-        };
-        let scopes = v.scopes("scopes", &r.scopes);
-        let owner_id = owner(&mut v, "owner_id", &r.owner_id);
-        let metadata = convert::labels(r.metadata);
-        validate::metadata(&mut v, "metadata", &metadata);
-        let now = chrono::Utc::now();
-        let expire_time = r
-            .expire_time
-            .as_ref()
-            .and_then(|t| v.future_time("expire_time", t, now));
-        let request_id = convert::request_id(&mut v, &r.request_id);
-        let new = v.finish(|| NewApiKey {
-            workspace_id: workspace_id.unwrap_or_default(),
-            name,
-            prefix,
-            scopes,
-            owner_id,
-            metadata,
-            expire_time,
-            request_id,
-        })?;
+        let new = parse_create(request.into_inner(), chrono::Utc::now())?;
         caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
         let (key, secret) = self.store.create_api_key(tenant, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
@@ -91,9 +186,7 @@ impl ApiKeyService for KeyplaneApi {
         request: Request<pb::GetApiKeyRequest>,
     ) -> Result<Response<pb::GetApiKeyResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let mut v = Validator::new();
-        let id = v.id("id", &request.get_ref().id);
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let id = convert::parse_id("id", &request.get_ref().id)?;
         let key = self.store.get_api_key(tenant, id).await?;
         Ok(Response::new(pb::GetApiKeyResponse {
             api_key: Some(key.into()),
@@ -135,55 +228,13 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::UpdateApiKeyResponse>, Status> {
         let caller = caller(&request)?;
         let tenant = caller.tenant()?;
-        let r = request.into_inner();
-        let mut v = Validator::new();
-        let k = r.api_key.unwrap_or_default();
-        let id = v.id("api_key.id", &k.id);
-        let paths = convert::update_paths(
-            &mut v,
-            r.update_mask.as_ref(),
-            MUTABLE,
-            OUTPUT_ONLY,
-            |p| match p {
-                "name" => !k.name.is_empty(),
-                "scopes" => !k.scopes.is_empty(),
-                "owner_id" => !k.owner_id.is_empty(),
-                "metadata" => !k.metadata.is_empty(),
-                "expire_time" => k.expire_time.is_some(),
-                "disabled" => k.disabled,
-                _ => false,
-            },
-        );
-        let now = chrono::Utc::now();
-        let mut patch = ApiKeyPatch::default();
-        for path in &paths {
-            match path.as_str() {
-                "name" => patch.name = Some(v.max_len("api_key.name", k.name.trim(), NAME_MAX)),
-                "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &k.scopes)),
-                "owner_id" => patch.owner_id = Some(owner(&mut v, "api_key.owner_id", &k.owner_id)),
-                "metadata" => {
-                    let metadata = convert::labels(k.metadata.clone());
-                    validate::metadata(&mut v, "api_key.metadata", &metadata);
-                    patch.metadata = Some(metadata);
-                }
-                "expire_time" => {
-                    patch.expire_time = Some(
-                        k.expire_time
-                            .as_ref()
-                            .and_then(|t| v.future_time("api_key.expire_time", t, now)),
-                    )
-                }
-                "disabled" => patch.disabled = Some(k.disabled),
-                _ => {}
-            }
-        }
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let (id, patch, expected) = parse_update(request.into_inner(), chrono::Utc::now())?;
         if let Some(scopes) = &patch.scopes {
             caller.may_grant(scopes.iter().map(|s| s.as_str()))?;
         }
         let key = self
             .store
-            .update_api_key(tenant, id, patch, convert::expected_revision(&r.etag))
+            .update_api_key(tenant, id, patch, expected)
             .await?;
         Ok(Response::new(pb::UpdateApiKeyResponse {
             api_key: Some(key.into()),
@@ -195,9 +246,7 @@ impl ApiKeyService for KeyplaneApi {
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let mut v = Validator::new();
-        let id = v.id("id", &request.get_ref().id);
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let id = convert::parse_id("id", &request.get_ref().id)?;
         let key = self.store.revoke_api_key(tenant, id).await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
             api_key: Some(key.into()),
@@ -210,23 +259,7 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::RotateApiKeyResponse>, Status> {
         let caller = caller(&request)?;
         let tenant = caller.tenant()?;
-        let r = request.into_inner();
-        let mut v = Validator::new();
-        let id = v.id("id", &r.id);
-        let grace = r.grace_period.unwrap_or_default();
-        if grace.seconds < 0
-            || grace.nanos < 0
-            || grace.seconds > MAX_GRACE_SECS
-            || grace.nanos >= 1_000_000_000
-        {
-            v.add(
-                "grace_period",
-                format!("must be between 0 and {MAX_GRACE_SECS}s"),
-            );
-        }
-        let id = v.finish(|| id.unwrap_or_default())?;
-        let grace = chrono::Duration::seconds(grace.seconds)
-            + chrono::Duration::nanoseconds(grace.nanos.into());
+        let (id, grace) = parse_rotate(request.into_inner())?;
         // Rotation hands out a fresh secret with the same scopes: the caller must be able to
         // grant them.
         let current = self.store.get_api_key(tenant, id).await?;
@@ -243,9 +276,7 @@ impl ApiKeyService for KeyplaneApi {
         request: Request<pb::DeleteApiKeyRequest>,
     ) -> Result<Response<pb::DeleteApiKeyResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let mut v = Validator::new();
-        let id = v.id("id", &request.get_ref().id);
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let id = convert::parse_id("id", &request.get_ref().id)?;
         self.store.delete_api_key(tenant, id).await?;
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
     }
@@ -256,9 +287,7 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::VerifyApiKeyResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let mut v = Validator::new();
-        let required = v.scopes("required_scopes", &r.required_scopes);
-        v.finish(|| ())?;
+        let required = parse_required_scopes(&r.required_scopes)?;
         let outcome = self
             .verifier
             .verify(caller.access, &r.key, &required)

@@ -10,7 +10,7 @@ use crate::domain::page::{PageSize, PageTokenCodec};
 use crate::domain::parse_uuid;
 use crate::domain::records::{self, ApiKey, Scope, VerifyCode, Workspace};
 use crate::domain::scope::ScopeString;
-use crate::domain::validate::{SCOPES_MAX, Validator};
+use crate::domain::validate::{SCOPES_MAX, ValidationError, Validator};
 use crate::proto as pb;
 
 pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
@@ -197,6 +197,13 @@ fn truncate(s: &str) -> String {
     } else {
         format!("{}…", s.chars().take(ECHO_MAX).collect::<String>())
     }
+}
+
+/// A required resource id, on its own.
+pub fn parse_id(field: &str, text: &str) -> Result<Uuid, ValidationError> {
+    let mut v = Validator::new();
+    let id = v.id(field, text);
+    v.finish(|| id.unwrap_or_default())
 }
 
 /// An optional idempotency key.

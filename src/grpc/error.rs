@@ -22,6 +22,8 @@ pub enum ApiError {
     BuiltinExists(String),
     #[error("no caller identity on the request")]
     MissingCaller,
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
 }
 
 fn status(
@@ -193,6 +195,12 @@ impl From<ApiError> for Status {
                 meta([("scope", scope.clone())]),
             ),
             ApiError::MissingCaller => internal(&err),
+            ApiError::Invalid(_) => {
+                let ApiError::Invalid(invalid) = err else {
+                    unreachable!()
+                };
+                invalid.into()
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `keyplane.v1.ScopeService`.
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::convert::{self, RequestCheck};
 use super::error::ApiError;
@@ -25,6 +26,129 @@ const OUTPUT_ONLY: &[&str] = &[
 const CATEGORY_MAX: usize = 64;
 const DEFAULT_CATEGORY: &str = "custom";
 
+/// Parses and validates a create request.
+pub fn parse_create(r: pb::CreateScopeRequest) -> Result<NewScope, ApiError> {
+    let mut v = Validator::new();
+    let workspace_id = v.optional_id("workspace_id", &r.workspace_id);
+    let from_representation = !r.representation.is_empty();
+    let parsed = match (
+        from_representation,
+        r.resource.is_empty() && r.action.is_empty(),
+    ) {
+        (true, false) => {
+            v.add(
+                "representation",
+                "give either resource and action, or representation",
+            );
+            None
+        }
+        (false, true) => {
+            v.add("resource", "is required (or give representation)");
+            None
+        }
+        (false, false) => Some(ScopeString::from_parts(&r.resource, &r.action)),
+        (true, true) => Some(ScopeString::parse(&r.representation)),
+    };
+    let scope = match parsed {
+        Some(Ok(s)) if BuiltinScope::parse(s.as_str()).is_some() => {
+            return Err(ApiError::BuiltinExists(s.to_string()));
+        }
+        Some(Ok(s)) if s.is_reserved() => {
+            let field = if from_representation {
+                "representation"
+            } else {
+                "resource"
+            };
+            v.add(field, ScopeError::Reserved.to_string());
+            None
+        }
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            let field = match (from_representation, &e) {
+                (true, _) => "representation",
+                (false, ScopeError::Action) => "action",
+                (false, _) => "resource",
+            };
+            v.add(field, e.to_string());
+            None
+        }
+        None => None,
+    };
+    let name = if r.name.trim().is_empty() {
+        scope.as_ref().map(ToString::to_string).unwrap_or_default()
+    } else {
+        v.max_len("name", r.name.trim(), NAME_MAX)
+    };
+    let description = v.max_len("description", &r.description, DESCRIPTION_MAX);
+    let category = if r.category.is_empty() {
+        DEFAULT_CATEGORY.to_owned()
+    } else {
+        v.max_len("category", &r.category, CATEGORY_MAX)
+    };
+    let request_id = convert::request_id(&mut v, &r.request_id);
+    let (description, category, request_id) = v.finish(|| (description, category, request_id))?;
+    // Every path that leaves `scope` empty recorded a violation above.
+    let Some(scope) = scope else {
+        return Err(ValidationError::single("resource", "is required").into());
+    };
+    Ok(NewScope {
+        workspace_id,
+        scope,
+        name,
+        description,
+        category,
+        request_id,
+    })
+}
+
+/// Parses and validates an update request: the id, the changes and the expected revision.
+pub fn parse_update(
+    r: pb::UpdateScopeRequest,
+) -> Result<(Uuid, ScopePatch, Option<i64>), ValidationError> {
+    let mut v = Validator::new();
+    let s = r.scope.unwrap_or_default();
+    let id = v.id("scope.id", &s.id);
+    let paths =
+        convert::update_paths(
+            &mut v,
+            r.update_mask.as_ref(),
+            MUTABLE,
+            OUTPUT_ONLY,
+            |p| match p {
+                "name" => !s.name.is_empty(),
+                "description" => !s.description.is_empty(),
+                "category" => !s.category.is_empty(),
+                _ => false,
+            },
+        );
+    let mut patch = ScopePatch::default();
+    for path in &paths {
+        match path.as_str() {
+            "name" => patch.name = Some(v.max_len("scope.name", s.name.trim(), NAME_MAX)),
+            "description" => {
+                patch.description =
+                    Some(v.max_len("scope.description", &s.description, DESCRIPTION_MAX))
+            }
+            "category" => {
+                let category = if s.category.is_empty() {
+                    DEFAULT_CATEGORY
+                } else {
+                    &s.category
+                };
+                patch.category = Some(v.max_len("scope.category", category, CATEGORY_MAX))
+            }
+            _ => {}
+        }
+    }
+    v.finish(|| {
+        (
+            id.unwrap_or_default(),
+            patch,
+            convert::expected_revision(&r.etag),
+        )
+    })
+}
+
 #[tonic::async_trait]
 impl ScopeService for KeyplaneApi {
     async fn create_scope(
@@ -32,79 +156,7 @@ impl ScopeService for KeyplaneApi {
         request: Request<pb::CreateScopeRequest>,
     ) -> Result<Response<pb::CreateScopeResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let r = request.into_inner();
-        let mut v = Validator::new();
-        let workspace_id = v.optional_id("workspace_id", &r.workspace_id);
-        let from_representation = !r.representation.is_empty();
-        let parsed = match (
-            from_representation,
-            r.resource.is_empty() && r.action.is_empty(),
-        ) {
-            (true, false) => {
-                v.add(
-                    "representation",
-                    "give either resource and action, or representation",
-                );
-                None
-            }
-            (false, true) => {
-                v.add("resource", "is required (or give representation)");
-                None
-            }
-            (false, false) => Some(ScopeString::from_parts(&r.resource, &r.action)),
-            (true, true) => Some(ScopeString::parse(&r.representation)),
-        };
-        let scope = match parsed {
-            Some(Ok(s)) if BuiltinScope::parse(s.as_str()).is_some() => {
-                return Err(ApiError::BuiltinExists(s.to_string()).into());
-            }
-            Some(Ok(s)) if s.is_reserved() => {
-                let field = if from_representation {
-                    "representation"
-                } else {
-                    "resource"
-                };
-                v.add(field, ScopeError::Reserved.to_string());
-                None
-            }
-            Some(Ok(s)) => Some(s),
-            Some(Err(e)) => {
-                let field = match (from_representation, &e) {
-                    (true, _) => "representation",
-                    (false, ScopeError::Action) => "action",
-                    (false, _) => "resource",
-                };
-                v.add(field, e.to_string());
-                None
-            }
-            None => None,
-        };
-        let name = if r.name.trim().is_empty() {
-            scope.as_ref().map(ToString::to_string).unwrap_or_default()
-        } else {
-            v.max_len("name", r.name.trim(), NAME_MAX)
-        };
-        let description = v.max_len("description", &r.description, DESCRIPTION_MAX);
-        let category = if r.category.is_empty() {
-            DEFAULT_CATEGORY.to_owned()
-        } else {
-            v.max_len("category", &r.category, CATEGORY_MAX)
-        };
-        let request_id = convert::request_id(&mut v, &r.request_id);
-        let (description, category, request_id) =
-            v.finish(|| (description, category, request_id))?;
-        // Every path that leaves `scope` empty recorded a violation above.
-        let Some(scope) = scope else {
-            return Err(ValidationError::single("resource", "is required").into());
-        };
-        let new = NewScope {
-            workspace_id,
-            scope,
-            name,
-            description,
-            category,
-            request_id,
-        };
+        let new = parse_create(request.into_inner())?;
         let scope = self.store.create_scope(tenant, new).await?;
         Ok(Response::new(pb::CreateScopeResponse {
             scope: Some(scope.into()),
@@ -116,9 +168,7 @@ impl ScopeService for KeyplaneApi {
         request: Request<pb::GetScopeRequest>,
     ) -> Result<Response<pb::GetScopeResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let mut v = Validator::new();
-        let id = v.id("id", &request.get_ref().id);
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let id = convert::parse_id("id", &request.get_ref().id)?;
         let scope = self.store.get_scope(tenant, id).await?;
         Ok(Response::new(pb::GetScopeResponse {
             scope: Some(scope.into()),
@@ -153,49 +203,11 @@ impl ScopeService for KeyplaneApi {
         request: Request<pb::UpdateScopeRequest>,
     ) -> Result<Response<pb::UpdateScopeResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let r = request.into_inner();
-        let mut v = Validator::new();
-        let s = r.scope.unwrap_or_default();
-        let id = v.id("scope.id", &s.id);
-        let paths = convert::update_paths(
-            &mut v,
-            r.update_mask.as_ref(),
-            MUTABLE,
-            OUTPUT_ONLY,
-            |p| match p {
-                "name" => !s.name.is_empty(),
-                "description" => !s.description.is_empty(),
-                "category" => !s.category.is_empty(),
-                _ => false,
-            },
-        );
-        let mut patch = ScopePatch::default();
-        for path in &paths {
-            match path.as_str() {
-                "name" => patch.name = Some(v.max_len("scope.name", s.name.trim(), NAME_MAX)),
-                "description" => {
-                    patch.description =
-                        Some(v.max_len("scope.description", &s.description, DESCRIPTION_MAX))
-                }
-                "category" => {
-                    let category = if s.category.is_empty() {
-                        DEFAULT_CATEGORY
-                    } else {
-                        &s.category
-                    };
-                    patch.category = Some(v.max_len("scope.category", category, CATEGORY_MAX))
-                }
-                _ => {}
-            }
-        }
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let (id, patch, expected) = parse_update(request.into_inner())?;
         if BuiltinScope::from_id(id).is_some() {
             return Err(ApiError::BuiltinReadOnly.into());
         }
-        let scope = self
-            .store
-            .update_scope(tenant, id, patch, convert::expected_revision(&r.etag))
-            .await?;
+        let scope = self.store.update_scope(tenant, id, patch, expected).await?;
         Ok(Response::new(pb::UpdateScopeResponse {
             scope: Some(scope.into()),
         }))
@@ -207,9 +219,7 @@ impl ScopeService for KeyplaneApi {
     ) -> Result<Response<pb::DeleteScopeResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
         let r = request.into_inner();
-        let mut v = Validator::new();
-        let id = v.id("id", &r.id);
-        let id = v.finish(|| id.unwrap_or_default())?;
+        let id = convert::parse_id("id", &r.id)?;
         if BuiltinScope::from_id(id).is_some() {
             return Err(ApiError::BuiltinReadOnly.into());
         }
