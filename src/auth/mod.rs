@@ -122,6 +122,15 @@ pub struct Credentials<'a> {
     pub tenant: Option<&'a str>,
 }
 
+/// The token of an `authorization: Bearer <token>` header (scheme case-insensitive).
+pub fn bearer_token(authorization: &str) -> Result<&str, AuthError> {
+    let (scheme, token) = authorization.split_once(' ').ok_or(AuthError::TokenInvalid)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::TokenInvalid);
+    }
+    Ok(token.trim())
+}
+
 /// Turns credentials into a [`Caller`].
 #[derive(Clone)]
 pub struct Authenticator {
@@ -158,13 +167,7 @@ impl Authenticator {
     }
 
     fn bearer(&self, authorization: &str) -> Result<Caller, AuthError> {
-        let (scheme, token) = authorization
-            .split_once(' ')
-            .ok_or(AuthError::TokenInvalid)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::TokenInvalid);
-        }
-        let identity = self.jwt.verify(token.trim())?;
+        let identity = self.jwt.verify(bearer_token(authorization)?)?;
         Ok(match identity.tenant {
             Some(tenant) => Caller {
                 kind: CallerKind::TenantToken,

@@ -339,14 +339,14 @@ impl Store {
             .ok_or_else(|| StoreError::not_found("api key", id))?;
         let now = db_now();
         let old = with_scopes(&txn, vec![model.clone()]).await?.remove(0);
+        if old.successor_id.is_some() {
+            return Err(already_rotated());
+        }
         if old.revoke_time.is_some() {
             return Err(StoreError::FailedPrecondition {
                 reason: "KEY_REVOKED",
                 message: "a revoked key cannot be rotated".into(),
             });
-        }
-        if old.successor_id.is_some() {
-            return Err(already_rotated());
         }
         if old.expire_time.is_some_and(|t| t <= now) {
             return Err(StoreError::FailedPrecondition {
