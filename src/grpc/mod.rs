@@ -1,12 +1,12 @@
 //! Transport: thin gRPC handlers over the domain and storage layers, the authentication
 //! layer in front of them, health and reflection.
-mod api_keys;
+pub mod api_keys;
 pub mod auth_layer;
 pub mod convert;
 pub mod error;
 pub mod health;
-mod scopes;
-mod workspaces;
+pub mod scopes;
+pub mod workspaces;
 
 use tonic::Request;
 use uuid::Uuid;

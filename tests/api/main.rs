@@ -9,3 +9,4 @@ mod lifecycle;
 mod scopes;
 mod verify;
 mod workspaces;
+mod matrix;

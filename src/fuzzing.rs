@@ -1,0 +1,172 @@
+//! Entry points for the cargo-fuzz targets in `fuzz/` and for `tests/fuzz_corpus.rs`, which
+//! replays their saved corpus and every crash ever found. Each takes arbitrary bytes, must
+//! never panic, and checks what must hold for the inputs it accepts.
+use std::sync::OnceLock;
+
+use prost::Message;
+
+use crate::auth::jwt::{JwtSettings, JwtVerifier};
+use crate::auth::{AuthError, bearer_token};
+use crate::domain::TenantId;
+use crate::domain::key::ApiKeySecret;
+use crate::domain::page::{PageSize, PageTokenCodec};
+use crate::domain::scope::ScopeString;
+use crate::grpc::{api_keys, convert, scopes, workspaces};
+use crate::proto as pb;
+
+/// A fuzz entry point.
+pub type Target = fn(&[u8]);
+
+/// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs`).
+pub const TARGETS: [(&str, Target); 5] = [
+    ("key_parser", key_parser),
+    ("scope_parser", scope_parser),
+    ("page_token", page_token),
+    ("credentials", credentials),
+    ("request", request),
+];
+
+/// The key parser: an accepted key is exactly its input, and its masked form shows the
+/// prefix and the last 4 characters, nothing more.
+pub fn key_parser(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(key) = ApiKeySecret::parse(text) {
+        assert_eq!(key.expose(), text);
+        assert_eq!(
+            key.masked(),
+            format!("{}_****{}", key.prefix(), &text[text.len() - 4..])
+        );
+    }
+}
+
+/// The scope parser: accepted scopes round-trip through their string form.
+pub fn scope_parser(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(scope) = ScopeString::parse(text) {
+        assert_eq!(scope.as_str(), text);
+        assert_eq!(
+            ScopeString::from_parts(scope.resource(), scope.action()),
+            Ok(scope.clone())
+        );
+    }
+}
+
+fn codec() -> &'static PageTokenCodec {
+    static CODEC: OnceLock<PageTokenCodec> = OnceLock::new();
+    CODEC.get_or_init(|| PageTokenCodec::new([42; 32]))
+}
+
+/// The page-token decoder: a token accepted for some filters is the token the codec
+/// itself would have written.
+pub fn page_token(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(Some(id)) = codec().decode(text, "filters") {
+        assert_eq!(codec().encode(id, "filters"), text);
+    }
+}
+
+fn verifier() -> &'static JwtVerifier {
+    static VERIFIER: OnceLock<JwtVerifier> = OnceLock::new();
+    VERIFIER.get_or_init(|| {
+        JwtVerifier::from_settings(&JwtSettings {
+            secret: Some("fuzzing-secret-fuzzing-secret-fuzzing".into()),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("fuzzing verifier: {e}"))
+    })
+}
+
+/// Metadata and credential parsing: `authorization`, `x-api-key` and `x-tenant-id` values
+/// (the input split at its first two NUL bytes). Nothing forged may authenticate, and no
+/// error message may echo the input.
+pub fn credentials(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\0');
+    let authorization = parts.next().unwrap_or_default();
+    let api_key = parts.next().unwrap_or_default();
+    let tenant = parts.next().unwrap_or_default();
+    match bearer_token(authorization).and_then(|token| verifier().verify(token)) {
+        Ok(identity) => panic!("a fuzzed token authenticated as {identity:?}"),
+        Err(err) => assert_no_echo(&err, authorization),
+    }
+    let _ = ApiKeySecret::parse(api_key);
+    if let Some(parsed) = TenantId::parse(tenant) {
+        assert!(tenant.eq_ignore_ascii_case(&parsed.to_string()));
+    }
+}
+
+fn assert_no_echo(err: &AuthError, input: &str) {
+    if input.len() >= 8 {
+        assert!(
+            !err.to_string().contains(input),
+            "error echoes the credential"
+        );
+    }
+}
+
+/// Decoding and validating every request message: the first byte picks the message type,
+/// the rest is its protobuf encoding.
+pub fn request(data: &[u8]) {
+    let Some((&kind, bytes)) = data.split_first() else {
+        return;
+    };
+    let now = chrono::Utc::now();
+    macro_rules! decode {
+        ($t:ty) => {
+            match <$t>::decode(bytes) {
+                Ok(message) => message,
+                Err(_) => return,
+            }
+        };
+    }
+    match kind % 12 {
+        0 => drop(workspaces::parse_create(
+            decode!(pb::CreateWorkspaceRequest),
+            "fuzz",
+        )),
+        1 => drop(workspaces::parse_update(decode!(
+            pb::UpdateWorkspaceRequest
+        ))),
+        2 => drop(scopes::parse_create(decode!(pb::CreateScopeRequest))),
+        3 => drop(scopes::parse_update(decode!(pb::UpdateScopeRequest))),
+        4 => drop(api_keys::parse_create(
+            decode!(pb::CreateApiKeyRequest),
+            now,
+        )),
+        5 => drop(api_keys::parse_update(
+            decode!(pb::UpdateApiKeyRequest),
+            now,
+        )),
+        6 => drop(api_keys::parse_rotate(decode!(pb::RotateApiKeyRequest))),
+        7 => {
+            let r = decode!(pb::VerifyApiKeyRequest);
+            let _ = api_keys::parse_required_scopes(&r.required_scopes);
+            let _ = ApiKeySecret::parse(&r.key);
+        }
+        8 => drop(convert::parse_id(
+            "id",
+            &decode!(pb::GetWorkspaceRequest).id,
+        )),
+        9 => {
+            let r = decode!(pb::ListWorkspacesRequest);
+            let _ = PageSize::parse(r.page_size);
+            let _ = codec().decode(&r.page_token, "filters");
+        }
+        10 => {
+            let r = decode!(pb::ListScopesRequest);
+            let _ = convert::parse_id("workspace_id", &r.workspace_id);
+            let _ = codec().decode(&r.page_token, "filters");
+        }
+        _ => {
+            let r = decode!(pb::ListApiKeysRequest);
+            let _ = convert::parse_id("workspace_id", &r.workspace_id);
+            let _ = PageSize::parse(r.page_size);
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The authorization matrix (SPEC §2, §6): every RPC of the compiled descriptor set ×
+//! every kind of caller → the exact gRPC code and `ErrorInfo.reason`. An RPC added to the
+//! protos without rows here fails `every_rpc_has_rows`.
+use std::collections::BTreeSet;
+
+use bytes::{Buf, BufMut};
+use keyplane::proto::{self as pb, FILE_DESCRIPTOR_SET};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::helpers::*;
+use crate::on_both_backends;
+
+on_both_backends!(authorization_matrix);
+
+/// The keyplane RPC paths the server was compiled with.
+fn compiled_rpcs() -> BTreeSet<String> {
+    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+    let mut paths = BTreeSet::new();
+    for file in set.file.iter().filter(|f| f.package() == "keyplane.v1") {
+        for service in &file.service {
+            for method in &service.method {
+                paths.insert(format!("/keyplane.v1.{}/{}", service.name(), method.name()));
+            }
+        }
+    }
+    paths
+}
+
+/// What each RPC needs, and how to call it on a fixture.
+struct Row {
+    path: &'static str,
+    scope: &'static str,
+    /// The request, built against the resources of a fixture.
+    request: fn(&Fixture) -> Vec<u8>,
+    /// With another tenant's credential: NOT_FOUND for RPCs that name a resource, OK for
+    /// those that do not (they act in the caller's own, empty tenant).
+    names_a_resource: bool,
+}
+
+/// Fresh resources of the app's tenant for one call.
+struct Fixture {
+    workspace: String,
+    scope: String,
+    key: String,
+    secret: String,
+}
+
+fn mask(path: &str) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: vec![path.into()],
+    })
+}
+
+fn rows() -> Vec<Row> {
+    vec![
+        Row {
+            path: "/keyplane.v1.WorkspaceService/CreateWorkspace",
+            scope: "keyplane.workspaces:write",
+            request: |_| {
+                pb::CreateWorkspaceRequest {
+                    name: "m".into(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: false,
+        },
+        Row {
+            path: "/keyplane.v1.WorkspaceService/GetWorkspace",
+            scope: "keyplane.workspaces:read",
+            request: |f| {
+                pb::GetWorkspaceRequest {
+                    id: f.workspace.clone(),
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.WorkspaceService/ListWorkspaces",
+            scope: "keyplane.workspaces:read",
+            request: |_| pb::ListWorkspacesRequest::default().encode_to_vec(),
+            names_a_resource: false,
+        },
+        Row {
+            path: "/keyplane.v1.WorkspaceService/UpdateWorkspace",
+            scope: "keyplane.workspaces:write",
+            request: |f| {
+                pb::UpdateWorkspaceRequest {
+                    workspace: Some(pb::Workspace {
+                        id: f.workspace.clone(),
+                        name: "n".into(),
+                        ..Default::default()
+                    }),
+                    update_mask: mask("name"),
+                    etag: String::new(),
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.WorkspaceService/DeleteWorkspace",
+            scope: "keyplane.workspaces:write",
+            request: |f| {
+                pb::DeleteWorkspaceRequest {
+                    id: f.workspace.clone(),
+                    force: true,
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ScopeService/CreateScope",
+            scope: "keyplane.scopes:write",
+            request: |f| {
+                pb::CreateScopeRequest {
+                    workspace_id: f.workspace.clone(),
+                    representation: "matrix:write".into(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ScopeService/GetScope",
+            scope: "keyplane.scopes:read",
+            request: |f| {
+                pb::GetScopeRequest {
+                    id: f.scope.clone(),
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ScopeService/ListScopes",
+            scope: "keyplane.scopes:read",
+            request: |f| {
+                pb::ListScopesRequest {
+                    workspace_id: f.workspace.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ScopeService/UpdateScope",
+            scope: "keyplane.scopes:write",
+            request: |f| {
+                pb::UpdateScopeRequest {
+                    scope: Some(pb::Scope {
+                        id: f.scope.clone(),
+                        name: "n".into(),
+                        ..Default::default()
+                    }),
+                    update_mask: mask("name"),
+                    etag: String::new(),
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ScopeService/DeleteScope",
+            scope: "keyplane.scopes:write",
+            request: |f| {
+                pb::DeleteScopeRequest {
+                    id: f.scope.clone(),
+                    force: true,
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/CreateApiKey",
+            scope: "keyplane.api_keys:write",
+            request: |f| {
+                pb::CreateApiKeyRequest {
+                    workspace_id: f.workspace.clone(),
+                    scopes: vec!["matrix:read".into()],
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/GetApiKey",
+            scope: "keyplane.api_keys:read",
+            request: |f| pb::GetApiKeyRequest { id: f.key.clone() }.encode_to_vec(),
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/ListApiKeys",
+            scope: "keyplane.api_keys:read",
+            request: |f| {
+                pb::ListApiKeysRequest {
+                    workspace_id: f.workspace.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/UpdateApiKey",
+            scope: "keyplane.api_keys:write",
+            request: |f| {
+                pb::UpdateApiKeyRequest {
+                    api_key: Some(pb::ApiKey {
+                        id: f.key.clone(),
+                        name: "n".into(),
+                        ..Default::default()
+                    }),
+                    update_mask: mask("name"),
+                    etag: String::new(),
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/RevokeApiKey",
+            scope: "keyplane.api_keys:write",
+            request: |f| pb::RevokeApiKeyRequest { id: f.key.clone() }.encode_to_vec(),
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/RotateApiKey",
+            scope: "keyplane.api_keys:write",
+            request: |f| {
+                pb::RotateApiKeyRequest {
+                    id: f.key.clone(),
+                    grace_period: None,
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/DeleteApiKey",
+            scope: "keyplane.api_keys:write",
+            request: |f| pb::DeleteApiKeyRequest { id: f.key.clone() }.encode_to_vec(),
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.ApiKeyService/VerifyApiKey",
+            scope: "keyplane.api_keys:verify",
+            request: |f| {
+                pb::VerifyApiKeyRequest {
+                    key: f.secret.clone(),
+                    required_scopes: vec!["matrix:read".into()],
+                }
+                .encode_to_vec()
+            },
+            // Verification answers in-band: another tenant's key is VERIFY_CODE_NOT_FOUND.
+            names_a_resource: false,
+        },
+    ]
+}
+
+#[test]
+fn every_rpc_has_rows() {
+    let in_table: BTreeSet<String> = rows().iter().map(|r| r.path.to_owned()).collect();
+    assert_eq!(
+        compiled_rpcs(),
+        in_table,
+        "every compiled RPC needs rows in the matrix, and only those"
+    );
+}
+
+/// Sends and receives raw protobuf bytes, so one function can call any RPC by path.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn call(
+    app: &TestApp,
+    path: &'static str,
+    body: Vec<u8>,
+    cred: &Cred,
+    tenant: Option<&str>,
+) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let request = match tenant {
+        Some(t) => req_tenant(body, cred, t),
+        None => req(body, cred),
+    };
+    grpc.unary(
+        request,
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn fixture(app: &TestApp) -> Fixture {
+    let workspace = app.create_workspace("matrix").await.id;
+    app.create_scope("matrix:read", &workspace).await;
+    let scope = app.create_scope("matrix:delete", &workspace).await.id;
+    let (key, secret) = app.create_key(&workspace, &["matrix:read"]).await;
+    Fixture {
+        workspace,
+        scope,
+        key: key.id,
+        secret,
+    }
+}
+
+/// An admin key of the app's tenant holding exactly `scopes`.
+async fn admin_key(app: &TestApp, scopes: &[&str]) -> (String, String) {
+    let workspace = app.create_workspace("admins").await.id;
+    let (key, secret) = app.create_key(&workspace, scopes).await;
+    (key.id, secret)
+}
+
+enum Expect {
+    Ok,
+    Err(Code, &'static str),
+}
+
+async fn authorization_matrix(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let own = app.tenant.to_string();
+    let other = Uuid::now_v7();
+    let all = all_builtin();
+    let (revoked_admin_id, revoked_admin) = admin_key(&app, &all).await;
+    app.keys()
+        .revoke_api_key(req(
+            pb::RevokeApiKeyRequest {
+                id: revoked_admin_id,
+            },
+            &app.admin(),
+        ))
+        .await
+        .unwrap();
+
+    let mut failures = Vec::new();
+    for row in rows() {
+        let others: Vec<&str> = all.iter().copied().filter(|s| *s != row.scope).collect();
+        let a_different_one = vec![*others.first().unwrap()];
+        let (_, with_scope) = admin_key(&app, &[row.scope]).await;
+        let (_, without_scope) = admin_key(&app, &others).await;
+        let other_result = if row.names_a_resource {
+            Expect::Err(Code::NotFound, "NOT_FOUND")
+        } else {
+            Expect::Ok
+        };
+        let platform_without_header = if row.path.ends_with("/VerifyApiKey") {
+            Expect::Ok
+        } else {
+            Expect::Err(Code::InvalidArgument, "TENANT_ID_REQUIRED")
+        };
+        let cases: Vec<(&str, Cred, Option<String>, Expect)> = vec![
+            ("tenant token, own resource", app.admin(), None, Expect::Ok),
+            (
+                "tenant token, own resource, matching x-tenant-id",
+                app.admin(),
+                Some(own.clone()),
+                Expect::Ok,
+            ),
+            (
+                "other tenant's token on this tenant's resource",
+                Cred::Bearer(token(Some(other), &all)),
+                None,
+                other_result,
+            ),
+            (
+                "platform token with x-tenant-id",
+                Cred::Bearer(token(None, &all)),
+                Some(own.clone()),
+                Expect::Ok,
+            ),
+            (
+                "platform token without x-tenant-id",
+                Cred::Bearer(token(None, &all)),
+                None,
+                platform_without_header,
+            ),
+            (
+                "x-tenant-id not the token's tenant",
+                app.admin(),
+                Some(other.to_string()),
+                Expect::Err(Code::PermissionDenied, "TENANT_MISMATCH"),
+            ),
+            (
+                "token lacking the RPC's scope",
+                Cred::Bearer(token(Some(app.tenant), &others)),
+                None,
+                Expect::Err(Code::PermissionDenied, "MISSING_SCOPE"),
+            ),
+            (
+                "token holding only a different built-in scope",
+                Cred::Bearer(token(Some(app.tenant), &a_different_one)),
+                None,
+                Expect::Err(Code::PermissionDenied, "MISSING_SCOPE"),
+            ),
+            (
+                "no credential",
+                Cred::None,
+                None,
+                Expect::Err(Code::Unauthenticated, "CREDENTIALS_MISSING"),
+            ),
+            (
+                "admin key with the scope",
+                Cred::ApiKey(with_scope.clone()),
+                None,
+                Expect::Ok,
+            ),
+            (
+                "admin key with x-tenant-id of another tenant",
+                Cred::ApiKey(with_scope),
+                Some(other.to_string()),
+                Expect::Err(Code::PermissionDenied, "TENANT_MISMATCH"),
+            ),
+            (
+                "admin key without the scope",
+                Cred::ApiKey(without_scope),
+                None,
+                Expect::Err(Code::PermissionDenied, "MISSING_SCOPE"),
+            ),
+            (
+                "revoked admin key",
+                Cred::ApiKey(revoked_admin.clone()),
+                None,
+                Expect::Err(Code::Unauthenticated, "API_KEY_INVALID"),
+            ),
+        ];
+        for (case, cred, tenant, expect) in cases {
+            let f = fixture(&app).await;
+            let result = call(&app, row.path, (row.request)(&f), &cred, tenant.as_deref()).await;
+            let ok = match (&expect, &result) {
+                (Expect::Ok, Ok(_)) => true,
+                (Expect::Err(code, why), Err(status)) => {
+                    status.code() == *code && reason(status) == *why
+                }
+                _ => false,
+            };
+            if !ok {
+                let wanted = match expect {
+                    Expect::Ok => "OK".to_string(),
+                    Expect::Err(code, why) => format!("{code:?} {why}"),
+                };
+                let got = match &result {
+                    Ok(_) => "OK".to_string(),
+                    Err(s) => format!("{:?} {} ({})", s.code(), reason(s), s.message()),
+                };
+                failures.push(format!("{} × {case}: wanted {wanted}, got {got}", row.path));
+            }
+            // Verification of another tenant's key succeeds as a call but must not find it.
+            if row.path.ends_with("/VerifyApiKey")
+                && case.starts_with("other tenant")
+                && let Ok(bytes) = &result
+            {
+                let response = pb::VerifyApiKeyResponse::decode(bytes.as_slice()).unwrap();
+                assert_eq!(response.code(), pb::VerifyCode::NotFound);
+                assert!(response.api_key.is_none() && response.tenant_id.is_empty());
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cells wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
