@@ -10,3 +10,4 @@ mod scopes;
 mod verify;
 mod workspaces;
 mod matrix;
+mod races;
