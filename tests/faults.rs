@@ -1,0 +1,381 @@
+//! Faults: the database going away and coming back, SIGKILL in the middle of writes, and
+//! SIGTERM under load. The server runs as it does in production: as its own process where
+//! a signal is involved, behind a TCP proxy we can cut where the database must vanish.
+#![allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use helpers::*;
+use keyplane::proto as pb;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// A TCP proxy in front of PostgreSQL that can be "stopped": live connections are cut and
+/// new ones are closed at once, as when the server goes down.
+struct CuttableProxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl CuttableProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, links2) = (up.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                links2.lock().await.push(link);
+            }
+        });
+        Self { addr, up, links }
+    }
+
+    async fn stop(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for link in self.links.lock().await.drain(..) {
+            link.abort();
+        }
+    }
+
+    fn resume(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn health_becomes(
+    channel: tonic::transport::Channel,
+    wanted: ServingStatus,
+    within: Duration,
+) {
+    let mut health = HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        if status == wanted {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health not {wanted:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
+    if postgres_url().is_none() {
+        announce_skip(
+            "faults::postgres_going_away",
+            "KEYPLANE_TEST_POSTGRES_URL is not set",
+        );
+        return;
+    }
+    let db = fresh_database(Backend::Postgres).await;
+    // Route the server's connections through the proxy.
+    let url = url::Url::parse(&db.url).unwrap();
+    let target: SocketAddr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+        .parse()
+        .unwrap();
+    let proxy = CuttableProxy::start(target).await;
+    let mut proxied = url.clone();
+    proxied.set_port(Some(proxy.addr.port())).unwrap();
+    let settings = test_settings(proxied.as_str());
+    let app = spawn_with(db, settings).await;
+    let workspace = app.create_workspace("before").await;
+
+    proxy.stop().await;
+    let started = tokio::time::Instant::now();
+    health_becomes(
+        app.channel.clone(),
+        ServingStatus::NotServing,
+        Duration::from_secs(5),
+    )
+    .await;
+    eprintln!("NOT_SERVING after {:?}", started.elapsed());
+    for _ in 0..3 {
+        let result = app
+            .workspaces()
+            .get_workspace(req(
+                pb::GetWorkspaceRequest {
+                    id: workspace.id.clone(),
+                },
+                &app.admin(),
+            ))
+            .await;
+        assert_err(result, Code::Unavailable, "DATABASE_UNAVAILABLE");
+        let create = app
+            .workspaces()
+            .create_workspace(req(pb::CreateWorkspaceRequest::default(), &app.admin()))
+            .await;
+        assert_err(create, Code::Unavailable, "DATABASE_UNAVAILABLE");
+    }
+
+    proxy.resume();
+    health_becomes(
+        app.channel.clone(),
+        ServingStatus::Serving,
+        Duration::from_secs(10),
+    )
+    .await;
+    let got = app
+        .workspaces()
+        .get_workspace(req(
+            pb::GetWorkspaceRequest {
+                id: workspace.id.clone(),
+            },
+            &app.admin(),
+        ))
+        .await
+        .expect("works again without a restart");
+    assert_eq!(got.into_inner().workspace.unwrap(), workspace);
+    app.create_workspace("after").await;
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyplane");
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn start_server(db_url: &str, addr: SocketAddr) -> Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--shutdown-grace",
+            "5s",
+        ])
+        .env("KEYPLANE_DATABASE_URL", db_url)
+        .env("KEYPLANE_JWT_SECRET", JWT_SECRET)
+        .env("KEYPLANE_JWT_LEEWAY", "0s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn connect_when_ready(addr: SocketAddr) -> tonic::transport::Channel {
+    for _ in 0..100 {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut health = HealthClient::new(channel.clone());
+            if let Ok(r) = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && r.into_inner().status() == ServingStatus::Serving
+            {
+                return channel;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server at {addr} did not become ready");
+}
+
+/// Creates workspaces from several tasks until the calls fail; returns the ids of every
+/// create that was acknowledged.
+async fn burst(
+    channel: tonic::transport::Channel,
+    cred: Cred,
+    acknowledged: Arc<Mutex<Vec<String>>>,
+) -> Vec<tonic::Status> {
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let channel = channel.clone();
+        let cred = cred.clone();
+        let acknowledged = acknowledged.clone();
+        workers.push(tokio::spawn(async move {
+            let mut client = pb::workspace_service_client::WorkspaceServiceClient::new(channel);
+            for i in 0.. {
+                let request = req(
+                    pb::CreateWorkspaceRequest {
+                        name: format!("w{w}-{i}"),
+                        ..Default::default()
+                    },
+                    &cred,
+                );
+                match client.create_workspace(request).await {
+                    Ok(r) => acknowledged
+                        .lock()
+                        .await
+                        .push(r.into_inner().workspace.unwrap().id),
+                    Err(status) => return status,
+                }
+            }
+            unreachable!()
+        }));
+    }
+    let mut codes = Vec::new();
+    for worker in workers {
+        codes.push(worker.await.unwrap());
+    }
+    codes
+}
+
+async fn all_workspace_ids(channel: tonic::transport::Channel, cred: &Cred) -> Vec<String> {
+    let mut client = pb::workspace_service_client::WorkspaceServiceClient::new(channel);
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_workspaces(req(
+                pb::ListWorkspacesRequest {
+                    page_size: 1000,
+                    page_token: token,
+                },
+                cred,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.workspaces.into_iter().map(|w| w.id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn sigkill_keeps_every_acknowledged_write(backend: Backend) {
+    let db = fresh_database(backend).await;
+    let addr = free_port();
+    let mut server = start_server(&db.url, addr);
+    let channel = connect_when_ready(addr).await;
+    let cred = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load = tokio::spawn(burst(channel, cred.clone(), acknowledged.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+    load.await.unwrap();
+    let acknowledged = acknowledged.lock().await.clone();
+    assert!(
+        acknowledged.len() > 10,
+        "the burst wrote something before the kill"
+    );
+
+    let mut again = start_server(&db.url, addr);
+    let channel = connect_when_ready(addr).await;
+    let stored = all_workspace_ids(channel, &cred).await;
+    let _ = again.kill();
+    let _ = again.wait();
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(id))
+        .collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+}
+
+async fn sigterm_under_load_drains_and_exits_zero(backend: Backend) {
+    let db = fresh_database(backend).await;
+    let addr = free_port();
+    let mut server = start_server(&db.url, addr);
+    let channel = connect_when_ready(addr).await;
+    let cred = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load = tokio::spawn(burst(channel, cred.clone(), acknowledged.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = tokio::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &server.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let mut statuses = Vec::new();
+    while let Ok(Some(message)) = watch.message().await {
+        statuses.push(message.status());
+    }
+    assert_eq!(
+        statuses.last(),
+        Some(&ServingStatus::NotServing),
+        "NOT_SERVING before the stream ends"
+    );
+    let exit = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "exited within the grace period"
+    );
+    for status in load.await.unwrap() {
+        // Calls made once the drain began are refused by the transport (the client sees the
+        // connection close); none is failed by a handler, which would carry an ErrorInfo.
+        assert!(
+            matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ) && reason(&status).is_empty(),
+            "a call ended with {status:?}"
+        );
+    }
+
+    let acknowledged = acknowledged.lock().await.clone();
+    let mut again = start_server(&db.url, addr);
+    let stored = all_workspace_ids(connect_when_ready(addr).await, &cred).await;
+    let _ = again.kill();
+    let _ = again.wait();
+    assert!(
+        acknowledged.iter().all(|id| stored.contains(id)),
+        "an acknowledged create was lost"
+    );
+}
+
+on_both_backends!(
+    sigkill_keeps_every_acknowledged_write,
+    sigterm_under_load_drains_and_exits_zero
+);
