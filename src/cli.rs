@@ -92,6 +92,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         usage_flush_interval: args.usage_flush_interval,
         health_interval: args.health_interval,
+        idle_timeout: args.idle_timeout,
     };
     let app = Application::build(settings).await?;
     if args.dev {

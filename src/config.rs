@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// How often the database is checked for the health service.
     #[arg(long, env = "KEYPLANE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
+    /// Connections whose peer sends nothing (not even keepalive acks) for this long are
+    /// closed.
+    #[arg(long, env = "KEYPLANE_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -169,6 +173,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub usage_flush_interval: Duration,
     pub health_interval: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Settings {
@@ -182,6 +187,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             usage_flush_interval: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -22,6 +23,7 @@ use crate::domain::page::PageTokenCodec;
 use crate::grpc::KeyplaneApi;
 use crate::grpc::auth_layer::{AuthLayer, MAX_REQUEST_BYTES};
 use crate::grpc::health::{self, DrainingHealth};
+use crate::grpc::idle::IdleTimeout;
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, scope_service_server::ScopeServiceServer,
     workspace_service_server::WorkspaceServiceServer,
@@ -158,9 +160,9 @@ impl Application {
 
         let router = Server::builder()
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            // Pings keep healthy idle connections readable well within the idle timeout.
+            .http2_keepalive_interval(Some(self.settings.idle_timeout / 4))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-            .tcp_nodelay(true)
             .layer(AuthLayer::new(self.auth.clone()))
             .add_service(HealthServer::new(DrainingHealth::new(
                 self.health.clone(),
@@ -181,10 +183,14 @@ impl Application {
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             );
 
-        let serve = router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(self.listener),
-            draining.clone().cancelled_owned(),
-        );
+        let idle_timeout = self.settings.idle_timeout;
+        let incoming = TcpListenerStream::new(self.listener).map(move |accepted| {
+            accepted.map(|stream| {
+                let _ = stream.set_nodelay(true);
+                IdleTimeout::new(stream, idle_timeout)
+            })
+        });
+        let serve = router.serve_with_incoming_shutdown(incoming, draining.clone().cancelled_owned());
         tokio::pin!(serve);
 
         let result = tokio::select! {

@@ -5,6 +5,7 @@ pub mod auth_layer;
 pub mod convert;
 pub mod error;
 pub mod health;
+pub mod idle;
 pub mod scopes;
 pub mod workspaces;
 

@@ -11,3 +11,4 @@ mod verify;
 mod workspaces;
 mod matrix;
 mod races;
+mod limits;

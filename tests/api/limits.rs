@@ -1,0 +1,163 @@
+//! Hostile connections at the gRPC level: silent sockets, stream floods, client deadlines.
+//! (Oversized messages: `lifecycle::requests_over_one_mebibyte_are_resource_exhausted`.)
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use keyplane::proto as pb;
+use prost_types::FieldMask;
+use sea_orm::ConnectionTrait;
+use tokio::io::AsyncReadExt;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::helpers::*;
+use crate::on_both_backends;
+
+on_both_backends!(
+    silent_connections_are_closed,
+    concurrent_streams_per_connection_are_bounded,
+    client_deadlines_are_honoured,
+);
+
+async fn spawn_with_idle_timeout(backend: Backend, idle: Duration) -> TestApp {
+    let db = fresh_database(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.idle_timeout = idle;
+    spawn_with(db, settings).await
+}
+
+async fn silent_connections_are_closed(backend: Backend) {
+    let app = spawn_with_idle_timeout(backend, Duration::from_millis(500)).await;
+    // A peer that never even sends the HTTP/2 preface.
+    let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's SETTINGS frame
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection stayed open");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    // A client that answers keepalive pings keeps its connection through several timeouts.
+    let mut health = HealthClient::new(app.channel.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn concurrent_streams_per_connection_are_bounded(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // The server's SETTINGS arrive with the handshake; give them a moment to apply.
+    let mut advertised = client.current_max_send_streams();
+    for _ in 0..50 {
+        if advertised != usize::MAX {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client = client.ready().await.unwrap();
+        advertised = client.current_max_send_streams();
+    }
+    assert_eq!(advertised, 256, "SETTINGS_MAX_CONCURRENT_STREAMS");
+
+    // Thousands of calls on one connection queue behind that bound and all succeed.
+    let calls = (0..2000).map(|_| {
+        let mut health = HealthClient::new(app.channel.clone());
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        }
+    });
+    let results = join_all(calls).await;
+    assert!(results.iter().all(Result::is_ok));
+}
+
+async fn client_deadlines_are_honoured(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let workspace = app.create_workspace("locked").await;
+    // Hold the row (PostgreSQL) or the database's write lock (SQLite) from outside, so the
+    // update below has to wait.
+    let outside = sea_orm::Database::connect(app.db.url.as_str())
+        .await
+        .unwrap();
+    match backend {
+        Backend::Sqlite => {
+            outside.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
+        }
+        Backend::Postgres => {
+            outside.execute_unprepared("BEGIN").await.unwrap();
+            outside
+                .execute_unprepared(&format!(
+                    "SELECT 1 FROM workspaces WHERE id = '{}' FOR UPDATE",
+                    workspace.id
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    let mut request = req(
+        pb::UpdateWorkspaceRequest {
+            workspace: Some(pb::Workspace {
+                id: workspace.id.clone(),
+                name: "late".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["name".into()],
+            }),
+            etag: String::new(),
+        },
+        &app.admin(),
+    );
+    request.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let result = app.workspaces().update_workspace(request).await;
+    let status = result.expect_err("the update cannot finish while the row is locked");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the deadline ended the call"
+    );
+    outside.execute_unprepared("ROLLBACK").await.unwrap();
+
+    // As gRPC has it, a call past its deadline may or may not have taken effect (on
+    // PostgreSQL the statement already sent completes once the lock goes); either way the
+    // row is whole and the server answers.
+    let got = app
+        .workspaces()
+        .get_workspace(req(
+            pb::GetWorkspaceRequest {
+                id: workspace.id.clone(),
+            },
+            &app.admin(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .workspace
+        .unwrap();
+    assert!(
+        (got.name == "locked" && got.etag == workspace.etag)
+            || (got.name == "late" && got.etag != workspace.etag),
+        "{got:?}"
+    );
+}
