@@ -190,7 +190,8 @@ impl Application {
                 IdleTimeout::new(stream, idle_timeout)
             })
         });
-        let serve = router.serve_with_incoming_shutdown(incoming, draining.clone().cancelled_owned());
+        let serve =
+            router.serve_with_incoming_shutdown(incoming, draining.clone().cancelled_owned());
         tokio::pin!(serve);
 
         let result = tokio::select! {

@@ -14,7 +14,10 @@ fn every_saved_fuzz_input_still_passes() {
             };
             for entry in entries {
                 let path = entry.unwrap().path();
-                if path.file_name().is_some_and(|f| f.to_string_lossy().starts_with('.')) {
+                if path
+                    .file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with('.'))
+                {
                     continue;
                 }
                 target(&std::fs::read(&path).unwrap());

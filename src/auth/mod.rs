@@ -124,7 +124,9 @@ pub struct Credentials<'a> {
 
 /// The token of an `authorization: Bearer <token>` header (scheme case-insensitive).
 pub fn bearer_token(authorization: &str) -> Result<&str, AuthError> {
-    let (scheme, token) = authorization.split_once(' ').ok_or(AuthError::TokenInvalid)?;
+    let (scheme, token) = authorization
+        .split_once(' ')
+        .ok_or(AuthError::TokenInvalid)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AuthError::TokenInvalid);
     }

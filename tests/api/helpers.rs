@@ -134,6 +134,7 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
+    capture_debug_logs();
     let app = Application::build(settings)
         .await
         .expect("build the application");
@@ -185,7 +186,14 @@ impl TestApp {
             Some(handle) => handle.await.expect("server task panicked"),
             None => Ok(()),
         };
-        (result, self.db)
+        let db = std::mem::replace(
+            &mut self.db,
+            TestDb {
+                url: String::new(),
+                _dir: None,
+            },
+        );
+        (result, db)
     }
 
     pub async fn create_workspace(&self, name: &str) -> pb::Workspace {
@@ -345,4 +353,93 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
+}
+
+/// Every test process logs at debug level through [`LeakScanner`]; a log line holding a
+/// key secret, a JWT or the configured secret is recorded here and fails the test whose
+/// server is dropped next (see `Drop for TestApp`).
+static LEAKS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+pub fn capture_debug_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_ansi(false)
+            .with_writer(|| LeakScanner)
+            .try_init();
+    });
+}
+
+struct LeakScanner;
+
+impl std::io::Write for LeakScanner {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = String::from_utf8_lossy(buf);
+        if let Some(leak) = find_secret(&line) {
+            LEAKS
+                .lock()
+                .unwrap()
+                .push(format!("{leak}  in log line: {line}"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The first secret in `text`: a well-formed keyplane key (checksum and all), something
+/// shaped like a JWT, or the test JWT secret.
+pub fn find_secret(text: &str) -> Option<String> {
+    if text.contains(JWT_SECRET) {
+        return Some("the configured JWT secret".into());
+    }
+    let bytes = text.as_bytes();
+    let is_b64 = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    for (i, _) in text.match_indices("eyJ") {
+        let segment: Vec<usize> = bytes[i..]
+            .split(|b| !is_b64(*b) && *b != b'.')
+            .next()
+            .map(|run| {
+                run.iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == b'.')
+                    .map(|(j, _)| j)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if segment.len() >= 2 {
+            return Some(format!("a JWT at byte {i}"));
+        }
+    }
+    for (i, _) in text.match_indices('_') {
+        let start = bytes[..i]
+            .iter()
+            .rposition(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit()))
+            .map_or(0, |p| p + 1);
+        let end = bytes[i + 1..]
+            .iter()
+            .position(|b| !b.is_ascii_alphanumeric())
+            .map_or(bytes.len(), |p| i + 1 + p);
+        if let Some(candidate) = text.get(start..end)
+            && keyplane::domain::key::ApiKeySecret::parse(candidate).is_ok()
+        {
+            return Some(format!(
+                "an API key ending {}",
+                &candidate[candidate.len() - 4..]
+            ));
+        }
+    }
+    None
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let leaks = std::mem::take(&mut *LEAKS.lock().unwrap_or_else(|p| p.into_inner()));
+        if !leaks.is_empty() && !std::thread::panicking() {
+            panic!("secrets in the logs:\n{}", leaks.join("\n"));
+        }
+    }
 }

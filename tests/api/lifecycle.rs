@@ -283,3 +283,23 @@ async fn postgres_outage_reports_not_serving_and_unavailable() {
         .await;
     assert_err(result, Code::Unavailable, "DATABASE_UNAVAILABLE");
 }
+
+#[test]
+fn the_log_scanner_recognises_secrets() {
+    let key = keyplane::domain::key::ApiKeySecret::generate(
+        &keyplane::domain::key::KeyPrefix::default_prefix(),
+    )
+    .unwrap();
+    let line = format!("DEBUG request x-api-key={} done", key.expose());
+    assert!(find_secret(&line).is_some());
+    let jwt = token(None, &["a:b"]);
+    assert!(find_secret(&format!("authorization: Bearer {jwt}")).is_some());
+    assert!(find_secret(&format!("secret is {JWT_SECRET}!")).is_some());
+    assert!(find_secret(&format!("masked {}", key.masked())).is_none());
+    assert!(
+        find_secret(
+            "tenant_id=0193a0c4-0000-7000-8000-000000000001 api_keys:write keyplane.api_keys"
+        )
+        .is_none()
+    );
+}
