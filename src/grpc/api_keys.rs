@@ -59,7 +59,7 @@ pub fn parse_create(
     };
     let scopes = v.scopes("scopes", &r.scopes);
     let owner_id = owner(&mut v, "owner_id", &r.owner_id);
-    let metadata = convert::labels(r.metadata);
+    let metadata = convert::sorted(r.metadata);
     validate::metadata(&mut v, "metadata", &metadata);
     let expire_time = r
         .expire_time
@@ -109,7 +109,7 @@ pub fn parse_update(
             "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &k.scopes)),
             "owner_id" => patch.owner_id = Some(owner(&mut v, "api_key.owner_id", &k.owner_id)),
             "metadata" => {
-                let metadata = convert::labels(k.metadata.clone());
+                let metadata = convert::sorted(k.metadata.clone());
                 validate::metadata(&mut v, "api_key.metadata", &metadata);
                 patch.metadata = Some(metadata);
             }

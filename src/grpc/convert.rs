@@ -28,7 +28,8 @@ pub fn from_timestamp(t: &Timestamp) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.seconds, t.nanos as u32)
 }
 
-fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
+/// A request's labels or metadata, sorted so responses and storage are stable.
+pub fn sorted(map: HashMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter().collect()
 }
 
@@ -253,10 +254,6 @@ pub fn update_paths(
         }
     }
     paths
-}
-
-pub fn labels(map: HashMap<String, String>) -> BTreeMap<String, String> {
-    sorted(map)
 }
 
 /// An etag sent with an update: `None` when absent; an unparseable one can never match.

@@ -95,7 +95,7 @@ impl From<ValidationError> for Status {
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         let message = err.to_string();
-        let (code, reason, metadata) = match &err {
+        let (code, reason, metadata) = match err {
             AuthError::CredentialsMissing => {
                 (Code::Unauthenticated, "CREDENTIALS_MISSING", meta([]))
             }
@@ -181,26 +181,22 @@ impl From<StoreError> for Status {
 
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
-        match &err {
+        let message = err.to_string();
+        match err {
             ApiError::BuiltinReadOnly => status(
                 Code::PermissionDenied,
-                err.to_string(),
+                message,
                 "BUILTIN_SCOPE_READ_ONLY",
                 meta([]),
             ),
             ApiError::BuiltinExists(scope) => status(
                 Code::AlreadyExists,
-                err.to_string(),
+                message,
                 "ALREADY_EXISTS",
-                meta([("scope", scope.clone())]),
+                meta([("scope", scope)]),
             ),
-            ApiError::MissingCaller => internal(&err),
-            ApiError::Invalid(_) => {
-                let ApiError::Invalid(invalid) = err else {
-                    unreachable!()
-                };
-                invalid.into()
-            }
+            ApiError::MissingCaller => internal(&ApiError::MissingCaller),
+            ApiError::Invalid(invalid) => invalid.into(),
         }
     }
 }

@@ -61,7 +61,7 @@ pub fn parse_create(
     } else {
         prefix(&mut v, "default_key_prefix", &r.default_key_prefix)
     };
-    let labels = convert::labels(r.labels);
+    let labels = convert::sorted(r.labels);
     validate::labels(&mut v, "labels", &labels);
     let request_id = convert::request_id(&mut v, &r.request_id);
     v.finish(|| NewWorkspace {
@@ -134,7 +134,7 @@ pub fn parse_update(
                 )
             }
             "labels" => {
-                let labels = convert::labels(w.labels.clone());
+                let labels = convert::sorted(w.labels.clone());
                 validate::labels(&mut v, "workspace.labels", &labels);
                 patch.labels = Some(labels);
             }
