@@ -83,8 +83,8 @@ fn verifier() -> &'static JwtVerifier {
 }
 
 /// Metadata and credential parsing: `authorization`, `x-api-key` and `x-tenant-id` values
-/// (the input split at its first two NUL bytes). Nothing forged may authenticate, and no
-/// error message may echo the input.
+/// (the input split at its first two NUL bytes). Nothing forged may authenticate, and a
+/// refusal is one of the token errors, which carry no part of the input.
 pub fn credentials(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let mut parts = text.splitn(3, '\0');
@@ -93,20 +93,17 @@ pub fn credentials(data: &[u8]) {
     let tenant = parts.next().unwrap_or_default();
     match bearer_token(authorization).and_then(|token| verifier().verify(token)) {
         Ok(identity) => panic!("a fuzzed token authenticated as {identity:?}"),
-        Err(err) => assert_no_echo(&err, authorization),
+        Err(err) => assert!(
+            matches!(
+                err,
+                AuthError::TokenInvalid | AuthError::TokenExpired | AuthError::TokenNotYetValid
+            ),
+            "unexpected refusal {err:?}"
+        ),
     }
     let _ = ApiKeySecret::parse(api_key);
     if let Some(parsed) = TenantId::parse(tenant) {
         assert!(tenant.eq_ignore_ascii_case(&parsed.to_string()));
-    }
-}
-
-fn assert_no_echo(err: &AuthError, input: &str) {
-    if input.len() >= 8 {
-        assert!(
-            !err.to_string().contains(input),
-            "error echoes the credential"
-        );
     }
 }
 

@@ -1,0 +1,103 @@
+//! The real PostgreSQL server stopped mid-run and started again (the proxy test in
+//! `faults.rs` covers the same on any machine). It stops the whole cluster, so it lives in
+//! its own test binary, which `cargo test` runs alone, and only runs where it may:
+//! `KEYPLANE_TEST_PG_CONTROL=1` (set by `.ci/run`, which runs as root beside the cluster).
+#![allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::process::Command;
+use std::time::Duration;
+
+use helpers::*;
+use keyplane::proto as pb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn cluster(action: &str) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL cluster")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max()
+        .expect("a cluster version");
+    let mut cmd = Command::new("pg_ctlcluster");
+    cmd.args(["--skip-systemctl-redirect", &version, "main", action]);
+    if action == "stop" {
+        cmd.args(["-m", "fast"]);
+    }
+    assert!(cmd.status().expect("pg_ctlcluster").success(), "pg_ctlcluster {action}");
+}
+
+/// Starts the cluster again however the test ends.
+struct Restart;
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        cluster("start");
+    }
+}
+
+async fn health(app: &TestApp) -> ServingStatus {
+    HealthClient::new(app.channel.clone())
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+async fn wait_for(app: &TestApp, wanted: ServingStatus, within: Duration) -> Duration {
+    let started = tokio::time::Instant::now();
+    while health(app).await != wanted {
+        assert!(started.elapsed() < within, "health not {wanted:?} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() {
+    if postgres_url().is_none() || std::env::var("KEYPLANE_TEST_PG_CONTROL").as_deref() != Ok("1") {
+        announce_skip(
+            "postgres_restart",
+            "needs KEYPLANE_TEST_POSTGRES_URL and KEYPLANE_TEST_PG_CONTROL=1 (may stop the cluster)",
+        );
+        return;
+    }
+    let app = spawn_app(Backend::Postgres).await;
+    let workspace = app.create_workspace("before").await;
+
+    let restart = Restart;
+    cluster("stop");
+    let took = wait_for(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    eprintln!("NOT_SERVING {took:?} after the stop");
+    for _ in 0..3 {
+        let get = app
+            .workspaces()
+            .get_workspace(req(pb::GetWorkspaceRequest { id: workspace.id.clone() }, &app.admin()))
+            .await;
+        assert_err(get, Code::Unavailable, "DATABASE_UNAVAILABLE");
+        let verify = app
+            .keys()
+            .verify_api_key(req(
+                pb::VerifyApiKeyRequest {
+                    key: "kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5".into(),
+                    required_scopes: vec![],
+                },
+                &app.admin(),
+            ))
+            .await;
+        assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");
+    }
+    drop(restart);
+
+    wait_for(&app, ServingStatus::Serving, Duration::from_secs(20)).await;
+    let got = app
+        .workspaces()
+        .get_workspace(req(pb::GetWorkspaceRequest { id: workspace.id.clone() }, &app.admin()))
+        .await
+        .expect("works again without restarting keyplane");
+    assert_eq!(got.into_inner().workspace.unwrap(), workspace);
+    app.create_workspace("after").await;
+}
