@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::entity::{api_key, api_key_scope};
 use super::scopes::require_workspace;
-use super::workspaces::{Page, UPDATE_ATTEMPTS};
+use super::workspaces::{Cas, Page, until_written};
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
 use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
@@ -237,7 +237,8 @@ impl Store {
         patch: ApiKeyPatch,
         expected_revision: Option<i64>,
     ) -> Result<ApiKey, StoreError> {
-        for _ in 0..UPDATE_ATTEMPTS {
+        let patch = &patch;
+        until_written(expected_revision, move || async move {
             let txn = self.begin_write().await?;
             let model = key_query(tenant, id)
                 .one(&txn)
@@ -283,10 +284,7 @@ impl Store {
                 .exec(&txn)
                 .await?;
             if result.rows_affected != 1 {
-                if expected_revision.is_some() {
-                    return Err(StoreError::StaleEtag);
-                }
-                continue;
+                return Ok(Cas::Lost);
             }
             if let Some(scopes) = &p.scopes {
                 let grants =
@@ -300,9 +298,9 @@ impl Store {
                 current.scopes.sort();
             }
             txn.commit().await?;
-            return Ok(current);
-        }
-        Err(StoreError::StaleEtag)
+            Ok(Cas::Written(current))
+        })
+        .await
     }
 
     /// Revokes a key; revoking a revoked key changes nothing.

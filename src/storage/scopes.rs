@@ -9,7 +9,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::entity::{api_key, api_key_scope, scope, workspace};
-use super::workspaces::{Page, UPDATE_ATTEMPTS};
+use super::workspaces::{Cas, Page, until_written};
 use super::{Store, StoreError, db_now, is_unique_violation};
 use crate::domain::TenantId;
 use crate::domain::records::{NewScope, Scope, ScopePatch};
@@ -180,7 +180,8 @@ impl Store {
         patch: ScopePatch,
         expected_revision: Option<i64>,
     ) -> Result<Scope, StoreError> {
-        for _ in 0..UPDATE_ATTEMPTS {
+        let patch = &patch;
+        until_written(expected_revision, move || async move {
             let mut current = self.get_scope(tenant, id).await?;
             if expected_revision.is_some_and(|r| r != current.revision) {
                 return Err(StoreError::StaleEtag);
@@ -216,14 +217,13 @@ impl Store {
                 .filter(scope::Column::Revision.eq(read_revision))
                 .exec(&self.db)
                 .await?;
-            if result.rows_affected == 1 {
-                return Ok(current);
-            }
-            if expected_revision.is_some() {
-                return Err(StoreError::StaleEtag);
-            }
-        }
-        Err(StoreError::StaleEtag)
+            Ok(if result.rows_affected == 1 {
+                Cas::Written(current)
+            } else {
+                Cas::Lost
+            })
+        })
+        .await
     }
 
     /// Deletes a custom scope. Returns how many keys lost it (only with `force`).

@@ -27,7 +27,33 @@ impl<T> Page<T> {
 }
 
 /// How often an update without an etag retries when a concurrent update won the race.
-pub(super) const UPDATE_ATTEMPTS: usize = 3;
+const UPDATE_ATTEMPTS: usize = 3;
+
+/// One read-modify-write attempt: written, or lost to a concurrent update (its
+/// compare-and-set on `revision` matched no row).
+pub(super) enum Cas<T> {
+    Written(T),
+    Lost,
+}
+
+/// Runs `attempt` until its compare-and-set wins. With an etag a lost race means the etag
+/// is stale; without one the update is retried on a fresh read, a few times.
+pub(super) async fn until_written<T, Attempt>(
+    expected_revision: Option<i64>,
+    mut attempt: impl FnMut() -> Attempt,
+) -> Result<T, StoreError>
+where
+    Attempt: Future<Output = Result<Cas<T>, StoreError>>,
+{
+    for _ in 0..UPDATE_ATTEMPTS {
+        match attempt().await? {
+            Cas::Written(value) => return Ok(value),
+            Cas::Lost if expected_revision.is_some() => break,
+            Cas::Lost => {}
+        }
+    }
+    Err(StoreError::StaleEtag)
+}
 
 fn from_model(m: workspace::Model) -> Result<Workspace, StoreError> {
     Ok(Workspace {
@@ -146,7 +172,8 @@ impl Store {
         patch: WorkspacePatch,
         expected_revision: Option<i64>,
     ) -> Result<Workspace, StoreError> {
-        for _ in 0..UPDATE_ATTEMPTS {
+        let patch = &patch;
+        until_written(expected_revision, move || async move {
             let mut current = self.get_workspace(tenant, id).await?;
             if expected_revision.is_some_and(|r| r != current.revision) {
                 return Err(StoreError::StaleEtag);
@@ -200,14 +227,13 @@ impl Store {
                 .filter(workspace::Column::Revision.eq(read_revision))
                 .exec(&self.db)
                 .await?;
-            if result.rows_affected == 1 {
-                return Ok(current);
-            }
-            if expected_revision.is_some() {
-                return Err(StoreError::StaleEtag);
-            }
-        }
-        Err(StoreError::StaleEtag)
+            Ok(if result.rows_affected == 1 {
+                Cas::Written(current)
+            } else {
+                Cas::Lost
+            })
+        })
+        .await
     }
 
     /// Deletes a workspace with its scopes and keys, in one transaction. Returns how many
