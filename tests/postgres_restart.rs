@@ -26,7 +26,10 @@ fn cluster(action: &str) {
     if action == "stop" {
         cmd.args(["-m", "fast"]);
     }
-    assert!(cmd.status().expect("pg_ctlcluster").success(), "pg_ctlcluster {action}");
+    assert!(
+        cmd.status().expect("pg_ctlcluster").success(),
+        "pg_ctlcluster {action}"
+    );
 }
 
 /// Starts the cluster again however the test ends.
@@ -40,7 +43,9 @@ impl Drop for Restart {
 
 async fn health(app: &TestApp) -> ServingStatus {
     HealthClient::new(app.channel.clone())
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -50,7 +55,10 @@ async fn health(app: &TestApp) -> ServingStatus {
 async fn wait_for(app: &TestApp, wanted: ServingStatus, within: Duration) -> Duration {
     let started = tokio::time::Instant::now();
     while health(app).await != wanted {
-        assert!(started.elapsed() < within, "health not {wanted:?} within {within:?}");
+        assert!(
+            started.elapsed() < within,
+            "health not {wanted:?} within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     started.elapsed()
@@ -75,7 +83,12 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
     for _ in 0..3 {
         let get = app
             .workspaces()
-            .get_workspace(req(pb::GetWorkspaceRequest { id: workspace.id.clone() }, &app.admin()))
+            .get_workspace(req(
+                pb::GetWorkspaceRequest {
+                    id: workspace.id.clone(),
+                },
+                &app.admin(),
+            ))
             .await;
         assert_err(get, Code::Unavailable, "DATABASE_UNAVAILABLE");
         let verify = app
@@ -95,7 +108,12 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
     wait_for(&app, ServingStatus::Serving, Duration::from_secs(20)).await;
     let got = app
         .workspaces()
-        .get_workspace(req(pb::GetWorkspaceRequest { id: workspace.id.clone() }, &app.admin()))
+        .get_workspace(req(
+            pb::GetWorkspaceRequest {
+                id: workspace.id.clone(),
+            },
+            &app.admin(),
+        ))
         .await
         .expect("works again without restarting keyplane");
     assert_eq!(got.into_inner().workspace.unwrap(), workspace);
