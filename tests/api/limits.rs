@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use keyplane::proto as pb;
 use prost_types::FieldMask;
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -93,24 +93,19 @@ async fn client_deadlines_are_honoured(backend: Backend) {
     let workspace = app.create_workspace("locked").await;
     // Hold the row (PostgreSQL) or the database's write lock (SQLite) from outside, so the
     // update below has to wait.
+    // (One transaction, so every statement runs on the same connection.)
     let outside = sea_orm::Database::connect(app.db.url.as_str())
         .await
         .unwrap();
-    match backend {
-        Backend::Sqlite => {
-            outside.execute_unprepared("BEGIN IMMEDIATE").await.unwrap();
-        }
-        Backend::Postgres => {
-            outside.execute_unprepared("BEGIN").await.unwrap();
-            outside
-                .execute_unprepared(&format!(
-                    "SELECT 1 FROM workspaces WHERE id = '{}' FOR UPDATE",
-                    workspace.id
-                ))
-                .await
-                .unwrap();
-        }
-    }
+    let lock = outside.begin().await.unwrap();
+    let holding = match backend {
+        Backend::Sqlite => "UPDATE settings SET value = value".to_owned(),
+        Backend::Postgres => format!(
+            "SELECT 1 FROM workspaces WHERE id = '{}' FOR UPDATE",
+            workspace.id
+        ),
+    };
+    lock.execute_unprepared(&holding).await.unwrap();
     let mut request = req(
         pb::UpdateWorkspaceRequest {
             workspace: Some(pb::Workspace {
@@ -137,7 +132,7 @@ async fn client_deadlines_are_honoured(backend: Backend) {
         started.elapsed() < Duration::from_secs(2),
         "the deadline ended the call"
     );
-    outside.execute_unprepared("ROLLBACK").await.unwrap();
+    lock.rollback().await.unwrap();
 
     // As gRPC has it, a call past its deadline may or may not have taken effect (on
     // PostgreSQL the statement already sent completes once the lock goes); either way the
