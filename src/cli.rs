@@ -93,6 +93,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         usage_flush_interval: args.usage_flush_interval,
         health_interval: args.health_interval,
         idle_timeout: args.idle_timeout,
+        request_timeout: args.request_timeout,
     };
     let app = Application::build(settings).await?;
     if args.dev {

@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// closed.
     #[arg(long, env = "KEYPLANE_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Longest time one call may take, however slowly the client sends it; a client's
+    /// shorter `grpc-timeout` wins.
+    #[arg(long, env = "KEYPLANE_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -174,6 +178,7 @@ pub struct Settings {
     pub usage_flush_interval: Duration,
     pub health_interval: Duration,
     pub idle_timeout: Duration,
+    pub request_timeout: Duration,
 }
 
 impl Settings {
@@ -188,6 +193,7 @@ impl Settings {
             usage_flush_interval: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -160,6 +160,7 @@ impl Application {
 
         let router = Server::builder()
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .timeout(self.settings.request_timeout)
             // Pings keep healthy idle connections readable well within the idle timeout.
             .http2_keepalive_interval(Some(self.settings.idle_timeout / 4))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))

@@ -1,6 +1,7 @@
 //! Connections that go quiet are closed: a peer that sends nothing for `timeout` (not even
-//! the HTTP/2 preface, or an ack of the server's keepalive pings) loses its connection, so
-//! idle or deliberately slow clients cannot pin sockets forever.
+//! an ack of the server's keepalive pings) loses its connection, and so does one that has
+//! not sent the 24-byte HTTP/2 preface within `timeout` of connecting, however slowly it
+//! trickles. Idle or deliberately slow clients cannot pin sockets forever.
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,10 +12,17 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// Length of the HTTP/2 client connection preface (RFC 9113 §3.4).
+const PREFACE_LEN: usize = 24;
+
 pub struct IdleTimeout {
     inner: TcpStream,
     timeout: Duration,
-    deadline: Pin<Box<Sleep>>,
+    /// Pushed back by every byte read.
+    idle: Pin<Box<Sleep>>,
+    /// Fixed at accept; dropped once the preface is in.
+    preface: Option<Pin<Box<Sleep>>>,
+    read_so_far: usize,
 }
 
 impl IdleTimeout {
@@ -22,8 +30,18 @@ impl IdleTimeout {
         Self {
             inner,
             timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            idle: Box::pin(tokio::time::sleep(timeout)),
+            preface: Some(Box::pin(tokio::time::sleep(timeout))),
+            read_so_far: 0,
         }
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let preface_late = self
+            .preface
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+        preface_late || self.idle.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -36,19 +54,22 @@ impl AsyncRead for IdleTimeout {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                if buf.filled().len() > before {
+                let read = buf.filled().len() - before;
+                if read > 0 {
                     let next = Instant::now() + self.timeout;
-                    self.deadline.as_mut().reset(next);
+                    self.idle.as_mut().reset(next);
+                    self.read_so_far += read;
+                    if self.read_so_far >= PREFACE_LEN {
+                        self.preface = None;
+                    }
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "idle connection",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle or too slow connection",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -6,7 +6,7 @@ use futures::future::join_all;
 use keyplane::proto as pb;
 use prost_types::FieldMask;
 use sea_orm::{ConnectionTrait, TransactionTrait};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -15,6 +15,8 @@ use crate::on_both_backends;
 
 on_both_backends!(
     silent_connections_are_closed,
+    slow_prefaces_are_closed,
+    trickled_requests_are_cut_off,
     concurrent_streams_per_connection_are_bounded,
     client_deadlines_are_honoured,
 );
@@ -53,6 +55,87 @@ async fn silent_connections_are_closed(backend: Backend) {
         })
         .await
         .unwrap();
+}
+
+async fn slow_prefaces_are_closed(backend: Backend) {
+    let app = spawn_with_idle_timeout(backend, Duration::from_millis(600)).await;
+    // One byte of the preface every 200 ms: never idle, never done.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let started = Instant::now();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut closed = false;
+    for byte in preface.iter().cycle().take(50) {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a connection trickling its preface stayed open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+async fn trickled_requests_are_cut_off(backend: Backend) {
+    let db = fresh_database(backend).await;
+    let mut settings = test_settings(&db.url);
+    settings.request_timeout = Duration::from_millis(500);
+    let app = spawn_with(db, settings).await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // Two bytes of the five-byte message header, then nothing more.
+    body.send_data(bytes::Bytes::from_static(&[0, 0]), false)
+        .unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("the server answers a stalled request")
+        .unwrap();
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let status = match status {
+        Some(s) => s,
+        None => {
+            let mut rest = response.into_body();
+            let trailers = tokio::time::timeout(Duration::from_secs(5), rest.trailers())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_or_default();
+            trailers
+                .get("grpc-status")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_ne!(status, "0", "a stalled request must not succeed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 async fn concurrent_streams_per_connection_are_bounded(backend: Backend) {
