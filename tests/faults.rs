@@ -64,33 +64,6 @@ impl CuttableProxy {
     }
 }
 
-async fn health_becomes(
-    channel: tonic::transport::Channel,
-    wanted: ServingStatus,
-    within: Duration,
-) {
-    let mut health = HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        if status == wanted {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health not {wanted:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     if postgres_url().is_none() {
@@ -114,14 +87,8 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     let workspace = app.create_workspace("before").await;
 
     proxy.stop().await;
-    let started = tokio::time::Instant::now();
-    health_becomes(
-        app.channel.clone(),
-        ServingStatus::NotServing,
-        Duration::from_secs(5),
-    )
-    .await;
-    eprintln!("NOT_SERVING after {:?}", started.elapsed());
+    let took = wait_for_health(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    eprintln!("NOT_SERVING after {took:?}");
     for _ in 0..3 {
         let result = app
             .workspaces()
@@ -141,12 +108,7 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     }
 
     proxy.resume();
-    health_becomes(
-        app.channel.clone(),
-        ServingStatus::Serving,
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(10)).await;
     let got = app
         .workspaces()
         .get_workspace(req(

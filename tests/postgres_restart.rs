@@ -13,7 +13,6 @@ use helpers::*;
 use keyplane::proto as pb;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 fn cluster(action: &str) {
     let version = std::fs::read_dir("/etc/postgresql")
@@ -41,29 +40,6 @@ impl Drop for Restart {
     }
 }
 
-async fn health(app: &TestApp) -> ServingStatus {
-    HealthClient::new(app.channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
-}
-
-async fn wait_for(app: &TestApp, wanted: ServingStatus, within: Duration) -> Duration {
-    let started = tokio::time::Instant::now();
-    while health(app).await != wanted {
-        assert!(
-            started.elapsed() < within,
-            "health not {wanted:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    started.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() {
     if postgres_url().is_none() || std::env::var("KEYPLANE_TEST_PG_CONTROL").as_deref() != Ok("1") {
@@ -78,7 +54,7 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
 
     let restart = Restart;
     cluster("stop");
-    let took = wait_for(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    let took = wait_for_health(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
     eprintln!("NOT_SERVING {took:?} after the stop");
     for _ in 0..3 {
         let get = app
@@ -105,7 +81,7 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
     }
     drop(restart);
 
-    wait_for(&app, ServingStatus::Serving, Duration::from_secs(20)).await;
+    wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(20)).await;
     let got = app
         .workspaces()
         .get_workspace(req(

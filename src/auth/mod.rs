@@ -40,18 +40,9 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
-/// What kind of credential the caller presented.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallerKind {
-    TenantToken,
-    PlatformToken,
-    ApiKey,
-}
-
 /// A verified caller, handed to every handler.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub kind: CallerKind,
     /// The token's `sub`, or the admin key's id.
     pub subject: String,
     pub access: TenantAccess,
@@ -62,7 +53,6 @@ pub struct Caller {
 impl fmt::Debug for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Caller")
-            .field("kind", &self.kind)
             .field("subject", &self.subject)
             .field("access", &self.access)
             .finish()
@@ -170,19 +160,11 @@ impl Authenticator {
 
     fn bearer(&self, authorization: &str) -> Result<Caller, AuthError> {
         let identity = self.jwt.verify(bearer_token(authorization)?)?;
-        Ok(match identity.tenant {
-            Some(tenant) => Caller {
-                kind: CallerKind::TenantToken,
-                subject: identity.subject,
-                access: TenantAccess::One(tenant),
-                scopes: identity.scopes,
-            },
-            None => Caller {
-                kind: CallerKind::PlatformToken,
-                subject: identity.subject,
-                access: TenantAccess::Any,
-                scopes: identity.scopes,
-            },
+        Ok(Caller {
+            subject: identity.subject,
+            // No tenant claim: a platform token, which may act for any tenant.
+            access: identity.tenant.map_or(TenantAccess::Any, TenantAccess::One),
+            scopes: identity.scopes,
         })
     }
 
@@ -193,7 +175,6 @@ impl Authenticator {
             .await?;
         match (verification.code, verification.key) {
             (VerifyCode::Valid, Some(key)) => Ok(Caller {
-                kind: CallerKind::ApiKey,
                 subject: key.id.to_string(),
                 access: TenantAccess::One(key.tenant_id),
                 scopes: key

@@ -53,12 +53,3 @@ pub enum TenantAccess {
     /// Any tenant: a platform token without `x-tenant-id` (only `VerifyApiKey` accepts it).
     Any,
 }
-
-impl TenantAccess {
-    pub fn allows(&self, tenant: TenantId) -> bool {
-        match self {
-            TenantAccess::One(own) => *own == tenant,
-            TenantAccess::Any => true,
-        }
-    }
-}

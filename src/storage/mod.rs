@@ -127,10 +127,6 @@ impl Store {
         Self { db }
     }
 
-    pub fn connection(&self) -> &DatabaseConnection {
-        &self.db
-    }
-
     /// A transaction that will write. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`): upgrading a read transaction later fails at once with
     /// SQLITE_BUSY when another writer got there first, where waiting is what we want.

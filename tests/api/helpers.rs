@@ -443,3 +443,35 @@ impl Drop for TestApp {
         }
     }
 }
+
+/// Polls the overall health until it is `wanted`; returns how long that took. Fails the
+/// test after `within`. (Used by `tests/faults.rs` and `tests/postgres_restart.rs`, which
+/// include this file.)
+#[allow(dead_code)]
+pub async fn wait_for_health(
+    app: &TestApp,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) -> Duration {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(app.channel.clone());
+    let started = tokio::time::Instant::now();
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        if status == wanted {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "health not {wanted:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

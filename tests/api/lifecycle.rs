@@ -238,52 +238,6 @@ async fn requests_over_one_mebibyte_are_resource_exhausted(backend: Backend) {
     assert_err(result, Code::InvalidArgument, "INVALID_ARGUMENT");
 }
 
-/// PostgreSQL only: SQLite is a file the server holds open, so there is no server to lose.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_outage_reports_not_serving_and_unavailable() {
-    use sea_orm::ConnectionTrait;
-    let Some(admin_url) = postgres_url() else {
-        announce_skip(
-            "lifecycle::postgres_outage_reports_not_serving_and_unavailable",
-            "KEYPLANE_TEST_POSTGRES_URL is not set",
-        );
-        return;
-    };
-    let app = spawn_app(Backend::Postgres).await;
-    let name = app.db.url.rsplit('/').next().unwrap().to_owned();
-    let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
-    admin
-        .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-        .await
-        .unwrap();
-
-    let mut health = HealthClient::new(app.channel.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        if status == ServingStatus::NotServing {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still SERVING 5 s after the database went away"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let result = app
-        .workspaces()
-        .list_workspaces(req(pb::ListWorkspacesRequest::default(), &app.admin()))
-        .await;
-    assert_err(result, Code::Unavailable, "DATABASE_UNAVAILABLE");
-}
-
 #[test]
 fn the_log_scanner_recognises_secrets() {
     let key = keyplane::domain::key::ApiKeySecret::generate(
