@@ -1,10 +1,11 @@
-//! The three commands of SPEC §5.1: `serve`, `token` and `migrate`.
+//! The three commands: `serve`, `token` and `migrate`.
 use std::io::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use secrecy::ExposeSecret;
 
 use crate::auth::jwt::{JwtSettings, MintClaims, mint_hs256};
 use crate::config::{
@@ -80,24 +81,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_listen {
         telemetry::install_metrics(addr)?;
     }
-    let mut jwt: JwtSettings = args.jwt.settings();
-    if args.dev && !jwt.is_configured() {
-        jwt.secret = Some(dev_secret(true)?);
+    let (dev, log_format) = (args.dev, args.log_format);
+    let mut settings = Settings::from(args);
+    if dev && !settings.jwt.is_configured() {
+        settings.jwt.secret = Some(dev_secret(true)?.into());
     }
-    let settings = Settings {
-        listen: args.listen,
-        database_url: args.database.database_url.clone(),
-        jwt: jwt.clone(),
-        migrate: !args.no_migrate,
-        shutdown_grace: args.shutdown_grace,
-        usage_flush_interval: args.usage_flush_interval,
-        health_interval: args.health_interval,
-        idle_timeout: args.idle_timeout,
-        request_timeout: args.request_timeout,
-    };
+    let jwt = settings.jwt.clone();
     let app = Application::build(settings).await?;
-    if args.dev {
-        print_dev_banner(&app, &jwt, args.log_format)?;
+    if dev {
+        print_dev_banner(&app, &jwt, log_format)?;
     }
     app.run_until_stopped(shutdown_signal()).await
 }
@@ -117,7 +109,7 @@ fn print_dev_banner(app: &Application, jwt: &JwtSettings, format: LogFormat) -> 
         iss: jwt.issuer.clone(),
         aud: jwt.audience.clone(),
     };
-    let token = mint_hs256(secret, &claims)?;
+    let token = mint_hs256(secret.expose_secret(), &claims)?;
     let addr = app.local_addr();
     // A closed stdout (e.g. `serve --dev | head`) must not take the server down.
     let mut out = std::io::stdout().lock();
@@ -138,7 +130,7 @@ fn print_dev_banner(app: &Application, jwt: &JwtSettings, format: LogFormat) -> 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     let secret = match (&args.jwt.jwt_secret, args.dev) {
         (Some(secret), _) => secret.clone(),
-        (None, true) => dev_secret(false)?,
+        (None, true) => dev_secret(false)?.into(),
         (None, false) => {
             anyhow::bail!("no HS256 secret: set --jwt-secret / KEYPLANE_JWT_SECRET, or use --dev")
         }
@@ -157,13 +149,13 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
         iss: args.jwt.jwt_issuer,
         aud: args.jwt.jwt_audience,
     };
-    println!("{}", mint_hs256(&secret, &claims)?);
+    println!("{}", mint_hs256(secret.expose_secret(), &claims)?);
     Ok(())
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     telemetry::init(LogFormat::Text);
-    let url = &args.database.database_url;
+    let url = args.database.database_url.expose_secret();
     let db = storage::connect(url)
         .await
         .with_context(|| format!("cannot open {}", telemetry::redact_url(url)))?;

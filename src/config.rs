@@ -1,12 +1,33 @@
-//! Command line and environment configuration (SPEC §5.2). Every flag also reads an
+//! Command line and environment configuration. Every flag also reads an
 //! environment variable; the `///` docs below are the `--help` text.
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
 
 use crate::auth::jwt::JwtSettings;
+
+/// Every default of `serve`, defined once: the flags show them in `--help`, and
+/// [`Settings::new`] starts from them.
+pub mod defaults {
+    use super::*;
+
+    pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50051));
+    pub const DATABASE_URL: &str = "sqlite://keyplane.db?mode=rwc";
+    pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// A flag value that must never be printed back: clap parses it straight into a secret.
+fn secret(text: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(text.into())
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,18 +65,19 @@ pub struct DatabaseArgs {
     #[arg(
         long,
         env = "KEYPLANE_DATABASE_URL",
-        default_value = "sqlite://keyplane.db?mode=rwc",
+        default_value = defaults::DATABASE_URL,
+        value_parser = secret,
         hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: SecretString,
 }
 
 /// How callers' JWTs are validated. At least one key source is needed outside `--dev`.
 #[derive(Debug, Clone, Args)]
 pub struct JwtArgs {
     /// HS256 shared secret, at least 32 bytes.
-    #[arg(long, env = "KEYPLANE_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    #[arg(long, env = "KEYPLANE_JWT_SECRET", value_parser = secret, hide_env_values = true)]
+    pub jwt_secret: Option<SecretString>,
     /// PEM file with an RSA (RS256), EC P-256 (ES256) or Ed25519 (EdDSA) public key.
     #[arg(long, env = "KEYPLANE_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
@@ -69,8 +91,8 @@ pub struct JwtArgs {
     #[arg(long, env = "KEYPLANE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`.
-    #[arg(long, env = "KEYPLANE_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub jwt_leeway: Duration,
+    #[arg(long, env = "KEYPLANE_JWT_LEEWAY", default_value_t = defaults::JWT_LEEWAY.into())]
+    pub jwt_leeway: humantime::Duration,
 }
 
 impl JwtArgs {
@@ -81,7 +103,7 @@ impl JwtArgs {
             jwks_file: self.jwks_file.clone(),
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
-            leeway_secs: self.jwt_leeway.as_secs(),
+            leeway_secs: Duration::from(self.jwt_leeway).as_secs(),
         }
     }
 }
@@ -89,7 +111,7 @@ impl JwtArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to serve gRPC on (port 0 picks a free port).
-    #[arg(long, env = "KEYPLANE_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "KEYPLANE_LISTEN", default_value_t = defaults::LISTEN)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
@@ -109,22 +131,22 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYPLANE_NO_MIGRATE")]
     pub no_migrate: bool,
     /// How long in-flight calls may take to finish after SIGTERM / Ctrl-C.
-    #[arg(long, env = "KEYPLANE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "KEYPLANE_SHUTDOWN_GRACE", default_value_t = defaults::SHUTDOWN_GRACE.into())]
+    pub shutdown_grace: humantime::Duration,
     /// How often coalesced `last_used_time` values are written.
-    #[arg(long, env = "KEYPLANE_USAGE_FLUSH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub usage_flush_interval: Duration,
+    #[arg(long, env = "KEYPLANE_USAGE_FLUSH_INTERVAL", default_value_t = defaults::USAGE_FLUSH_INTERVAL.into())]
+    pub usage_flush_interval: humantime::Duration,
     /// How often the database is checked for the health service.
-    #[arg(long, env = "KEYPLANE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub health_interval: Duration,
+    #[arg(long, env = "KEYPLANE_HEALTH_INTERVAL", default_value_t = defaults::HEALTH_INTERVAL.into())]
+    pub health_interval: humantime::Duration,
     /// Connections whose peer sends nothing (not even keepalive acks) for this long are
     /// closed.
-    #[arg(long, env = "KEYPLANE_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
+    #[arg(long, env = "KEYPLANE_IDLE_TIMEOUT", default_value_t = defaults::IDLE_TIMEOUT.into())]
+    pub idle_timeout: humantime::Duration,
     /// Longest time one call may take, however slowly the client sends it; a client's
     /// shorter `grpc-timeout` wins.
-    #[arg(long, env = "KEYPLANE_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
+    #[arg(long, env = "KEYPLANE_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT.into())]
+    pub request_timeout: humantime::Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -171,7 +193,8 @@ pub struct MigrateArgs {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
-    pub database_url: String,
+    /// May hold a password: kept as a secret so it is never printed.
+    pub database_url: SecretString,
     pub jwt: JwtSettings,
     pub migrate: bool,
     pub shutdown_grace: Duration,
@@ -186,14 +209,30 @@ impl Settings {
     pub fn new(listen: SocketAddr, database_url: impl Into<String>, jwt: JwtSettings) -> Self {
         Self {
             listen,
-            database_url: database_url.into(),
+            database_url: database_url.into().into(),
             jwt,
             migrate: true,
-            shutdown_grace: Duration::from_secs(10),
-            usage_flush_interval: Duration::from_secs(2),
-            health_interval: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(120),
-            request_timeout: Duration::from_secs(30),
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+            usage_flush_interval: defaults::USAGE_FLUSH_INTERVAL,
+            health_interval: defaults::HEALTH_INTERVAL,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl From<ServeArgs> for Settings {
+    fn from(args: ServeArgs) -> Self {
+        Self {
+            listen: args.listen,
+            database_url: args.database.database_url,
+            jwt: args.jwt.settings(),
+            migrate: !args.no_migrate,
+            shutdown_grace: args.shutdown_grace.into(),
+            usage_flush_interval: args.usage_flush_interval.into(),
+            health_interval: args.health_interval.into(),
+            idle_timeout: args.idle_timeout.into(),
+            request_timeout: args.request_timeout.into(),
         }
     }
 }

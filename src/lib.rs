@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod grpc;
 pub mod proto;

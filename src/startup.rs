@@ -1,12 +1,13 @@
 //! Building and running the server: `Application::build` connects, migrates and binds
 //! (port 0 works); `run_until_stopped` serves until the shutdown future resolves, then
-//! drains gracefully (SPEC §5.4).
+//! drains gracefully.
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -15,15 +16,18 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
+use tower::util::MapResponseLayer;
 
 use crate::auth::Authenticator;
 use crate::auth::jwt::JwtVerifier;
 use crate::config::Settings;
 use crate::domain::page::PageTokenCodec;
 use crate::grpc::KeyplaneApi;
-use crate::grpc::auth_layer::{AuthLayer, MAX_REQUEST_BYTES};
+use crate::grpc::auth_layer::AuthLayer;
 use crate::grpc::health::{self, DrainingHealth};
 use crate::grpc::idle::IdleTimeout;
+use crate::grpc::rpc_metrics::RpcMetricsLayer;
+use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, scope_service_server::ScopeServiceServer,
     workspace_service_server::WorkspaceServiceServer,
@@ -59,14 +63,10 @@ impl Application {
             );
         }
         let jwt = JwtVerifier::from_settings(&settings.jwt).context("invalid JWT configuration")?;
-        let db = storage::connect(&settings.database_url)
+        let url = settings.database_url.expose_secret();
+        let db = storage::connect(url)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot open the database {}",
-                    redact_url(&settings.database_url)
-                )
-            })?;
+            .with_context(|| format!("cannot open the database {}", redact_url(url)))?;
         if settings.migrate {
             Migrator::up(&db, None)
                 .await
@@ -75,18 +75,15 @@ impl Application {
         let store = Store::new(db);
 
         // Page tokens must verify on every replica and across restarts, so the key lives in
-        // the database.
-        let key_hex = store
-            .shared_setting("page_token_key", || {
-                let mut key = [0u8; 32];
-                getrandom::fill(&mut key)
-                    .map(|_| BASE64.encode(key))
-                    .unwrap_or_default()
-            })
+        // the database. Without the OS random source there is no safe key to store for good.
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh).context("the OS random source failed")?;
+        let stored = store
+            .shared_setting("page_token_key", BASE64.encode(fresh))
             .await
             .context("cannot read the page-token key")?;
         let key: [u8; 32] = BASE64
-            .decode(&key_hex)
+            .decode(&stored)
             .ok()
             .and_then(|bytes| bytes.try_into().ok())
             .context("the stored page-token key is corrupt")?;
@@ -156,6 +153,9 @@ impl Application {
             // Pings keep healthy idle connections readable well within the idle timeout.
             .http2_keepalive_interval(Some(self.settings.idle_timeout / 4))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            // Outermost first: time the call, fix up the size-limit status, then authorize.
+            .layer(RpcMetricsLayer::new())
+            .layer(MapResponseLayer::new(size_limit::resource_exhausted))
             .layer(AuthLayer::new(self.auth.clone()))
             .add_service(HealthServer::new(DrainingHealth::new(
                 self.health.clone(),

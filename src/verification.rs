@@ -1,4 +1,4 @@
-//! Key verification (SPEC §3.4), shared by `VerifyApiKey` and admin-key authentication.
+//! Key verification, shared by `VerifyApiKey` and admin-key authentication.
 //! Everything that verifies a key goes through [`KeyVerifier::verify`], the one place a
 //! cache can wrap later.
 use std::sync::Arc;
@@ -43,7 +43,7 @@ impl KeyVerifier {
         Self { store, usage }
     }
 
-    /// Checks a presented key in the order of §3.4. A malformed key never reaches the
+    /// Checks a presented key in the documented order. A malformed key never reaches the
     /// database; only database trouble is an error.
     pub async fn verify(
         &self,

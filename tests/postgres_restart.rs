@@ -2,6 +2,8 @@
 //! `faults.rs` covers the same on any machine). It stops the whole cluster, so it lives in
 //! its own test binary, which `cargo test` runs alone, and only runs where it may:
 //! `KEYPLANE_TEST_PG_CONTROL=1` (set by `.ci/run`, which runs as root beside the cluster).
+// Tests fail by panicking; the no-unwrap rule is for the server's own code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 #[path = "api/helpers.rs"]
 mod helpers;

@@ -1,10 +1,11 @@
-//! JWT validation (SPEC §2.2). The algorithms come from the configured keys only: an HS256
+//! JWT validation. The algorithms come from the configured keys only: an HS256
 //! secret allows HS256, a PEM public key allows the one algorithm of its key type, a JWKS
 //! key the one algorithm of its entry. The token's header merely picks among them.
 use std::path::Path;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::AuthError;
@@ -41,14 +42,28 @@ pub enum JwtConfigError {
 }
 
 /// What the operator configured.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JwtSettings {
-    pub secret: Option<String>,
+    /// The HS256 secret: a type that never prints its value.
+    pub secret: Option<SecretString>,
     pub public_key_file: Option<std::path::PathBuf>,
     pub jwks_file: Option<std::path::PathBuf>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: crate::config::defaults::JWT_LEEWAY.as_secs(),
+        }
+    }
 }
 
 impl JwtSettings {
@@ -190,6 +205,7 @@ impl JwtVerifier {
     pub fn from_settings(settings: &JwtSettings) -> Result<Self, JwtConfigError> {
         let mut keys = Vec::new();
         if let Some(secret) = &settings.secret {
+            let secret = secret.expose_secret();
             if secret.len() < MIN_SECRET_LEN {
                 return Err(JwtConfigError::SecretTooShort);
             }

@@ -1,4 +1,4 @@
-//! Authentication and authorization of keyplane's own callers (SPEC §2): who is calling,
+//! Authentication and authorization of keyplane's own callers: who is calling,
 //! for which tenant, with which built-in scopes. Knows nothing of gRPC; the transport layer
 //! hands it the raw credential values.
 pub mod jwt;
@@ -12,8 +12,8 @@ use crate::storage::StoreError;
 use crate::verification::KeyVerifier;
 use jwt::JwtVerifier;
 
-/// Why a caller was refused. Each variant is one row of SPEC §2.5 (plus the tenant-header
-/// rules of §2.3); none carries the credential itself.
+/// Why a caller was refused: one row each of the authentication-failure table in
+/// `docs/api.md`, plus the `x-tenant-id` rules. None carries the credential itself.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("no credential: send `authorization: Bearer <JWT>` or `x-api-key`")]

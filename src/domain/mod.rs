@@ -3,7 +3,9 @@
 pub mod key;
 pub mod page;
 pub mod records;
+pub mod rules;
 pub mod scope;
+pub mod update;
 pub mod validate;
 
 use std::fmt;

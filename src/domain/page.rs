@@ -1,12 +1,14 @@
-//! Keyset pagination (AIP-158): page sizes and opaque, tamper-evident page tokens.
+//! Keyset pagination (AIP-158): page sizes, pages, and opaque, tamper-evident page tokens.
 //!
 //! A token carries the id of the last row returned plus a truncated HMAC over that id and
-//! the list's filters, so an edited or forged token, or one replayed with other filters,
-//! is refused.
+//! the list's [`ListFingerprint`], so an edited or forged token, or one replayed on another
+//! list, for another tenant or with other filters, is refused.
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
+
+use super::TenantId;
 
 const DEFAULT_PAGE_SIZE: u64 = 50;
 const MAX_PAGE_SIZE: u64 = 1000;
@@ -30,6 +32,76 @@ impl PageSize {
     }
 }
 
+/// One page of a keyset-paginated list; `more` says whether another page follows.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub more: bool,
+}
+
+impl<T> Page<T> {
+    /// Builds a page from up to `limit + 1` rows: the extra row only proves there is more.
+    pub fn from_rows(mut items: Vec<T>, limit: u64) -> Self {
+        let more = items.len() as u64 > limit;
+        items.truncate(limit as usize);
+        Self { items, more }
+    }
+}
+
+/// The lists that hand out page tokens. The tag values are part of the token format:
+/// never renumber one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Workspaces = 1,
+    Scopes = 2,
+    ApiKeys = 3,
+}
+
+/// Everything that shapes a list, as explicit bytes a page token is bound to: a format
+/// version, the list's tag, the tenant's 16 bytes, then each filter in the order the list
+/// adds them, as a presence byte and a length-prefixed value.
+///
+/// Written out by hand rather than derived from `Debug` (which is not a stable format): a
+/// changed derive or a renamed type must never silently invalidate, or validate, a token.
+/// Adding a filter to a list changes its fingerprints, which is right: tokens handed out
+/// before did not filter by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFingerprint(Vec<u8>);
+
+impl ListFingerprint {
+    const VERSION: u8 = 1;
+
+    pub fn new(kind: ListKind, tenant: TenantId) -> Self {
+        let mut bytes = Vec::with_capacity(64);
+        bytes.extend_from_slice(&[Self::VERSION, kind as u8]);
+        bytes.extend_from_slice(tenant.as_uuid().as_bytes());
+        Self(bytes)
+    }
+
+    /// Adds an optional filter value (absent and empty are different).
+    pub fn filter(mut self, value: Option<&[u8]>) -> Self {
+        match value {
+            None => self.0.push(0),
+            Some(v) => {
+                self.0.push(1);
+                self.0.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                self.0.extend_from_slice(v);
+            }
+        }
+        self
+    }
+
+    /// Adds a yes/no filter.
+    pub fn flag(mut self, value: bool) -> Self {
+        self.0.push(2 + u8::from(value));
+        self
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Signs and checks page tokens with a key shared by every replica.
 #[derive(Clone)]
 pub struct PageTokenCodec {
@@ -45,16 +117,19 @@ impl PageTokenCodec {
         Self { key }
     }
 
-    /// `filters` must describe everything that shapes the list (tenant, kind, filters).
-    pub fn encode(&self, last_id: Uuid, filters: &str) -> String {
+    pub fn encode(&self, last_id: Uuid, list: &ListFingerprint) -> String {
         let mut raw = Vec::with_capacity(16 + MAC_LEN);
         raw.extend_from_slice(last_id.as_bytes());
-        raw.extend_from_slice(&self.mac(last_id, filters)[..MAC_LEN]);
+        raw.extend_from_slice(&self.mac(last_id, list).finalize().into_bytes()[..MAC_LEN]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
     /// The cursor of a page token; `None` for an empty token (the first page).
-    pub fn decode(&self, token: &str, filters: &str) -> Result<Option<Uuid>, BadPageToken> {
+    pub fn decode(
+        &self,
+        token: &str,
+        list: &ListFingerprint,
+    ) -> Result<Option<Uuid>, BadPageToken> {
         if token.is_empty() {
             return Ok(None);
         }
@@ -67,24 +142,19 @@ impl PageTokenCodec {
             return Err(BadPageToken);
         }
         let id = Uuid::from_slice(&raw[..16]).map_err(|_| BadPageToken)?;
-        let mut mac = self.hmac();
-        mac.update(id.as_bytes());
-        mac.update(filters.as_bytes());
-        mac.verify_truncated_left(&raw[16..])
+        self.mac(id, list)
+            .verify_truncated_left(&raw[16..])
             .map_err(|_| BadPageToken)?;
         Ok(Some(id))
     }
 
-    fn hmac(&self) -> Hmac<Sha256> {
+    fn mac(&self, id: Uuid, list: &ListFingerprint) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!())
-    }
-
-    fn mac(&self, id: Uuid, filters: &str) -> [u8; 32] {
-        let mut mac = self.hmac();
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
         mac.update(id.as_bytes());
-        mac.update(filters.as_bytes());
-        mac.finalize().into_bytes().into()
+        mac.update(list.as_bytes());
+        mac
     }
 }
 
@@ -101,30 +171,72 @@ mod tests {
         assert!(PageSize::parse(-1).is_err());
     }
 
+    fn tenant(n: u128) -> TenantId {
+        TenantId::new(Uuid::from_u128(n))
+    }
+
     #[test]
     fn tokens_round_trip_and_detect_tampering() {
         let codec = PageTokenCodec::new([7; 32]);
         let id = Uuid::now_v7();
-        let token = codec.encode(id, "ws|t1");
-        assert_eq!(codec.decode(&token, "ws|t1"), Ok(Some(id)));
-        assert_eq!(codec.decode("", "ws|t1"), Ok(None));
-        assert_eq!(codec.decode(&token, "ws|t2"), Err(BadPageToken));
+        let list = ListFingerprint::new(ListKind::Workspaces, tenant(1));
+        let token = codec.encode(id, &list);
+        assert_eq!(codec.decode(&token, &list), Ok(Some(id)));
+        assert_eq!(codec.decode("", &list), Ok(None));
+        let other_tenant = ListFingerprint::new(ListKind::Workspaces, tenant(2));
+        assert_eq!(codec.decode(&token, &other_tenant), Err(BadPageToken));
+        let other_list = ListFingerprint::new(ListKind::Scopes, tenant(1));
+        assert_eq!(codec.decode(&token, &other_list), Err(BadPageToken));
         assert_eq!(
-            PageTokenCodec::new([8; 32]).decode(&token, "ws|t1"),
+            PageTokenCodec::new([8; 32]).decode(&token, &list),
             Err(BadPageToken)
         );
         let mut edited = token.clone().into_bytes();
         edited[3] = if edited[3] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            codec.decode(std::str::from_utf8(&edited).unwrap(), "ws|t1"),
+            codec.decode(std::str::from_utf8(&edited).unwrap(), &list),
             Err(BadPageToken)
         );
+    }
+
+    #[test]
+    fn fingerprints_tell_filters_apart() {
+        let keys = || ListFingerprint::new(ListKind::ApiKeys, tenant(1));
+        let distinct = [
+            keys().filter(None).filter(None),
+            keys().filter(Some(b"")).filter(None),
+            keys().filter(None).filter(Some(b"")),
+            // A value cannot run into the next filter: lengths are part of the bytes.
+            keys().filter(Some(b"ab")).filter(Some(b"c")),
+            keys().filter(Some(b"a")).filter(Some(b"bc")),
+            keys().flag(false),
+            keys().flag(true),
+        ];
+        for (i, a) in distinct.iter().enumerate() {
+            for b in &distinct[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    /// The bytes are the token format: changing them invalidates every token in the wild,
+    /// which must be a decision, not an accident.
+    #[test]
+    fn fingerprint_bytes_are_stable() {
+        let list = ListFingerprint::new(ListKind::Scopes, tenant(0x0102))
+            .filter(Some(b"ws"))
+            .flag(true);
+        let mut expected = vec![1, 2];
+        expected.extend_from_slice(&0x0102u128.to_be_bytes());
+        expected.extend_from_slice(&[1, 0, 0, 0, 2, b'w', b's', 3]);
+        assert_eq!(list.as_bytes(), expected);
     }
 
     proptest! {
         #[test]
         fn arbitrary_tokens_never_panic(token in ".{0,100}") {
-            let _ = PageTokenCodec::new([1; 32]).decode(&token, "x");
+            let list = ListFingerprint::new(ListKind::ApiKeys, tenant(1));
+            let _ = PageTokenCodec::new([1; 32]).decode(&token, &list);
         }
     }
 }

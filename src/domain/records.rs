@@ -7,7 +7,9 @@ use uuid::Uuid;
 
 use super::TenantId;
 use super::key::{KeyPrefix, masked_key};
+use super::rules::{GracePeriod, Retirement, RuleViolation};
 use super::scope::{self, BuiltinScope, ScopeString};
+use super::update::{Patch, Revisioned, set};
 
 /// Labels or metadata, kept sorted so responses and etags are stable.
 pub type StringMap = BTreeMap<String, String>;
@@ -40,6 +42,17 @@ pub struct Workspace {
     pub update_time: DateTime<Utc>,
 }
 
+impl Workspace {
+    /// A workspace holding non-revoked keys is deleted only when forced (which takes the
+    /// keys with it).
+    pub fn ensure_deletable(live_keys: u64, force: bool) -> Result<(), RuleViolation> {
+        if live_keys > 0 && !force {
+            return Err(RuleViolation::WorkspaceHasKeys(live_keys));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NewWorkspace {
     pub name: String,
@@ -64,6 +77,24 @@ pub struct WorkspacePatch {
     pub owner_id: Option<String>,
     pub default_key_prefix: Option<KeyPrefix>,
     pub labels: Option<StringMap>,
+}
+
+impl Patch for WorkspacePatch {
+    type Target = Workspace;
+
+    fn apply(&self, w: &mut Workspace) -> Result<(), RuleViolation> {
+        set(&mut w.name, &self.name);
+        set(&mut w.description, &self.description);
+        set(&mut w.company, &self.company);
+        set(&mut w.is_private, &self.is_private);
+        set(&mut w.is_personal, &self.is_personal);
+        set(&mut w.owner_id, &self.owner_id);
+        if let Some(prefix) = &self.default_key_prefix {
+            w.default_key_prefix = prefix.as_str().to_owned();
+        }
+        set(&mut w.labels, &self.labels);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +130,23 @@ impl Scope {
             update_time: DateTime::UNIX_EPOCH,
         }
     }
+
+    /// Built-in scopes are the same on every deployment: never changed, never deleted.
+    pub fn ensure_mutable(&self) -> Result<(), RuleViolation> {
+        if self.builtin {
+            return Err(RuleViolation::BuiltinReadOnly);
+        }
+        Ok(())
+    }
+
+    /// A scope granted to keys is deleted only when forced (which removes the grants).
+    pub fn ensure_deletable(&self, grants: u64, force: bool) -> Result<(), RuleViolation> {
+        self.ensure_mutable()?;
+        if grants > 0 && !force {
+            return Err(RuleViolation::ScopeInUse(grants));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +164,25 @@ pub struct ScopePatch {
     pub name: Option<String>,
     pub description: Option<String>,
     pub category: Option<String>,
+}
+
+impl Patch for ScopePatch {
+    type Target = Scope;
+
+    fn apply(&self, s: &mut Scope) -> Result<(), RuleViolation> {
+        s.ensure_mutable()?;
+        if let Some(name) = &self.name {
+            // An emptied name falls back to the scope string, as on create.
+            s.name = if name.is_empty() {
+                s.scope.to_string()
+            } else {
+                name.clone()
+            };
+        }
+        set(&mut s.description, &self.description);
+        set(&mut s.category, &self.category);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,7 +206,7 @@ pub struct ApiKey {
     pub update_time: DateTime<Utc>,
 }
 
-/// The outcome of checking a key, in the order SPEC §3.4 lists the checks.
+/// The outcome of checking a key, in the order the checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerifyCode {
     Valid,
@@ -169,7 +236,7 @@ impl ApiKey {
         }
     }
 
-    /// The full check of §3.4 for a key that was found.
+    /// The full check of a key that was found.
     pub fn check(&self, now: DateTime<Utc>, required: &[ScopeString]) -> (VerifyCode, Vec<String>) {
         if let Some(code) = self.unusable(now) {
             return (code, Vec::new());
@@ -183,6 +250,33 @@ impl ApiKey {
         } else {
             (VerifyCode::InsufficientScopes, missing)
         }
+    }
+
+    /// Whether this key may be rotated now, and what becomes of it: revoked at once without
+    /// a grace period, otherwise expiring after it (but never later than it would anyway).
+    /// A key has at most one successor.
+    pub fn rotation(
+        &self,
+        now: DateTime<Utc>,
+        grace: GracePeriod,
+    ) -> Result<Retirement, RuleViolation> {
+        if self.successor_id.is_some() {
+            return Err(RuleViolation::AlreadyRotated);
+        }
+        if self.revoke_time.is_some() {
+            return Err(RuleViolation::KeyRevoked);
+        }
+        if self.expire_time.is_some_and(|t| t <= now) {
+            return Err(RuleViolation::KeyExpired);
+        }
+        let grace = grace.get();
+        if grace.is_zero() {
+            return Ok(Retirement::RevokeNow);
+        }
+        let end = now + grace;
+        Ok(Retirement::ExpireAt(
+            self.expire_time.map_or(end, |t| Ord::min(t, end)),
+        ))
     }
 
     /// The built-in scopes this key grants (what it may do as an admin key).
@@ -213,6 +307,40 @@ pub struct ApiKeyPatch {
     pub expire_time: Option<Option<DateTime<Utc>>>,
     pub disabled: Option<bool>,
 }
+
+impl Patch for ApiKeyPatch {
+    type Target = ApiKey;
+
+    fn apply(&self, k: &mut ApiKey) -> Result<(), RuleViolation> {
+        set(&mut k.name, &self.name);
+        if let Some(scopes) = &self.scopes {
+            k.scopes = scopes.iter().map(ToString::to_string).collect();
+            k.scopes.sort();
+        }
+        set(&mut k.owner_id, &self.owner_id);
+        set(&mut k.metadata, &self.metadata);
+        set(&mut k.expire_time, &self.expire_time);
+        set(&mut k.disabled, &self.disabled);
+        Ok(())
+    }
+}
+
+/// The three resources share the revision rule: every write is the next revision.
+macro_rules! revisioned {
+    ($($record:ty),+) => {$(
+        impl Revisioned for $record {
+            fn revision(&self) -> i64 {
+                self.revision
+            }
+
+            fn touch(&mut self, now: DateTime<Utc>) {
+                self.revision += 1;
+                self.update_time = now;
+            }
+        }
+    )+};
+}
+revisioned!(Workspace, Scope, ApiKey);
 
 #[cfg(test)]
 mod tests {

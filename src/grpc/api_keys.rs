@@ -3,38 +3,17 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::convert::{self, RequestCheck};
+use super::convert::{self, Patchable, RequestCheck};
 use super::{KeyplaneApi, caller};
 use crate::domain::key::KeyPrefix;
+use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
+use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
+use crate::domain::update::Update;
 use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
 use crate::storage::ApiKeyFilter;
-
-const MUTABLE: &[&str] = &[
-    "name",
-    "scopes",
-    "owner_id",
-    "metadata",
-    "expire_time",
-    "disabled",
-];
-const OUTPUT_ONLY: &[&str] = &[
-    "id",
-    "tenant_id",
-    "workspace_id",
-    "prefix",
-    "masked_key",
-    "revoke_time",
-    "last_used_time",
-    "create_time",
-    "update_time",
-    "etag",
-    "successor_id",
-];
-/// The longest grace period a rotation may give the old key.
-const MAX_GRACE_SECS: i64 = 30 * 24 * 3600;
 
 fn owner(v: &mut Validator, field: &str, text: &str) -> Option<String> {
     (!text.is_empty()).then(|| v.max_len(field, text, OWNER_MAX))
@@ -78,83 +57,90 @@ pub fn parse_create(
     })
 }
 
-/// Parses and validates an update request: the id, the changes and the expected revision.
-pub fn parse_update(
-    r: pb::UpdateApiKeyRequest,
-    now: DateTime<Utc>,
-) -> Result<(Uuid, ApiKeyPatch, Option<i64>), ValidationError> {
-    let mut v = Validator::new();
-    let k = r.api_key.unwrap_or_default();
-    let id = v.id("api_key.id", &k.id);
-    let paths =
-        convert::update_paths(
-            &mut v,
-            r.update_mask.as_ref(),
-            MUTABLE,
-            OUTPUT_ONLY,
-            |p| match p {
-                "name" => !k.name.is_empty(),
-                "scopes" => !k.scopes.is_empty(),
-                "owner_id" => !k.owner_id.is_empty(),
-                "metadata" => !k.metadata.is_empty(),
-                "expire_time" => k.expire_time.is_some(),
-                "disabled" => k.disabled,
-                _ => false,
-            },
-        );
-    let mut patch = ApiKeyPatch::default();
-    for path in &paths {
-        match path.as_str() {
-            "name" => patch.name = Some(v.max_len("api_key.name", k.name.trim(), NAME_MAX)),
-            "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &k.scopes)),
-            "owner_id" => patch.owner_id = Some(owner(&mut v, "api_key.owner_id", &k.owner_id)),
+impl Patchable for pb::ApiKey {
+    type Patch = ApiKeyPatch;
+    const FIELD: &'static str = "api_key";
+    const MUTABLE: &'static [&'static str] = &[
+        "name",
+        "scopes",
+        "owner_id",
+        "metadata",
+        "expire_time",
+        "disabled",
+    ];
+    const OUTPUT_ONLY: &'static [&'static str] = &[
+        "id",
+        "tenant_id",
+        "workspace_id",
+        "prefix",
+        "masked_key",
+        "revoke_time",
+        "last_used_time",
+        "create_time",
+        "update_time",
+        "etag",
+        "successor_id",
+    ];
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn sets(&self, path: &str) -> bool {
+        match path {
+            "name" => !self.name.is_empty(),
+            "scopes" => !self.scopes.is_empty(),
+            "owner_id" => !self.owner_id.is_empty(),
+            "metadata" => !self.metadata.is_empty(),
+            "expire_time" => self.expire_time.is_some(),
+            "disabled" => self.disabled,
+            _ => false,
+        }
+    }
+
+    fn patch(&self, v: &mut Validator, path: &str, now: DateTime<Utc>, patch: &mut ApiKeyPatch) {
+        match path {
+            "name" => patch.name = Some(v.max_len("api_key.name", self.name.trim(), NAME_MAX)),
+            "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &self.scopes)),
+            "owner_id" => patch.owner_id = Some(owner(v, "api_key.owner_id", &self.owner_id)),
             "metadata" => {
-                let metadata = convert::sorted(k.metadata.clone());
-                validate::metadata(&mut v, "api_key.metadata", &metadata);
+                let metadata = convert::sorted(self.metadata.clone());
+                validate::metadata(v, "api_key.metadata", &metadata);
                 patch.metadata = Some(metadata);
             }
             "expire_time" => {
                 patch.expire_time = Some(
-                    k.expire_time
+                    self.expire_time
                         .as_ref()
                         .and_then(|t| v.future_time("api_key.expire_time", t, now)),
                 )
             }
-            "disabled" => patch.disabled = Some(k.disabled),
+            "disabled" => patch.disabled = Some(self.disabled),
             _ => {}
         }
     }
-    v.finish(|| {
-        (
-            id.unwrap_or_default(),
-            patch,
-            convert::expected_revision(&r.etag),
-        )
-    })
+}
+
+/// Parses and validates an update request; `now` bounds `expire_time`.
+pub fn parse_update(
+    r: pb::UpdateApiKeyRequest,
+    now: DateTime<Utc>,
+) -> Result<Update<ApiKeyPatch>, ValidationError> {
+    convert::parse_update(r.api_key, r.update_mask.as_ref(), &r.etag, now)
 }
 
 /// Parses and validates a rotate request: the id and the grace period.
-pub fn parse_rotate(
-    r: pb::RotateApiKeyRequest,
-) -> Result<(Uuid, chrono::Duration), ValidationError> {
+pub fn parse_rotate(r: pb::RotateApiKeyRequest) -> Result<(Uuid, GracePeriod), ValidationError> {
     let mut v = Validator::new();
     let id = v.id("id", &r.id);
     let grace = r.grace_period.unwrap_or_default();
-    if grace.seconds < 0
-        || grace.nanos < 0
-        || grace.seconds > MAX_GRACE_SECS
-        || grace.nanos >= 1_000_000_000
-    {
-        v.add(
-            "grace_period",
-            format!("must be between 0 and {MAX_GRACE_SECS}s"),
-        );
-    }
-    v.finish(|| {
-        let grace = chrono::Duration::seconds(grace.seconds)
-            + chrono::Duration::nanoseconds(grace.nanos.into());
-        (id.unwrap_or_default(), grace)
-    })
+    let grace = chrono::Duration::try_seconds(grace.seconds)
+        .filter(|_| (0..1_000_000_000).contains(&grace.nanos))
+        .map(|secs| secs + chrono::Duration::nanoseconds(grace.nanos.into()))
+        .ok_or(GraceOutOfRange)
+        .and_then(GracePeriod::new);
+    let grace = v.check("grace_period", grace);
+    v.finish(|| (id.unwrap_or_default(), grace.unwrap_or(GracePeriod::NONE)))
 }
 
 /// The scopes a verification requires.
@@ -172,7 +158,7 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         let caller = caller(&request)?;
         let tenant = caller.tenant()?;
-        let new = parse_create(request.into_inner(), chrono::Utc::now())?;
+        let new = parse_create(request.into_inner(), Utc::now())?;
         caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
         let (key, secret) = self.store.create_api_key(tenant, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
@@ -204,18 +190,21 @@ impl ApiKeyService for KeyplaneApi {
             workspace_id: v.optional_id("workspace_id", &r.workspace_id),
             owner_id: owner(&mut v, "owner_id", &r.owner_id),
         };
-        let filters = format!(
-            "{:?}",
-            ("api_keys", tenant, &filter.workspace_id, &filter.owner_id)
-        );
-        let (size, after) =
-            convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &filters);
+        let list = ListFingerprint::new(ListKind::ApiKeys, tenant)
+            .filter(
+                filter
+                    .workspace_id
+                    .as_ref()
+                    .map(|w| w.as_bytes().as_slice()),
+            )
+            .filter(filter.owner_id.as_deref().map(str::as_bytes));
+        let (size, after) = convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &list);
         v.finish(|| ())?;
         let page = self
             .store
             .list_api_keys(tenant, &filter, after, size)
             .await?;
-        let next_page_token = self.next_token(page.more, page.items.last().map(|k| k.id), &filters);
+        let next_page_token = self.next_token(&page, |k| k.id, &list);
         Ok(Response::new(pb::ListApiKeysResponse {
             api_keys: page.items.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -228,14 +217,11 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::UpdateApiKeyResponse>, Status> {
         let caller = caller(&request)?;
         let tenant = caller.tenant()?;
-        let (id, patch, expected) = parse_update(request.into_inner(), chrono::Utc::now())?;
-        if let Some(scopes) = &patch.scopes {
+        let update = parse_update(request.into_inner(), Utc::now())?;
+        if let Some(scopes) = &update.patch.scopes {
             caller.may_grant(scopes.iter().map(|s| s.as_str()))?;
         }
-        let key = self
-            .store
-            .update_api_key(tenant, id, patch, expected)
-            .await?;
+        let key = self.store.update(tenant, update).await?;
         Ok(Response::new(pb::UpdateApiKeyResponse {
             api_key: Some(key.into()),
         }))

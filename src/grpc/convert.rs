@@ -6,10 +6,11 @@ use chrono::{DateTime, Utc};
 use prost_types::{FieldMask, Timestamp};
 use uuid::Uuid;
 
-use crate::domain::page::{PageSize, PageTokenCodec};
+use crate::domain::page::{ListFingerprint, PageSize, PageTokenCodec};
 use crate::domain::parse_uuid;
 use crate::domain::records::{self, ApiKey, Scope, VerifyCode, Workspace};
 use crate::domain::scope::ScopeString;
+use crate::domain::update::Update;
 use crate::domain::validate::{SCOPES_MAX, ValidationError, Validator};
 use crate::proto as pb;
 
@@ -218,46 +219,69 @@ pub fn page(
     codec: &PageTokenCodec,
     size: i32,
     token: &str,
-    filters: &str,
+    list: &ListFingerprint,
 ) -> (u64, Option<Uuid>) {
     let size = v
         .check("page_size", PageSize::parse(size))
         .map_or(0, |s| s.get());
-    let cursor = v
-        .check("page_token", codec.decode(token, filters))
-        .flatten();
+    let cursor = v.check("page_token", codec.decode(token, list)).flatten();
     (size, cursor)
 }
 
-/// The fields an update touches (AIP-134): the mask's paths, checked against what may
-/// change, or (empty mask) every mutable field the request sets.
-pub fn update_paths(
-    v: &mut Validator,
+/// A resource message that an Update RPC patches (AIP-134): which fields a client may
+/// name in the mask, and how each becomes part of the domain patch.
+pub trait Patchable: Default {
+    type Patch: Default;
+    /// The request field holding the resource, as violations name it (`workspace`).
+    const FIELD: &'static str;
+    const MUTABLE: &'static [&'static str];
+    const OUTPUT_ONLY: &'static [&'static str];
+
+    fn id(&self) -> &str;
+    /// Whether the message sets `path`: what an empty mask updates.
+    fn sets(&self, path: &str) -> bool;
+    /// Validates the field at `path` (a mutable one) into the patch.
+    fn patch(&self, v: &mut Validator, path: &str, now: DateTime<Utc>, patch: &mut Self::Patch);
+}
+
+/// Parses any update request: the resource's id, the patch of the fields the mask names
+/// (or, with an empty mask, every mutable field the message sets), and the etag's revision.
+pub fn parse_update<M: Patchable>(
+    resource: Option<M>,
     mask: Option<&FieldMask>,
-    mutable: &[&str],
-    output_only: &[&str],
-    is_set: impl Fn(&str) -> bool,
-) -> Vec<String> {
-    let paths: Vec<String> = mask.map(|m| m.paths.clone()).unwrap_or_default();
-    if paths.is_empty() {
-        return mutable
+    etag: &str,
+    now: DateTime<Utc>,
+) -> Result<Update<M::Patch>, ValidationError> {
+    let mut v = Validator::new();
+    let resource = resource.unwrap_or_default();
+    let id = v.id(&format!("{}.id", M::FIELD), resource.id());
+    let paths: Vec<String> = match mask.map(|m| m.paths.as_slice()).unwrap_or_default() {
+        [] => M::MUTABLE
             .iter()
-            .filter(|p| is_set(p))
+            .filter(|p| resource.sets(p))
             .map(|p| (*p).to_owned())
-            .collect();
-    }
-    for p in &paths {
-        if output_only.contains(&p.as_str()) {
-            v.add("update_mask", format!("{} is output only", truncate(p)));
-        } else if !mutable.contains(&p.as_str()) {
-            v.add("update_mask", format!("unknown field {}", truncate(p)));
+            .collect(),
+        named => named.to_vec(),
+    };
+    let mut patch = M::Patch::default();
+    for path in &paths {
+        if M::OUTPUT_ONLY.contains(&path.as_str()) {
+            v.add("update_mask", format!("{} is output only", truncate(path)));
+        } else if !M::MUTABLE.contains(&path.as_str()) {
+            v.add("update_mask", format!("unknown field {}", truncate(path)));
+        } else {
+            resource.patch(&mut v, path, now, &mut patch);
         }
     }
-    paths
+    v.finish(|| Update {
+        id: id.unwrap_or_default(),
+        patch,
+        expected_revision: expected_revision(etag),
+    })
 }
 
 /// An etag sent with an update: `None` when absent; an unparseable one can never match.
-pub fn expected_revision(etag: &str) -> Option<i64> {
+fn expected_revision(etag: &str) -> Option<i64> {
     if etag.is_empty() {
         None
     } else {

@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::AuthError;
+use crate::domain::rules::RuleViolation;
 use crate::domain::validate::ValidationError;
 use crate::storage::StoreError;
 
@@ -16,10 +17,8 @@ pub const DOMAIN: &str = "keyplane.dev";
 /// Errors that only the transport layer produces.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("built-in scopes cannot be changed or deleted")]
-    BuiltinReadOnly,
-    #[error("scope {0} is a built-in scope")]
-    BuiltinExists(String),
+    #[error(transparent)]
+    Rule(#[from] RuleViolation),
     #[error("no caller identity on the request")]
     MissingCaller,
     #[error(transparent)]
@@ -146,9 +145,7 @@ impl From<StoreError> for Status {
                 status(Code::AlreadyExists, message, "ALREADY_EXISTS", meta([]))
             }
             StoreError::StaleEtag => status(Code::Aborted, message, "ETAG_MISMATCH", meta([])),
-            StoreError::FailedPrecondition { reason, .. } => {
-                status(Code::FailedPrecondition, message, reason, meta([]))
-            }
+            StoreError::Rule(rule) => rule.clone().into(),
             StoreError::UnknownScopes(scopes) => {
                 let mut details = ErrorDetails::with_error_info(
                     "UNKNOWN_SCOPE",
@@ -179,30 +176,50 @@ impl From<StoreError> for Status {
     }
 }
 
+/// The wire form of every domain rule: its code, reason and the values involved.
+impl From<RuleViolation> for Status {
+    fn from(rule: RuleViolation) -> Self {
+        let message = rule.to_string();
+        let (code, reason, metadata) = match rule {
+            RuleViolation::KeyRevoked => (Code::FailedPrecondition, "KEY_REVOKED", meta([])),
+            RuleViolation::KeyExpired => (Code::FailedPrecondition, "KEY_EXPIRED", meta([])),
+            RuleViolation::AlreadyRotated => {
+                (Code::FailedPrecondition, "KEY_ALREADY_ROTATED", meta([]))
+            }
+            RuleViolation::WorkspaceHasKeys(n) => (
+                Code::FailedPrecondition,
+                "WORKSPACE_HAS_KEYS",
+                meta([("key_count", n.to_string())]),
+            ),
+            RuleViolation::ScopeInUse(n) => (
+                Code::FailedPrecondition,
+                "SCOPE_IN_USE",
+                meta([("key_count", n.to_string())]),
+            ),
+            RuleViolation::BuiltinReadOnly => {
+                (Code::PermissionDenied, "BUILTIN_SCOPE_READ_ONLY", meta([]))
+            }
+            RuleViolation::BuiltinExists(scope) => (
+                Code::AlreadyExists,
+                "ALREADY_EXISTS",
+                meta([("scope", scope.to_string())]),
+            ),
+        };
+        status(code, message, reason, metadata)
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
-        let message = err.to_string();
         match err {
-            ApiError::BuiltinReadOnly => status(
-                Code::PermissionDenied,
-                message,
-                "BUILTIN_SCOPE_READ_ONLY",
-                meta([]),
-            ),
-            ApiError::BuiltinExists(scope) => status(
-                Code::AlreadyExists,
-                message,
-                "ALREADY_EXISTS",
-                meta([("scope", scope)]),
-            ),
+            ApiError::Rule(rule) => rule.into(),
             ApiError::MissingCaller => internal(&ApiError::MissingCaller),
             ApiError::Invalid(invalid) => invalid.into(),
         }
     }
 }
 
-/// Requests above the size limit: tonic reports OUT_OF_RANGE, the gRPC convention (and
-/// SPEC §4.1) is RESOURCE_EXHAUSTED.
+/// Requests above the size limit: tonic reports OUT_OF_RANGE, the gRPC convention  is RESOURCE_EXHAUSTED.
 pub fn request_too_large(limit: usize) -> Status {
     status(
         Code::ResourceExhausted,

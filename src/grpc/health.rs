@@ -1,4 +1,4 @@
-//! `grpc.health.v1.Health` (SPEC §5.4): tonic-health's service, with `Watch` streams that
+//! `grpc.health.v1.Health`: tonic-health's service, with `Watch` streams that
 //! end when the server drains (after a last NOT_SERVING), so they cannot hold shutdown up.
 use std::pin::Pin;
 use std::time::Duration;

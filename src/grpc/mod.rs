@@ -6,14 +6,17 @@ pub mod convert;
 pub mod error;
 pub mod health;
 pub mod idle;
+pub mod rpc;
+pub mod rpc_metrics;
 pub mod scopes;
+pub mod size_limit;
 pub mod workspaces;
 
 use tonic::Request;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::domain::page::PageTokenCodec;
+use crate::domain::page::{ListFingerprint, Page, PageTokenCodec};
 use crate::storage::Store;
 use crate::verification::KeyVerifier;
 use error::ApiError;
@@ -35,10 +38,15 @@ impl KeyplaneApi {
         }
     }
 
-    /// The token for the page after the one ending at `last`; empty at the end.
-    fn next_token(&self, more: bool, last: Option<Uuid>, filters: &str) -> String {
-        match (more, last) {
-            (true, Some(id)) => self.pages.encode(id, filters),
+    /// The token for the page after this one; empty at the end.
+    fn next_token<T>(
+        &self,
+        page: &Page<T>,
+        id: impl Fn(&T) -> Uuid,
+        list: &ListFingerprint,
+    ) -> String {
+        match (page.more, page.items.last()) {
+            (true, Some(last)) => self.pages.encode(id(last), list),
             _ => String::new(),
         }
     }

@@ -1,30 +1,19 @@
 //! `keyplane.v1.ScopeService`.
+use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use super::convert::{self, RequestCheck};
+use super::convert::{self, Patchable, RequestCheck};
 use super::error::ApiError;
 use super::{KeyplaneApi, caller};
+use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewScope, ScopePatch};
+use crate::domain::rules::{DEFAULT_SCOPE_CATEGORY, RuleViolation};
 use crate::domain::scope::{BuiltinScope, ScopeError, ScopeString};
+use crate::domain::update::Update;
 use crate::domain::validate::{DESCRIPTION_MAX, NAME_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, scope_service_server::ScopeService};
 
-const MUTABLE: &[&str] = &["name", "description", "category"];
-const OUTPUT_ONLY: &[&str] = &[
-    "id",
-    "tenant_id",
-    "workspace_id",
-    "resource",
-    "action",
-    "scope",
-    "builtin",
-    "create_time",
-    "update_time",
-    "etag",
-];
 const CATEGORY_MAX: usize = 64;
-const DEFAULT_CATEGORY: &str = "custom";
 
 /// Parses and validates a create request.
 pub fn parse_create(r: pb::CreateScopeRequest) -> Result<NewScope, ApiError> {
@@ -51,7 +40,7 @@ pub fn parse_create(r: pb::CreateScopeRequest) -> Result<NewScope, ApiError> {
     };
     let scope = match parsed {
         Some(Ok(s)) if BuiltinScope::parse(s.as_str()).is_some() => {
-            return Err(ApiError::BuiltinExists(s.to_string()));
+            return Err(RuleViolation::BuiltinExists(s).into());
         }
         Some(Ok(s)) if s.is_reserved() => {
             let field = if from_representation {
@@ -81,7 +70,7 @@ pub fn parse_create(r: pb::CreateScopeRequest) -> Result<NewScope, ApiError> {
     };
     let description = v.max_len("description", &r.description, DESCRIPTION_MAX);
     let category = if r.category.is_empty() {
-        DEFAULT_CATEGORY.to_owned()
+        DEFAULT_SCOPE_CATEGORY.to_owned()
     } else {
         v.max_len("category", &r.category, CATEGORY_MAX)
     };
@@ -101,52 +90,59 @@ pub fn parse_create(r: pb::CreateScopeRequest) -> Result<NewScope, ApiError> {
     })
 }
 
-/// Parses and validates an update request: the id, the changes and the expected revision.
-pub fn parse_update(
-    r: pb::UpdateScopeRequest,
-) -> Result<(Uuid, ScopePatch, Option<i64>), ValidationError> {
-    let mut v = Validator::new();
-    let s = r.scope.unwrap_or_default();
-    let id = v.id("scope.id", &s.id);
-    let paths =
-        convert::update_paths(
-            &mut v,
-            r.update_mask.as_ref(),
-            MUTABLE,
-            OUTPUT_ONLY,
-            |p| match p {
-                "name" => !s.name.is_empty(),
-                "description" => !s.description.is_empty(),
-                "category" => !s.category.is_empty(),
-                _ => false,
-            },
-        );
-    let mut patch = ScopePatch::default();
-    for path in &paths {
-        match path.as_str() {
-            "name" => patch.name = Some(v.max_len("scope.name", s.name.trim(), NAME_MAX)),
+impl Patchable for pb::Scope {
+    type Patch = ScopePatch;
+    const FIELD: &'static str = "scope";
+    const MUTABLE: &'static [&'static str] = &["name", "description", "category"];
+    const OUTPUT_ONLY: &'static [&'static str] = &[
+        "id",
+        "tenant_id",
+        "workspace_id",
+        "resource",
+        "action",
+        "scope",
+        "builtin",
+        "create_time",
+        "update_time",
+        "etag",
+    ];
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn sets(&self, path: &str) -> bool {
+        match path {
+            "name" => !self.name.is_empty(),
+            "description" => !self.description.is_empty(),
+            "category" => !self.category.is_empty(),
+            _ => false,
+        }
+    }
+
+    fn patch(&self, v: &mut Validator, path: &str, _: DateTime<Utc>, patch: &mut ScopePatch) {
+        match path {
+            "name" => patch.name = Some(v.max_len("scope.name", self.name.trim(), NAME_MAX)),
             "description" => {
                 patch.description =
-                    Some(v.max_len("scope.description", &s.description, DESCRIPTION_MAX))
+                    Some(v.max_len("scope.description", &self.description, DESCRIPTION_MAX))
             }
             "category" => {
-                let category = if s.category.is_empty() {
-                    DEFAULT_CATEGORY
+                let category = if self.category.is_empty() {
+                    DEFAULT_SCOPE_CATEGORY
                 } else {
-                    &s.category
+                    &self.category
                 };
                 patch.category = Some(v.max_len("scope.category", category, CATEGORY_MAX))
             }
             _ => {}
         }
     }
-    v.finish(|| {
-        (
-            id.unwrap_or_default(),
-            patch,
-            convert::expected_revision(&r.etag),
-        )
-    })
+}
+
+/// Parses and validates an update request.
+pub fn parse_update(r: pb::UpdateScopeRequest) -> Result<Update<ScopePatch>, ValidationError> {
+    convert::parse_update(r.scope, r.update_mask.as_ref(), &r.etag, Utc::now())
 }
 
 #[tonic::async_trait]
@@ -183,15 +179,16 @@ impl ScopeService for KeyplaneApi {
         let r = request.into_inner();
         let mut v = Validator::new();
         let workspace_id = v.optional_id("workspace_id", &r.workspace_id);
-        let filters = format!("{:?}", ("scopes", tenant, workspace_id, r.exclude_builtin));
-        let (size, after) =
-            convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &filters);
+        let list = ListFingerprint::new(ListKind::Scopes, tenant)
+            .filter(workspace_id.as_ref().map(|w| w.as_bytes().as_slice()))
+            .flag(r.exclude_builtin);
+        let (size, after) = convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &list);
         v.finish(|| ())?;
         let page = self
             .store
             .list_scopes(tenant, workspace_id, !r.exclude_builtin, after, size)
             .await?;
-        let next_page_token = self.next_token(page.more, page.items.last().map(|s| s.id), &filters);
+        let next_page_token = self.next_token(&page, |s| s.id, &list);
         Ok(Response::new(pb::ListScopesResponse {
             scopes: page.items.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -203,11 +200,8 @@ impl ScopeService for KeyplaneApi {
         request: Request<pb::UpdateScopeRequest>,
     ) -> Result<Response<pb::UpdateScopeResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let (id, patch, expected) = parse_update(request.into_inner())?;
-        if BuiltinScope::from_id(id).is_some() {
-            return Err(ApiError::BuiltinReadOnly.into());
-        }
-        let scope = self.store.update_scope(tenant, id, patch, expected).await?;
+        let update = parse_update(request.into_inner())?;
+        let scope = self.store.update(tenant, update).await?;
         Ok(Response::new(pb::UpdateScopeResponse {
             scope: Some(scope.into()),
         }))
@@ -220,9 +214,6 @@ impl ScopeService for KeyplaneApi {
         let tenant = caller(&request)?.tenant()?;
         let r = request.into_inner();
         let id = convert::parse_id("id", &r.id)?;
-        if BuiltinScope::from_id(id).is_some() {
-            return Err(ApiError::BuiltinReadOnly.into());
-        }
         let removed = self.store.delete_scope(tenant, id, r.force).await?;
         Ok(Response::new(pb::DeleteScopeResponse {
             removed_grant_count: removed as i64,

@@ -1,34 +1,18 @@
 //! `keyplane.v1.WorkspaceService`.
+use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use super::convert::{self, RequestCheck};
+use super::convert::{self, Patchable};
 use super::{KeyplaneApi, caller};
 use crate::domain::key::KeyPrefix;
+use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewWorkspace, WorkspacePatch};
+use crate::domain::rules::DEFAULT_WORKSPACE_NAME;
+use crate::domain::update::Update;
 use crate::domain::validate::{
     self, DESCRIPTION_MAX, NAME_MAX, OWNER_MAX, ValidationError, Validator,
 };
 use crate::proto::{self as pb, workspace_service_server::WorkspaceService};
-
-const MUTABLE: &[&str] = &[
-    "name",
-    "description",
-    "company",
-    "is_private",
-    "is_personal",
-    "owner_id",
-    "default_key_prefix",
-    "labels",
-];
-const OUTPUT_ONLY: &[&str] = &[
-    "id",
-    "tenant_id",
-    "source",
-    "create_time",
-    "update_time",
-    "etag",
-];
 
 fn prefix(v: &mut Validator, field: &str, text: &str) -> Option<KeyPrefix> {
     let parsed = KeyPrefix::parse(text);
@@ -45,7 +29,7 @@ pub fn parse_create(
 ) -> Result<NewWorkspace, ValidationError> {
     let mut v = Validator::new();
     let name = if r.name.trim().is_empty() {
-        "Untitled".to_owned()
+        DEFAULT_WORKSPACE_NAME.to_owned()
     } else {
         validate::name(&mut v, "name", &r.name)
     };
@@ -77,77 +61,88 @@ pub fn parse_create(
     })
 }
 
-/// Parses and validates an update request: the id, the changes and the expected revision.
-pub fn parse_update(
-    r: pb::UpdateWorkspaceRequest,
-) -> Result<(Uuid, WorkspacePatch, Option<i64>), ValidationError> {
-    let mut v = Validator::new();
-    let w = r.workspace.unwrap_or_default();
-    let id = v.id("workspace.id", &w.id);
-    let paths =
-        convert::update_paths(
-            &mut v,
-            r.update_mask.as_ref(),
-            MUTABLE,
-            OUTPUT_ONLY,
-            |p| match p {
-                "name" => !w.name.is_empty(),
-                "description" => !w.description.is_empty(),
-                "company" => w.company.is_some(),
-                "is_private" => w.is_private,
-                "is_personal" => w.is_personal,
-                "owner_id" => !w.owner_id.is_empty(),
-                "default_key_prefix" => !w.default_key_prefix.is_empty(),
-                "labels" => !w.labels.is_empty(),
-                _ => false,
-            },
-        );
-    let mut patch = WorkspacePatch::default();
-    for path in &paths {
-        match path.as_str() {
-            "name" => patch.name = Some(validate::name(&mut v, "workspace.name", &w.name)),
+impl Patchable for pb::Workspace {
+    type Patch = WorkspacePatch;
+    const FIELD: &'static str = "workspace";
+    const MUTABLE: &'static [&'static str] = &[
+        "name",
+        "description",
+        "company",
+        "is_private",
+        "is_personal",
+        "owner_id",
+        "default_key_prefix",
+        "labels",
+    ];
+    const OUTPUT_ONLY: &'static [&'static str] = &[
+        "id",
+        "tenant_id",
+        "source",
+        "create_time",
+        "update_time",
+        "etag",
+    ];
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn sets(&self, path: &str) -> bool {
+        match path {
+            "name" => !self.name.is_empty(),
+            "description" => !self.description.is_empty(),
+            "company" => self.company.is_some(),
+            "is_private" => self.is_private,
+            "is_personal" => self.is_personal,
+            "owner_id" => !self.owner_id.is_empty(),
+            "default_key_prefix" => !self.default_key_prefix.is_empty(),
+            "labels" => !self.labels.is_empty(),
+            _ => false,
+        }
+    }
+
+    fn patch(&self, v: &mut Validator, path: &str, _: DateTime<Utc>, patch: &mut WorkspacePatch) {
+        match path {
+            "name" => patch.name = Some(validate::name(v, "workspace.name", &self.name)),
             "description" => {
                 patch.description =
-                    Some(v.max_len("workspace.description", &w.description, DESCRIPTION_MAX))
+                    Some(v.max_len("workspace.description", &self.description, DESCRIPTION_MAX))
             }
             "company" => {
                 patch.company = Some(
-                    w.company
+                    self.company
                         .as_deref()
                         .filter(|c| !c.is_empty())
                         .map(|c| v.max_len("workspace.company", c, NAME_MAX)),
                 )
             }
-            "is_private" => patch.is_private = Some(w.is_private),
-            "is_personal" => patch.is_personal = Some(w.is_personal),
+            "is_private" => patch.is_private = Some(self.is_private),
+            "is_personal" => patch.is_personal = Some(self.is_personal),
             "owner_id" => {
-                if w.owner_id.is_empty() {
+                if self.owner_id.is_empty() {
                     v.add("workspace.owner_id", "must not be empty");
                 }
-                patch.owner_id = Some(v.max_len("workspace.owner_id", &w.owner_id, OWNER_MAX))
+                patch.owner_id = Some(v.max_len("workspace.owner_id", &self.owner_id, OWNER_MAX))
             }
             "default_key_prefix" => {
-                patch.default_key_prefix = prefix(
-                    &mut v,
-                    "workspace.default_key_prefix",
-                    &w.default_key_prefix,
-                )
+                patch.default_key_prefix =
+                    prefix(v, "workspace.default_key_prefix", &self.default_key_prefix)
             }
             "labels" => {
-                let labels = convert::sorted(w.labels.clone());
-                validate::labels(&mut v, "workspace.labels", &labels);
+                let labels = convert::sorted(self.labels.clone());
+                validate::labels(v, "workspace.labels", &labels);
                 patch.labels = Some(labels);
             }
             _ => {}
         }
     }
-    v.finish(|| {
-        (
-            id.unwrap_or_default(),
-            patch,
-            convert::expected_revision(&r.etag),
-        )
-    })
+}
+
+/// Parses and validates an update request.
+pub fn parse_update(
+    r: pb::UpdateWorkspaceRequest,
+) -> Result<Update<WorkspacePatch>, ValidationError> {
+    convert::parse_update(r.workspace, r.update_mask.as_ref(), &r.etag, Utc::now())
 }
 
 #[tonic::async_trait]
@@ -183,13 +178,12 @@ impl WorkspaceService for KeyplaneApi {
     ) -> Result<Response<pb::ListWorkspacesResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
         let r = request.into_inner();
-        let filters = format!("{:?}", ("workspaces", tenant));
+        let list = ListFingerprint::new(ListKind::Workspaces, tenant);
         let mut v = Validator::new();
-        let (size, after) =
-            convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &filters);
+        let (size, after) = convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &list);
         v.finish(|| ())?;
         let page = self.store.list_workspaces(tenant, after, size).await?;
-        let next_page_token = self.next_token(page.more, page.items.last().map(|w| w.id), &filters);
+        let next_page_token = self.next_token(&page, |w| w.id, &list);
         Ok(Response::new(pb::ListWorkspacesResponse {
             workspaces: page.items.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -201,11 +195,8 @@ impl WorkspaceService for KeyplaneApi {
         request: Request<pb::UpdateWorkspaceRequest>,
     ) -> Result<Response<pb::UpdateWorkspaceResponse>, Status> {
         let tenant = caller(&request)?.tenant()?;
-        let (id, patch, expected) = parse_update(request.into_inner())?;
-        let workspace = self
-            .store
-            .update_workspace(tenant, id, patch, expected)
-            .await?;
+        let update = parse_update(request.into_inner())?;
+        let workspace = self.store.update(tenant, update).await?;
         Ok(Response::new(pb::UpdateWorkspaceResponse {
             workspace: Some(workspace.into()),
         }))

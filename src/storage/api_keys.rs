@@ -5,17 +5,20 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
 
-use super::entity::{api_key, api_key_scope};
-use super::scopes::require_workspace;
-use super::workspaces::{Cas, Page, until_written};
+use super::entity::{TenantOwned, api_key, api_key_scope};
+use super::update::Stored;
+use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
 use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
+use crate::domain::page::Page;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
+use crate::domain::rules::{GracePeriod, Retirement, RuleViolation};
 use crate::domain::{TenantAccess, TenantId};
 
 /// Filters of `ListApiKeys`.
@@ -110,10 +113,13 @@ async fn insert_grants(
     Ok(())
 }
 
-fn key_query(tenant: TenantId, id: Uuid) -> sea_orm::Select<api_key::Entity> {
-    api_key::Entity::find()
-        .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-        .filter(api_key::Column::Id.eq(id))
+async fn find_key(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Option<ApiKey>, StoreError> {
+    let found = api_key::Entity::by_id(tenant, id).one(conn).await?;
+    Ok(with_scopes(conn, found.into_iter().collect()).await?.pop())
 }
 
 impl Store {
@@ -196,10 +202,8 @@ impl Store {
     }
 
     pub async fn get_api_key(&self, tenant: TenantId, id: Uuid) -> Result<ApiKey, StoreError> {
-        let found = key_query(tenant, id).one(&self.db).await?;
-        with_scopes(&self.db, found.into_iter().collect())
+        find_key(&self.db, tenant, id)
             .await?
-            .pop()
             .ok_or_else(|| StoreError::not_found("api key", id))
     }
 
@@ -230,79 +234,6 @@ impl Store {
         Ok(Page::from_rows(with_scopes(&self.db, rows).await?, limit))
     }
 
-    pub async fn update_api_key(
-        &self,
-        tenant: TenantId,
-        id: Uuid,
-        patch: ApiKeyPatch,
-        expected_revision: Option<i64>,
-    ) -> Result<ApiKey, StoreError> {
-        let patch = &patch;
-        until_written(expected_revision, move || async move {
-            let txn = self.begin_write().await?;
-            let model = key_query(tenant, id)
-                .one(&txn)
-                .await?
-                .ok_or_else(|| StoreError::not_found("api key", id))?;
-            let mut current = with_scopes(&txn, vec![model]).await?.remove(0);
-            if expected_revision.is_some_and(|r| r != current.revision) {
-                return Err(StoreError::StaleEtag);
-            }
-            let read_revision = current.revision;
-            let p = patch.clone();
-            if let Some(v) = p.name {
-                current.name = v;
-            }
-            if let Some(v) = p.owner_id {
-                current.owner_id = v;
-            }
-            if let Some(v) = p.metadata {
-                current.metadata = v;
-            }
-            if let Some(v) = p.expire_time {
-                current.expire_time = v;
-            }
-            if let Some(v) = p.disabled {
-                current.disabled = v;
-            }
-            current.revision = read_revision + 1;
-            current.update_time = db_now();
-            let result = api_key::Entity::update_many()
-                .set(api_key::ActiveModel {
-                    name: Set(current.name.clone()),
-                    owner_id: Set(current.owner_id.clone()),
-                    metadata: Set(map_to_json(&current.metadata)),
-                    expire_time: Set(current.expire_time),
-                    disabled: Set(current.disabled),
-                    revision: Set(current.revision),
-                    update_time: Set(current.update_time),
-                    ..Default::default()
-                })
-                .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-                .filter(api_key::Column::Id.eq(id))
-                .filter(api_key::Column::Revision.eq(read_revision))
-                .exec(&txn)
-                .await?;
-            if result.rows_affected != 1 {
-                return Ok(Cas::Lost);
-            }
-            if let Some(scopes) = &p.scopes {
-                let grants =
-                    Self::resolve_grants(&txn, tenant, current.workspace_id, scopes).await?;
-                api_key_scope::Entity::delete_many()
-                    .filter(api_key_scope::Column::ApiKeyId.eq(id))
-                    .exec(&txn)
-                    .await?;
-                insert_grants(&txn, id, &grants).await?;
-                current.scopes = grants.into_iter().map(|(s, _)| s).collect();
-                current.scopes.sort();
-            }
-            txn.commit().await?;
-            Ok(Cas::Written(current))
-        })
-        .await
-    }
-
     /// Revokes a key; revoking a revoked key changes nothing.
     pub async fn revoke_api_key(&self, tenant: TenantId, id: Uuid) -> Result<ApiKey, StoreError> {
         let now = db_now();
@@ -321,57 +252,42 @@ impl Store {
         self.get_api_key(tenant, id).await
     }
 
-    /// Replaces a key by a successor with a new secret. The old key is revoked at once when
-    /// `grace` is zero, otherwise it expires after `grace`. A key has at most one successor:
-    /// the compare-and-set on `replaced_by` makes concurrent rotations fail but one.
+    /// Replaces a key by a successor with a new secret; [`ApiKey::rotation`] decides whether
+    /// it may and what becomes of the old key.
     pub async fn rotate_api_key(
         &self,
         tenant: TenantId,
         id: Uuid,
-        grace: chrono::Duration,
+        grace: GracePeriod,
     ) -> Result<Rotated, StoreError> {
         let txn = self.begin_write().await?;
-        let model = key_query(tenant, id)
+        let model = api_key::Entity::by_id(tenant, id)
             .one(&txn)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
         let now = db_now();
         let old = with_scopes(&txn, vec![model.clone()]).await?.remove(0);
-        if old.successor_id.is_some() {
-            return Err(already_rotated());
-        }
-        if old.revoke_time.is_some() {
-            return Err(StoreError::FailedPrecondition {
-                reason: "KEY_REVOKED",
-                message: "a revoked key cannot be rotated".into(),
-            });
-        }
-        if old.expire_time.is_some_and(|t| t <= now) {
-            return Err(StoreError::FailedPrecondition {
-                reason: "KEY_EXPIRED",
-                message: "an expired key cannot be rotated".into(),
-            });
-        }
+        let retirement = old.rotation(now, grace)?;
         let prefix = KeyPrefix::parse(&old.prefix)
             .ok_or_else(|| StoreError::Corrupt(format!("key {id} prefix")))?;
         let secret = ApiKeySecret::generate(&prefix)
             .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
         let successor_id = Uuid::now_v7();
 
-        let mut retire = api_key::Entity::update_many()
+        let retire = api_key::Entity::update_many()
             .col_expr(api_key::Column::ReplacedBy, Expr::value(successor_id))
             .col_expr(api_key::Column::UpdateTime, Expr::value(now))
             .col_expr(
                 api_key::Column::Revision,
                 Expr::col(api_key::Column::Revision).add(1),
             );
-        retire = if grace.is_zero() {
-            retire.col_expr(api_key::Column::RevokeTime, Expr::value(now))
-        } else {
-            let end = now + grace;
-            let until = old.expire_time.map_or(end, |t| Ord::min(t, end));
-            retire.col_expr(api_key::Column::ExpireTime, Expr::value(until))
+        let retire = match retirement {
+            Retirement::RevokeNow => retire.col_expr(api_key::Column::RevokeTime, Expr::value(now)),
+            Retirement::ExpireAt(until) => {
+                retire.col_expr(api_key::Column::ExpireTime, Expr::value(until))
+            }
         };
+        // The compare-and-set on `replaced_by`: of concurrent rotations, one wins.
         let result = retire
             .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
             .filter(api_key::Column::Id.eq(id))
@@ -380,7 +296,7 @@ impl Store {
             .exec(&txn)
             .await?;
         if result.rows_affected != 1 {
-            return Err(already_rotated());
+            return Err(RuleViolation::AlreadyRotated.into());
         }
 
         let successor = api_key::Model {
@@ -471,9 +387,51 @@ impl Store {
     }
 }
 
-fn already_rotated() -> StoreError {
-    StoreError::FailedPrecondition {
-        reason: "KEY_ALREADY_ROTATED",
-        message: "the key was already rotated; rotate its successor instead".into(),
+impl Stored for ApiKey {
+    type Patch = ApiKeyPatch;
+    type Table = api_key::Entity;
+    const KIND: &'static str = "api key";
+
+    fn id(&self) -> Uuid {
+        self.id
+    }
+
+    async fn load(
+        txn: &DatabaseTransaction,
+        tenant: TenantId,
+        id: Uuid,
+    ) -> Result<Option<Self>, StoreError> {
+        find_key(txn, tenant, id).await
+    }
+
+    fn changes(&self) -> api_key::ActiveModel {
+        api_key::ActiveModel {
+            name: Set(self.name.clone()),
+            owner_id: Set(self.owner_id.clone()),
+            metadata: Set(map_to_json(&self.metadata)),
+            expire_time: Set(self.expire_time),
+            disabled: Set(self.disabled),
+            revision: Set(self.revision),
+            update_time: Set(self.update_time),
+            ..Default::default()
+        }
+    }
+
+    /// A new scope list replaces the key's grant rows.
+    async fn save_related(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: TenantId,
+        patch: &ApiKeyPatch,
+    ) -> Result<(), StoreError> {
+        let Some(scopes) = &patch.scopes else {
+            return Ok(());
+        };
+        let grants = Store::resolve_grants(txn, tenant, self.workspace_id, scopes).await?;
+        api_key_scope::Entity::delete_many()
+            .filter(api_key_scope::Column::ApiKeyId.eq(self.id))
+            .exec(txn)
+            .await?;
+        insert_grants(txn, self.id, &grants).await
     }
 }

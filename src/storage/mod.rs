@@ -4,6 +4,7 @@ pub mod entity;
 
 mod api_keys;
 mod scopes;
+mod update;
 pub mod usage;
 mod workspaces;
 
@@ -17,6 +18,8 @@ use sea_orm::{
 pub use api_keys::{ApiKeyFilter, Rotated};
 pub use migration::{Migrator, sea_orm_migration::MigratorTrait};
 
+use crate::domain::rules::RuleViolation;
+
 /// Why a storage call failed. Keeps the database error as the source for the logs; the
 /// transport layer decides what the client sees.
 #[derive(Debug, thiserror::Error)]
@@ -27,11 +30,9 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("the etag does not match the current revision")]
     StaleEtag,
-    #[error("{message}")]
-    FailedPrecondition {
-        reason: &'static str,
-        message: String,
-    },
+    /// A domain rule refused the change (decided inside the write's transaction).
+    #[error(transparent)]
+    Rule(#[from] RuleViolation),
     /// Scopes named on a key that do not exist for it.
     #[error("unknown scopes: {0:?}")]
     UnknownScopes(Vec<String>),
@@ -145,13 +146,9 @@ impl Store {
         self.db.ping().await.map_err(StoreError::from)
     }
 
-    /// A setting shared by every replica: the stored value, or `init()` stored first by
+    /// A setting shared by every replica: the stored value, or `initial` stored first by
     /// whichever replica got there first.
-    pub async fn shared_setting(
-        &self,
-        name: &str,
-        init: impl FnOnce() -> String,
-    ) -> Result<String, StoreError> {
+    pub async fn shared_setting(&self, name: &str, initial: String) -> Result<String, StoreError> {
         use entity::setting;
         if let Some(row) = setting::Entity::find_by_id(name.to_owned())
             .one(&self.db)
@@ -161,7 +158,7 @@ impl Store {
         }
         let row = setting::ActiveModel {
             name: sea_orm::Set(name.to_owned()),
-            value: sea_orm::Set(init()),
+            value: sea_orm::Set(initial),
         };
         setting::Entity::insert(row)
             .on_conflict_do_nothing_on([setting::Column::Name])

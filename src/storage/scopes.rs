@@ -2,16 +2,18 @@
 //! listed in front of them.
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect,
     sea_query::{Expr, ExprTrait, Query},
 };
 use uuid::Uuid;
 
-use super::entity::{api_key, api_key_scope, scope, workspace};
-use super::workspaces::{Cas, Page, until_written};
+use super::entity::{TenantOwned, api_key, api_key_scope, scope};
+use super::update::Stored;
+use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation};
 use crate::domain::TenantId;
+use crate::domain::page::Page;
 use crate::domain::records::{NewScope, Scope, ScopePatch};
 use crate::domain::scope::{BuiltinScope, ScopeString};
 
@@ -33,18 +35,20 @@ fn from_model(m: scope::Model) -> Result<Scope, StoreError> {
     })
 }
 
-/// Fails with NOT_FOUND unless the workspace exists for this tenant.
-pub(super) async fn require_workspace(
+/// A scope by id: a built-in one (the same for every tenant) or one of the tenant's own.
+async fn find_scope(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     id: Uuid,
-) -> Result<workspace::Model, StoreError> {
-    workspace::Entity::find()
-        .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
-        .filter(workspace::Column::Id.eq(id))
+) -> Result<Option<Scope>, StoreError> {
+    if let Some(b) = BuiltinScope::from_id(id) {
+        return Ok(Some(Scope::builtin(b)));
+    }
+    scope::Entity::by_id(tenant, id)
         .one(conn)
         .await?
-        .ok_or_else(|| StoreError::not_found("workspace", id))
+        .map(from_model)
+        .transpose()
 }
 
 /// The scopes a key of `workspace_id` may hold: tenant-wide ones and the workspace's own.
@@ -116,16 +120,8 @@ impl Store {
     }
 
     pub async fn get_scope(&self, tenant: TenantId, id: Uuid) -> Result<Scope, StoreError> {
-        if let Some(b) = BuiltinScope::from_id(id) {
-            return Ok(Scope::builtin(b));
-        }
-        scope::Entity::find()
-            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(scope::Column::Id.eq(id))
-            .one(&self.db)
+        find_scope(&self.db, tenant, id)
             .await?
-            .map(from_model)
-            .transpose()?
             .ok_or_else(|| StoreError::not_found("scope", id))
     }
 
@@ -173,59 +169,6 @@ impl Store {
         Ok(Page::from_rows(items, limit))
     }
 
-    pub async fn update_scope(
-        &self,
-        tenant: TenantId,
-        id: Uuid,
-        patch: ScopePatch,
-        expected_revision: Option<i64>,
-    ) -> Result<Scope, StoreError> {
-        let patch = &patch;
-        until_written(expected_revision, move || async move {
-            let mut current = self.get_scope(tenant, id).await?;
-            if expected_revision.is_some_and(|r| r != current.revision) {
-                return Err(StoreError::StaleEtag);
-            }
-            let read_revision = current.revision;
-            if let Some(v) = patch.name.clone() {
-                // An emptied name falls back to the scope string, as on create.
-                current.name = if v.is_empty() {
-                    current.scope.to_string()
-                } else {
-                    v
-                };
-            }
-            if let Some(v) = patch.description.clone() {
-                current.description = v;
-            }
-            if let Some(v) = patch.category.clone() {
-                current.category = v;
-            }
-            current.revision = read_revision + 1;
-            current.update_time = db_now();
-            let result = scope::Entity::update_many()
-                .set(scope::ActiveModel {
-                    name: Set(current.name.clone()),
-                    description: Set(current.description.clone()),
-                    category: Set(current.category.clone()),
-                    revision: Set(current.revision),
-                    update_time: Set(current.update_time),
-                    ..Default::default()
-                })
-                .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
-                .filter(scope::Column::Id.eq(id))
-                .filter(scope::Column::Revision.eq(read_revision))
-                .exec(&self.db)
-                .await?;
-            Ok(if result.rows_affected == 1 {
-                Cas::Written(current)
-            } else {
-                Cas::Lost
-            })
-        })
-        .await
-    }
-
     /// Deletes a custom scope. Returns how many keys lost it (only with `force`).
     pub async fn delete_scope(
         &self,
@@ -234,24 +177,14 @@ impl Store {
         force: bool,
     ) -> Result<u64, StoreError> {
         let txn = self.begin_write().await?;
-        let found = scope::Entity::find()
-            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(scope::Column::Id.eq(id))
-            .count(&txn)
-            .await?;
-        if found == 0 {
-            return Err(StoreError::not_found("scope", id));
-        }
+        let found = find_scope(&txn, tenant, id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("scope", id))?;
         let grants = api_key_scope::Entity::find()
             .filter(api_key_scope::Column::ScopeId.eq(id))
             .count(&txn)
             .await?;
-        if grants > 0 && !force {
-            return Err(StoreError::FailedPrecondition {
-                reason: "SCOPE_IN_USE",
-                message: format!("{grants} keys hold this scope; remove it from them or set force"),
-            });
-        }
+        found.ensure_deletable(grants, force)?;
         if grants > 0 {
             // The keys' scope lists change, so their etags must too.
             api_key::Entity::update_many()
@@ -326,6 +259,35 @@ impl Store {
             Ok(grants)
         } else {
             Err(StoreError::UnknownScopes(unknown))
+        }
+    }
+}
+
+impl Stored for Scope {
+    type Patch = ScopePatch;
+    type Table = scope::Entity;
+    const KIND: &'static str = "scope";
+
+    fn id(&self) -> Uuid {
+        self.id
+    }
+
+    async fn load(
+        txn: &DatabaseTransaction,
+        tenant: TenantId,
+        id: Uuid,
+    ) -> Result<Option<Self>, StoreError> {
+        find_scope(txn, tenant, id).await
+    }
+
+    fn changes(&self) -> scope::ActiveModel {
+        scope::ActiveModel {
+            name: Set(self.name.clone()),
+            description: Set(self.description.clone()),
+            category: Set(self.category.clone()),
+            revision: Set(self.revision),
+            update_time: Set(self.update_time),
+            ..Default::default()
         }
     }
 }

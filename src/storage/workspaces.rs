@@ -1,58 +1,28 @@
 //! Workspace repository.
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
-use super::entity::{api_key, workspace};
+use super::entity::{TenantOwned, api_key, workspace};
+use super::update::Stored;
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
 use crate::domain::TenantId;
+use crate::domain::page::Page;
 use crate::domain::records::{NewWorkspace, Workspace, WorkspacePatch};
 
-/// One page of a keyset-paginated list; `more` says whether another page follows.
-#[derive(Debug)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub more: bool,
-}
-
-impl<T> Page<T> {
-    /// Builds a page from up to `limit + 1` rows: the extra row only proves there is more.
-    pub fn from_rows(mut items: Vec<T>, limit: u64) -> Self {
-        let more = items.len() as u64 > limit;
-        items.truncate(limit as usize);
-        Self { items, more }
-    }
-}
-
-/// How often an update without an etag retries when a concurrent update won the race.
-const UPDATE_ATTEMPTS: usize = 3;
-
-/// One read-modify-write attempt: written, or lost to a concurrent update (its
-/// compare-and-set on `revision` matched no row).
-pub(super) enum Cas<T> {
-    Written(T),
-    Lost,
-}
-
-/// Runs `attempt` until its compare-and-set wins. With an etag a lost race means the etag
-/// is stale; without one the update is retried on a fresh read, a few times.
-pub(super) async fn until_written<T, Attempt>(
-    expected_revision: Option<i64>,
-    mut attempt: impl FnMut() -> Attempt,
-) -> Result<T, StoreError>
-where
-    Attempt: Future<Output = Result<Cas<T>, StoreError>>,
-{
-    for _ in 0..UPDATE_ATTEMPTS {
-        match attempt().await? {
-            Cas::Written(value) => return Ok(value),
-            Cas::Lost if expected_revision.is_some() => break,
-            Cas::Lost => {}
-        }
-    }
-    Err(StoreError::StaleEtag)
+/// Fails with NOT_FOUND unless the workspace exists for this tenant; scopes and keys that
+/// name a workspace go through here.
+pub(super) async fn require_workspace(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<workspace::Model, StoreError> {
+    workspace::Entity::by_id(tenant, id)
+        .one(conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found("workspace", id))
 }
 
 fn from_model(m: workspace::Model) -> Result<Workspace, StoreError> {
@@ -135,14 +105,7 @@ impl Store {
     }
 
     pub async fn get_workspace(&self, tenant: TenantId, id: Uuid) -> Result<Workspace, StoreError> {
-        workspace::Entity::find()
-            .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(workspace::Column::Id.eq(id))
-            .one(&self.db)
-            .await?
-            .map(from_model)
-            .transpose()?
-            .ok_or_else(|| StoreError::not_found("workspace", id))
+        from_model(require_workspace(&self.db, tenant, id).await?)
     }
 
     pub async fn list_workspaces(
@@ -165,77 +128,6 @@ impl Store {
         Ok(Page::from_rows(items, limit))
     }
 
-    pub async fn update_workspace(
-        &self,
-        tenant: TenantId,
-        id: Uuid,
-        patch: WorkspacePatch,
-        expected_revision: Option<i64>,
-    ) -> Result<Workspace, StoreError> {
-        let patch = &patch;
-        until_written(expected_revision, move || async move {
-            let mut current = self.get_workspace(tenant, id).await?;
-            if expected_revision.is_some_and(|r| r != current.revision) {
-                return Err(StoreError::StaleEtag);
-            }
-            let read_revision = current.revision;
-            let p = patch.clone();
-            if let Some(v) = p.name {
-                current.name = v;
-            }
-            if let Some(v) = p.description {
-                current.description = v;
-            }
-            if let Some(v) = p.company {
-                current.company = v;
-            }
-            if let Some(v) = p.is_private {
-                current.is_private = v;
-            }
-            if let Some(v) = p.is_personal {
-                current.is_personal = v;
-            }
-            if let Some(v) = p.owner_id {
-                current.owner_id = v;
-            }
-            if let Some(v) = p.default_key_prefix {
-                current.default_key_prefix = v.as_str().to_owned();
-            }
-            if let Some(v) = p.labels {
-                current.labels = v;
-            }
-            current.revision = read_revision + 1;
-            current.update_time = db_now();
-            let changes = workspace::ActiveModel {
-                name: Set(current.name.clone()),
-                description: Set(current.description.clone()),
-                company: Set(current.company.clone()),
-                is_private: Set(current.is_private),
-                is_personal: Set(current.is_personal),
-                owner_id: Set(current.owner_id.clone()),
-                default_key_prefix: Set(current.default_key_prefix.clone()),
-                labels: Set(map_to_json(&current.labels)),
-                revision: Set(current.revision),
-                update_time: Set(current.update_time),
-                ..Default::default()
-            };
-            // Compare-and-set on the revision: of two concurrent updates only one can match.
-            let result = workspace::Entity::update_many()
-                .set(changes)
-                .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
-                .filter(workspace::Column::Id.eq(id))
-                .filter(workspace::Column::Revision.eq(read_revision))
-                .exec(&self.db)
-                .await?;
-            Ok(if result.rows_affected == 1 {
-                Cas::Written(current)
-            } else {
-                Cas::Lost
-            })
-        })
-        .await
-    }
-
     /// Deletes a workspace with its scopes and keys, in one transaction. Returns how many
     /// non-revoked keys `force` took with it.
     pub async fn delete_workspace(
@@ -245,28 +137,14 @@ impl Store {
         force: bool,
     ) -> Result<u64, StoreError> {
         let txn = self.begin_write().await?;
-        let exists = workspace::Entity::find()
-            .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(workspace::Column::Id.eq(id))
-            .count(&txn)
-            .await?;
-        if exists == 0 {
-            return Err(StoreError::not_found("workspace", id));
-        }
+        require_workspace(&txn, tenant, id).await?;
         let live_keys = api_key::Entity::find()
             .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
             .filter(api_key::Column::WorkspaceId.eq(id))
             .filter(api_key::Column::RevokeTime.is_null())
             .count(&txn)
             .await?;
-        if live_keys > 0 && !force {
-            return Err(StoreError::FailedPrecondition {
-                reason: "WORKSPACE_HAS_KEYS",
-                message: format!(
-                    "the workspace holds {live_keys} non-revoked keys; revoke them or set force"
-                ),
-            });
-        }
+        Workspace::ensure_deletable(live_keys, force)?;
         // The keys go with the workspace (ON DELETE CASCADE): gone is stronger than revoked.
         workspace::Entity::delete_many()
             .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
@@ -275,5 +153,43 @@ impl Store {
             .await?;
         txn.commit().await?;
         Ok(live_keys)
+    }
+}
+
+impl Stored for Workspace {
+    type Patch = WorkspacePatch;
+    type Table = workspace::Entity;
+    const KIND: &'static str = "workspace";
+
+    fn id(&self) -> Uuid {
+        self.id
+    }
+
+    async fn load(
+        txn: &DatabaseTransaction,
+        tenant: TenantId,
+        id: Uuid,
+    ) -> Result<Option<Self>, StoreError> {
+        workspace::Entity::by_id(tenant, id)
+            .one(txn)
+            .await?
+            .map(from_model)
+            .transpose()
+    }
+
+    fn changes(&self) -> workspace::ActiveModel {
+        workspace::ActiveModel {
+            name: Set(self.name.clone()),
+            description: Set(self.description.clone()),
+            company: Set(self.company.clone()),
+            is_private: Set(self.is_private),
+            is_personal: Set(self.is_personal),
+            owner_id: Set(self.owner_id.clone()),
+            default_key_prefix: Set(self.default_key_prefix.clone()),
+            labels: Set(map_to_json(&self.labels)),
+            revision: Set(self.revision),
+            update_time: Set(self.update_time),
+            ..Default::default()
+        }
     }
 }

@@ -103,7 +103,7 @@ pub async fn fresh_database(backend: Backend) -> TestDb {
 
 pub fn jwt_settings() -> JwtSettings {
     JwtSettings {
-        secret: Some(JWT_SECRET.to_owned()),
+        secret: Some(JWT_SECRET.into()),
         leeway_secs: 0,
         ..Default::default()
     }

@@ -1,5 +1,7 @@
 //! Integration tests: the real server, real sockets, real SQL (SQLite always, PostgreSQL
 //! when `KEYPLANE_TEST_POSTGRES_URL` is set).
+// Tests fail by panicking; the no-unwrap rule is for the server's own code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod helpers;
 
 mod api_keys;
