@@ -64,8 +64,8 @@ impl CuttableProxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
+#[test]
+fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     if postgres_url().is_none() {
         announce_skip(
             "faults::postgres_going_away",
@@ -73,6 +73,10 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
         );
         return;
     }
+    run_test(postgres_going_away());
+}
+
+async fn postgres_going_away() {
     let db = fresh_database(Backend::Postgres).await;
     // Route the server's connections through the proxy.
     let url = url::Url::parse(&db.url).unwrap();
@@ -91,18 +95,17 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     eprintln!("NOT_SERVING after {took:?}");
     for _ in 0..3 {
         let result = app
-            .workspaces()
-            .get_workspace(req(
-                pb::GetWorkspaceRequest {
-                    id: workspace.id.clone(),
-                },
-                &app.admin(),
-            ))
+            .as_admin()
+            .workspaces
+            .get_workspace(pb::GetWorkspaceRequest {
+                id: workspace.id.clone(),
+            })
             .await;
         assert_err(result, Code::Unavailable, "DATABASE_UNAVAILABLE");
         let create = app
-            .workspaces()
-            .create_workspace(req(pb::CreateWorkspaceRequest::default(), &app.admin()))
+            .as_admin()
+            .workspaces
+            .create_workspace(pb::CreateWorkspaceRequest::default())
             .await;
         assert_err(create, Code::Unavailable, "DATABASE_UNAVAILABLE");
     }
@@ -110,13 +113,11 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     proxy.resume();
     wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(10)).await;
     let got = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: workspace.id.clone(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: workspace.id.clone(),
+        })
         .await
         .expect("works again without a restart");
     assert_eq!(got.into_inner().workspace.unwrap(), workspace);
@@ -213,16 +214,13 @@ async fn burst(
         let cred = cred.clone();
         let acknowledged = acknowledged.clone();
         workers.push(tokio::spawn(async move {
-            let mut client = pb::workspace_service_client::WorkspaceServiceClient::new(channel);
+            let mut workspaces = Client::new(channel, &cred).workspaces;
             for i in 0.. {
-                let request = req(
-                    pb::CreateWorkspaceRequest {
-                        name: format!("w{w}-{i}"),
-                        ..Default::default()
-                    },
-                    &cred,
-                );
-                match client.create_workspace(request).await {
+                let request = pb::CreateWorkspaceRequest {
+                    name: format!("w{w}-{i}"),
+                    ..Default::default()
+                };
+                match workspaces.create_workspace(request).await {
                     Ok(r) => acknowledged
                         .lock()
                         .await
@@ -241,18 +239,15 @@ async fn burst(
 }
 
 async fn all_workspace_ids(channel: tonic::transport::Channel, cred: &Cred) -> Vec<String> {
-    let mut client = pb::workspace_service_client::WorkspaceServiceClient::new(channel);
+    let mut workspaces = Client::new(channel, cred).workspaces;
     let mut ids = Vec::new();
     let mut token = String::new();
     loop {
-        let page = client
-            .list_workspaces(req(
-                pb::ListWorkspacesRequest {
-                    page_size: 1000,
-                    page_token: token,
-                },
-                cred,
-            ))
+        let page = workspaces
+            .list_workspaces(pb::ListWorkspacesRequest {
+                page_size: 1000,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();

@@ -5,6 +5,7 @@ mod helpers;
 mod api_keys;
 mod auth;
 mod isolation;
+mod leaks;
 mod lifecycle;
 mod limits;
 mod matrix;
