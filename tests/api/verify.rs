@@ -1,10 +1,9 @@
 //! VerifyApiKey (SPEC §3.4): every outcome code, in the specified order, scope matching,
 //! what a response carries, tenancy of verification and the caller's own scope.
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use keyplane::proto as pb;
-use prost_types::{FieldMask, Timestamp};
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::helpers::*;
 use crate::on_both_backends;

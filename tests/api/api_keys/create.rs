@@ -1,6 +1,5 @@
 //! CreateApiKey and GetApiKey: the secret once and its shape, the workspace's default
 //! prefix, field rules, unknown scopes and workspaces, idempotency by request id.
-use std::time::Duration;
 
 use keyplane::proto as pb;
 use tonic::Code;

@@ -1,5 +1,4 @@
 //! The no-escalation rule of SPEC §2.4 on create, update and rotate.
-use std::time::Duration;
 
 use keyplane::proto as pb;
 use tonic::Code;

@@ -1,5 +1,4 @@
 //! ListApiKeys: pages, filters, and page tokens bound to their filters.
-use std::time::Duration;
 
 use keyplane::proto as pb;
 use tonic::Code;

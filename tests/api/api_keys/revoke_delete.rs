@@ -4,7 +4,6 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use super::new_key;
 use crate::helpers::*;
 use crate::on_both_backends;
 

@@ -1,5 +1,4 @@
 //! UpdateApiKey: masks, etags, field rules, and disabling.
-use std::time::Duration;
 
 use keyplane::proto as pb;
 use tonic::Code;

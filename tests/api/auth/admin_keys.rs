@@ -2,16 +2,13 @@
 //! can be invalid is API_KEY_INVALID.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
-use serde_json::{Value, json};
 use prost_types::Timestamp;
 use tonic::Code;
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(

@@ -5,7 +5,6 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::*;
-use crate::helpers::*;
 use crate::matrix::{Fixture, Row, call, rows};
 use crate::on_both_backends;
 

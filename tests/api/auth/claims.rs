@@ -1,8 +1,6 @@
 //! The claims of bearer tokens: types of `exp`/`nbf`, required claims, `tenant_id`,
 //! `scope` and `scp`, and the issuer and audience when configured.
-use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -10,7 +8,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(

@@ -1,6 +1,5 @@
 //! Bearer tokens that fail (§2.5): missing, forged, malformed, oversized, expired or
 //! premature, `alg: none` and algorithms the app is not configured for.
-use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
@@ -9,7 +8,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(

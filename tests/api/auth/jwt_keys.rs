@@ -1,14 +1,12 @@
 //! Apps configured with a PEM public key or a JWKS instead of an HS256 secret.
-use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(

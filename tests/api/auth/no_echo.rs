@@ -1,15 +1,13 @@
 //! Error statuses never echo the credential that failed.
-use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(errors_never_echo_the_credential,);

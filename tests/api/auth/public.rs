@@ -1,14 +1,10 @@
 //! Health and reflection answer without a credential; the API does not.
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
-use serde_json::{Value, json};
 use tonic::Code;
-use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(health_and_reflection_need_no_credential,);

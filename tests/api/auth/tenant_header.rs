@@ -1,15 +1,11 @@
 //! `x-tenant-id` (§2.3): optional for tenant tokens and naming their own tenant, required
 //! for platform tokens, which act for the tenant it names.
-use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey};
 use keyplane::proto as pb;
-use serde_json::{Value, json};
 use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(

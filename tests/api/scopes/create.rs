@@ -6,7 +6,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(

@@ -2,10 +2,8 @@
 use keyplane::proto as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
-use uuid::Uuid;
 
 use super::*;
-use crate::helpers::*;
 use crate::on_both_backends;
 
 on_both_backends!(
