@@ -473,7 +473,7 @@ async fn authorization_matrix(backend: Backend) {
         ];
         for (case, cred, tenant, expect) in cases {
             let client = match &tenant {
-                Some(t) => app.client(&cred).tenant(&t),
+                Some(t) => app.client(&cred).tenant(t),
                 None => app.client(&cred),
             };
             let result = call(&client, &row, &fixture(&app).await).await;

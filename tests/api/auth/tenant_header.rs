@@ -92,7 +92,7 @@ async fn tenant_token_and_tenant_header(backend: Backend) {
     for bad in ["acme", "", "12345", &format!("{own}x")] {
         refused(
             app.client(&cred)
-                .tenant(&bad)
+                .tenant(bad)
                 .workspaces
                 .list_workspaces(pb::ListWorkspacesRequest::default())
                 .await

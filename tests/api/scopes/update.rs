@@ -444,7 +444,7 @@ async fn builtins_cannot_be_updated_or_deleted(backend: Backend) {
                     .scopes
                     .delete_scope(pb::DeleteScopeRequest {
                         id: id.clone(),
-                        force: force,
+                        force,
                     })
                     .await
                     .inner()
@@ -475,7 +475,7 @@ async fn delete_of_unknown_or_bad_id(backend: Backend) {
                 .scopes
                 .delete_scope(pb::DeleteScopeRequest {
                     id: Uuid::now_v7().to_string(),
-                    force: force,
+                    force,
                 })
                 .await
                 .inner()
