@@ -74,9 +74,7 @@ macro_rules! on_both_backends {
     )+};
 }
 
-// ---------------------------------------------------------------------------------------
-// One runtime per test, so that a leaked secret is blamed on the test that leaked it
-// ---------------------------------------------------------------------------------------
+// ---- One runtime per test, so that a leaked secret is blamed on the test that leaked it ----
 
 static NEXT_TEST_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -129,9 +127,7 @@ pub fn run_test(body: impl Future<Output = ()>) {
     );
 }
 
-// ---------------------------------------------------------------------------------------
-// Databases and servers
-// ---------------------------------------------------------------------------------------
+// ---- Databases and servers ----
 
 /// A fresh, empty database; a SQLite one lives as long as this value.
 pub struct TestDb {
@@ -355,9 +351,7 @@ impl TestApp {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Credentials and typed clients
-// ---------------------------------------------------------------------------------------
+// ---- Credentials and typed clients ----
 
 /// A credential to call with.
 #[derive(Clone, Debug)]
@@ -537,9 +531,7 @@ pub fn stranger() -> Cred {
     Cred::Bearer(token(Some(Uuid::now_v7()), &all_builtin()))
 }
 
-// ---------------------------------------------------------------------------------------
-// Small builders
-// ---------------------------------------------------------------------------------------
+// ---- Small builders ----
 
 pub fn strings(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -565,9 +557,7 @@ pub fn seconds(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
-// ---------------------------------------------------------------------------------------
-// Assertions
-// ---------------------------------------------------------------------------------------
+// ---- Assertions ----
 
 /// The `ErrorInfo.reason` of an error status (empty when there is none).
 pub fn reason(status: &Status) -> String {
@@ -666,9 +656,7 @@ pub fn assert_no_secret(what: &impl std::fmt::Debug, secret: &str) {
     );
 }
 
-// ---------------------------------------------------------------------------------------
-// The secret-leak scanner
-// ---------------------------------------------------------------------------------------
+// ---- The secret-leak scanner ----
 
 /// Every test process logs at debug level through [`LeakScanner`]; a log line holding a
 /// key secret, a JWT or the configured secret is filed here under the id of the test whose
