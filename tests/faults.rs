@@ -264,7 +264,7 @@ async fn sigkill_keeps_every_acknowledged_write(backend: Backend) {
     let addr = free_port();
     let mut server = start_server(&db.url, addr);
     let channel = connect_when_ready(addr).await;
-    let cred = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
+    let cred = stranger();
     let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
     let load = tokio::spawn(burst(channel, cred.clone(), acknowledged.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -295,7 +295,7 @@ async fn sigterm_under_load_drains_and_exits_zero(backend: Backend) {
     let addr = free_port();
     let mut server = start_server(&db.url, addr);
     let channel = connect_when_ready(addr).await;
-    let cred = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
+    let cred = stranger();
     let mut watch = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),
