@@ -66,8 +66,8 @@ impl CuttableProxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
+#[test]
+fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     if postgres_url().is_none() {
         announce_skip(
             "faults::postgres_going_away",
@@ -75,6 +75,10 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
         );
         return;
     }
+    run_test(postgres_going_away());
+}
+
+async fn postgres_going_away() {
     let db = fresh_database(Backend::Postgres).await;
     // Route the server's connections through the proxy.
     let url = url::Url::parse(&db.url).unwrap();
@@ -93,18 +97,17 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     eprintln!("NOT_SERVING after {took:?}");
     for _ in 0..3 {
         let result = app
-            .workspaces()
-            .get_workspace(req(
-                pb::GetWorkspaceRequest {
-                    id: workspace.id.clone(),
-                },
-                &app.admin(),
-            ))
+            .as_admin()
+            .workspaces
+            .get_workspace(pb::GetWorkspaceRequest {
+                id: workspace.id.clone(),
+            })
             .await;
         assert_err(result, Code::Unavailable, "DATABASE_UNAVAILABLE");
         let create = app
-            .workspaces()
-            .create_workspace(req(pb::CreateWorkspaceRequest::default(), &app.admin()))
+            .as_admin()
+            .workspaces
+            .create_workspace(pb::CreateWorkspaceRequest::default())
             .await;
         assert_err(create, Code::Unavailable, "DATABASE_UNAVAILABLE");
     }
@@ -112,13 +115,11 @@ async fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
     proxy.resume();
     wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(10)).await;
     let got = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: workspace.id.clone(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: workspace.id.clone(),
+        })
         .await
         .expect("works again without a restart");
     assert_eq!(got.into_inner().workspace.unwrap(), workspace);
@@ -215,16 +216,13 @@ async fn burst(
         let cred = cred.clone();
         let acknowledged = acknowledged.clone();
         workers.push(tokio::spawn(async move {
-            let mut client = pb::workspace_service_client::WorkspaceServiceClient::new(channel);
+            let mut workspaces = Client::new(channel, &cred).workspaces;
             for i in 0.. {
-                let request = req(
-                    pb::CreateWorkspaceRequest {
-                        name: format!("w{w}-{i}"),
-                        ..Default::default()
-                    },
-                    &cred,
-                );
-                match client.create_workspace(request).await {
+                let request = pb::CreateWorkspaceRequest {
+                    name: format!("w{w}-{i}"),
+                    ..Default::default()
+                };
+                match workspaces.create_workspace(request).await {
                     Ok(r) => acknowledged
                         .lock()
                         .await
@@ -243,18 +241,15 @@ async fn burst(
 }
 
 async fn all_workspace_ids(channel: tonic::transport::Channel, cred: &Cred) -> Vec<String> {
-    let mut client = pb::workspace_service_client::WorkspaceServiceClient::new(channel);
+    let mut workspaces = Client::new(channel, cred).workspaces;
     let mut ids = Vec::new();
     let mut token = String::new();
     loop {
-        let page = client
-            .list_workspaces(req(
-                pb::ListWorkspacesRequest {
-                    page_size: 1000,
-                    page_token: token,
-                },
-                cred,
-            ))
+        let page = workspaces
+            .list_workspaces(pb::ListWorkspacesRequest {
+                page_size: 1000,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -271,7 +266,7 @@ async fn sigkill_keeps_every_acknowledged_write(backend: Backend) {
     let addr = free_port();
     let mut server = start_server(&db.url, addr);
     let channel = connect_when_ready(addr).await;
-    let cred = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
+    let cred = stranger();
     let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
     let load = tokio::spawn(burst(channel, cred.clone(), acknowledged.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -302,7 +297,7 @@ async fn sigterm_under_load_drains_and_exits_zero(backend: Backend) {
     let addr = free_port();
     let mut server = start_server(&db.url, addr);
     let channel = connect_when_ready(addr).await;
-    let cred = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
+    let cred = stranger();
     let mut watch = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),

@@ -42,8 +42,8 @@ impl Drop for Restart {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() {
+#[test]
+fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() {
     if postgres_url().is_none() || std::env::var("KEYPLANE_TEST_PG_CONTROL").as_deref() != Ok("1") {
         announce_skip(
             "postgres_restart",
@@ -51,6 +51,10 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
         );
         return;
     }
+    run_test(postgres_stopped_mid_run());
+}
+
+async fn postgres_stopped_mid_run() {
     let app = spawn_app(Backend::Postgres).await;
     let workspace = app.create_workspace("before").await;
 
@@ -60,24 +64,20 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
     eprintln!("NOT_SERVING {took:?} after the stop");
     for _ in 0..3 {
         let get = app
-            .workspaces()
-            .get_workspace(req(
-                pb::GetWorkspaceRequest {
-                    id: workspace.id.clone(),
-                },
-                &app.admin(),
-            ))
+            .as_admin()
+            .workspaces
+            .get_workspace(pb::GetWorkspaceRequest {
+                id: workspace.id.clone(),
+            })
             .await;
         assert_err(get, Code::Unavailable, "DATABASE_UNAVAILABLE");
         let verify = app
-            .keys()
-            .verify_api_key(req(
-                pb::VerifyApiKeyRequest {
-                    key: "kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5".into(),
-                    required_scopes: vec![],
-                },
-                &app.admin(),
-            ))
+            .as_admin()
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: "kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5".into(),
+                required_scopes: vec![],
+            })
             .await;
         assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");
     }
@@ -85,13 +85,11 @@ async fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() 
 
     wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(20)).await;
     let got = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: workspace.id.clone(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: workspace.id.clone(),
+        })
         .await
         .expect("works again without restarting keyplane");
     assert_eq!(got.into_inner().workspace.unwrap(), workspace);

@@ -1,7 +1,6 @@
 //! Tenant isolation (SPEC §2.1): no RPC reads, lists, changes or reveals anything of
 //! another tenant, and another tenant's resource is answered exactly like a missing one.
 use keyplane::proto as pb;
-use prost_types::FieldMask;
 use tonic::Code;
 use uuid::Uuid;
 
@@ -41,21 +40,15 @@ async fn setup(app: &TestApp) -> Owned {
     }
 }
 
-fn other_tenant() -> Cred {
-    Cred::Bearer(token(Some(Uuid::now_v7()), &all_builtin()))
-}
-
 /// Asserts that everything of A is exactly as it was, and A's key still works.
 async fn assert_unchanged(app: &TestApp, owned: &Owned) {
     let a = app.admin();
     let workspace = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: owned.workspace.id.clone(),
-            },
-            &a,
-        ))
+        .client(&a)
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: owned.workspace.id.clone(),
+        })
         .await
         .expect("A still has its workspace")
         .into_inner()
@@ -64,13 +57,11 @@ async fn assert_unchanged(app: &TestApp, owned: &Owned) {
     assert_eq!(workspace, owned.workspace);
     for scope in [&owned.wide, &owned.local] {
         let got = app
-            .scopes()
-            .get_scope(req(
-                pb::GetScopeRequest {
-                    id: scope.id.clone(),
-                },
-                &a,
-            ))
+            .client(&a)
+            .scopes
+            .get_scope(pb::GetScopeRequest {
+                id: scope.id.clone(),
+            })
             .await
             .expect("A still has its scope")
             .into_inner()
@@ -79,13 +70,11 @@ async fn assert_unchanged(app: &TestApp, owned: &Owned) {
         assert_eq!(&got, scope);
     }
     let key = app
-        .keys()
-        .get_api_key(req(
-            pb::GetApiKeyRequest {
-                id: owned.key.id.clone(),
-            },
-            &a,
-        ))
+        .client(&a)
+        .keys
+        .get_api_key(pb::GetApiKeyRequest {
+            id: owned.key.id.clone(),
+        })
         .await
         .expect("A still has its key")
         .into_inner()
@@ -97,8 +86,9 @@ async fn assert_unchanged(app: &TestApp, owned: &Owned) {
     assert!(!key.disabled && key.revoke_time.is_none() && key.successor_id.is_empty());
     assert_eq!(key.expire_time, owned.key.expire_time);
     let keys = app
-        .keys()
-        .list_api_keys(req(pb::ListApiKeysRequest::default(), &a))
+        .client(&a)
+        .keys
+        .list_api_keys(pb::ListApiKeysRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -109,14 +99,12 @@ async fn assert_unchanged(app: &TestApp, owned: &Owned) {
         "no key was added to A"
     );
     let scopes = app
-        .scopes()
-        .list_scopes(req(
-            pb::ListScopesRequest {
-                exclude_builtin: true,
-                ..Default::default()
-            },
-            &a,
-        ))
+        .client(&a)
+        .scopes
+        .list_scopes(pb::ListScopesRequest {
+            exclude_builtin: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -129,42 +117,37 @@ async fn assert_unchanged(app: &TestApp, owned: &Owned) {
 async fn another_tenant_can_neither_see_nor_change_anything(backend: Backend) {
     let app = spawn_app(backend).await;
     let owned = setup(&app).await;
-    let b = other_tenant();
+    let b = stranger();
     let ws = || owned.workspace.id.clone();
-    let mask = |paths: &[&str]| {
-        Some(FieldMask {
-            paths: paths.iter().map(|p| p.to_string()).collect(),
-        })
-    };
 
     // WorkspaceService.
     let r = app
-        .workspaces()
-        .get_workspace(req(pb::GetWorkspaceRequest { id: ws() }, &b))
+        .client(&b)
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest { id: ws() })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     for etag in [String::new(), owned.workspace.etag.clone()] {
         let r = app
-            .workspaces()
-            .update_workspace(req(
-                pb::UpdateWorkspaceRequest {
-                    workspace: Some(pb::Workspace {
-                        id: ws(),
-                        name: "hijacked".into(),
-                        ..Default::default()
-                    }),
-                    update_mask: mask(&["name"]),
-                    etag,
-                },
-                &b,
-            ))
+            .client(&b)
+            .workspaces
+            .update_workspace(pb::UpdateWorkspaceRequest {
+                workspace: Some(pb::Workspace {
+                    id: ws(),
+                    name: "hijacked".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["name"]),
+                etag,
+            })
             .await;
         assert_err(r, Code::NotFound, "NOT_FOUND");
     }
     for force in [false, true] {
         let r = app
-            .workspaces()
-            .delete_workspace(req(pb::DeleteWorkspaceRequest { id: ws(), force }, &b))
+            .client(&b)
+            .workspaces
+            .delete_workspace(pb::DeleteWorkspaceRequest { id: ws(), force })
             .await;
         assert_err(r, Code::NotFound, "NOT_FOUND");
     }
@@ -172,99 +155,89 @@ async fn another_tenant_can_neither_see_nor_change_anything(backend: Backend) {
     // ScopeService.
     for scope in [&owned.wide, &owned.local] {
         let r = app
-            .scopes()
-            .get_scope(req(
-                pb::GetScopeRequest {
-                    id: scope.id.clone(),
-                },
-                &b,
-            ))
+            .client(&b)
+            .scopes
+            .get_scope(pb::GetScopeRequest {
+                id: scope.id.clone(),
+            })
             .await;
         assert_err(r, Code::NotFound, "NOT_FOUND");
         for etag in [String::new(), scope.etag.clone()] {
             let r = app
-                .scopes()
-                .update_scope(req(
-                    pb::UpdateScopeRequest {
-                        scope: Some(pb::Scope {
-                            id: scope.id.clone(),
-                            name: "hijacked".into(),
-                            ..Default::default()
-                        }),
-                        update_mask: mask(&["name"]),
-                        etag,
-                    },
-                    &b,
-                ))
+                .client(&b)
+                .scopes
+                .update_scope(pb::UpdateScopeRequest {
+                    scope: Some(pb::Scope {
+                        id: scope.id.clone(),
+                        name: "hijacked".into(),
+                        ..Default::default()
+                    }),
+                    update_mask: mask(&["name"]),
+                    etag,
+                })
                 .await;
             assert_err(r, Code::NotFound, "NOT_FOUND");
         }
         for force in [false, true] {
             let r = app
-                .scopes()
-                .delete_scope(req(
-                    pb::DeleteScopeRequest {
-                        id: scope.id.clone(),
-                        force,
-                    },
-                    &b,
-                ))
+                .client(&b)
+                .scopes
+                .delete_scope(pb::DeleteScopeRequest {
+                    id: scope.id.clone(),
+                    force,
+                })
                 .await;
             assert_err(r, Code::NotFound, "NOT_FOUND");
         }
     }
     let r = app
-        .scopes()
-        .create_scope(req(
-            pb::CreateScopeRequest {
-                workspace_id: ws(),
-                representation: "sneaky:read".into(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .scopes
+        .create_scope(pb::CreateScopeRequest {
+            workspace_id: ws(),
+            representation: "sneaky:read".into(),
+            ..Default::default()
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let r = app
-        .scopes()
-        .list_scopes(req(
-            pb::ListScopesRequest {
-                workspace_id: ws(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .scopes
+        .list_scopes(pb::ListScopesRequest {
+            workspace_id: ws(),
+            ..Default::default()
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
 
     // ApiKeyService.
     let key_id = || owned.key.id.clone();
     let r = app
-        .keys()
-        .get_api_key(req(pb::GetApiKeyRequest { id: key_id() }, &b))
+        .client(&b)
+        .keys
+        .get_api_key(pb::GetApiKeyRequest { id: key_id() })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     for etag in [String::new(), owned.key.etag.clone()] {
         let r = app
-            .keys()
-            .update_api_key(req(
-                pb::UpdateApiKeyRequest {
-                    api_key: Some(pb::ApiKey {
-                        id: key_id(),
-                        disabled: true,
-                        ..Default::default()
-                    }),
-                    update_mask: mask(&["disabled"]),
-                    etag,
-                },
-                &b,
-            ))
+            .client(&b)
+            .keys
+            .update_api_key(pb::UpdateApiKeyRequest {
+                api_key: Some(pb::ApiKey {
+                    id: key_id(),
+                    disabled: true,
+                    ..Default::default()
+                }),
+                update_mask: mask(&["disabled"]),
+                etag,
+            })
             .await;
         assert_err(r, Code::NotFound, "NOT_FOUND");
     }
     let r = app
-        .keys()
-        .revoke_api_key(req(pb::RevokeApiKeyRequest { id: key_id() }, &b))
+        .client(&b)
+        .keys
+        .revoke_api_key(pb::RevokeApiKeyRequest { id: key_id() })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     for grace_period in [
@@ -275,60 +248,54 @@ async fn another_tenant_can_neither_see_nor_change_anything(backend: Backend) {
         }),
     ] {
         let r = app
-            .keys()
-            .rotate_api_key(req(
-                pb::RotateApiKeyRequest {
-                    id: key_id(),
-                    grace_period,
-                },
-                &b,
-            ))
+            .client(&b)
+            .keys
+            .rotate_api_key(pb::RotateApiKeyRequest {
+                id: key_id(),
+                grace_period,
+            })
             .await;
         assert_err(r, Code::NotFound, "NOT_FOUND");
     }
     let r = app
-        .keys()
-        .delete_api_key(req(pb::DeleteApiKeyRequest { id: key_id() }, &b))
+        .client(&b)
+        .keys
+        .delete_api_key(pb::DeleteApiKeyRequest { id: key_id() })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let r = app
-        .keys()
-        .create_api_key(req(
-            pb::CreateApiKeyRequest {
-                workspace_id: ws(),
-                name: "planted".into(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: ws(),
+            name: "planted".into(),
+            ..Default::default()
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let r = app
-        .keys()
-        .list_api_keys(req(
-            pb::ListApiKeysRequest {
-                workspace_id: ws(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .keys
+        .list_api_keys(pb::ListApiKeysRequest {
+            workspace_id: ws(),
+            ..Default::default()
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
 
     // Answered exactly like a resource that does not exist: same code, reason and details.
     let foreign = app
-        .workspaces()
-        .get_workspace(req(pb::GetWorkspaceRequest { id: ws() }, &b))
+        .client(&b)
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest { id: ws() })
         .await
         .unwrap_err();
     let missing = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: Uuid::now_v7().to_string(),
-            },
-            &b,
-        ))
+        .client(&b)
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: Uuid::now_v7().to_string(),
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -346,14 +313,12 @@ async fn another_tenant_can_neither_see_nor_change_anything(backend: Backend) {
     // Verification: a key of another tenant is not found, and nothing of it is revealed.
     for required in [vec![], vec!["crm:read".to_string()]] {
         let verdict = app
-            .keys()
-            .verify_api_key(req(
-                pb::VerifyApiKeyRequest {
-                    key: owned.secret.clone(),
-                    required_scopes: required,
-                },
-                &b,
-            ))
+            .client(&b)
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: owned.secret.clone(),
+                required_scopes: required,
+            })
             .await
             .expect("verification answers with a code")
             .into_inner();
@@ -379,39 +344,40 @@ fn missing_id(status: &tonic::Status) -> Option<String> {
 async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Backend) {
     let app = spawn_app(backend).await;
     let owned = setup(&app).await;
-    let b = other_tenant();
+    let b = stranger();
 
     let workspaces = app
-        .workspaces()
-        .list_workspaces(req(pb::ListWorkspacesRequest::default(), &b))
+        .client(&b)
+        .workspaces
+        .list_workspaces(pb::ListWorkspacesRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert!(workspaces.workspaces.is_empty(), "{workspaces:?}");
     let keys = app
-        .keys()
-        .list_api_keys(req(pb::ListApiKeysRequest::default(), &b))
+        .client(&b)
+        .keys
+        .list_api_keys(pb::ListApiKeysRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert!(keys.api_keys.is_empty(), "{keys:?}");
     let scopes = app
-        .scopes()
-        .list_scopes(req(pb::ListScopesRequest::default(), &b))
+        .client(&b)
+        .scopes
+        .list_scopes(pb::ListScopesRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(scopes.scopes.len(), 7, "the built-ins only: {scopes:?}");
     assert!(scopes.scopes.iter().all(|s| s.builtin));
     let customs = app
-        .scopes()
-        .list_scopes(req(
-            pb::ListScopesRequest {
-                exclude_builtin: true,
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .scopes
+        .list_scopes(pb::ListScopesRequest {
+            exclude_builtin: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -419,14 +385,12 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
 
     // B's own workspace cannot hold A's scopes, tenant-wide or not.
     let theirs = app
-        .workspaces()
-        .create_workspace(req(
-            pb::CreateWorkspaceRequest {
-                name: "tenant B".into(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .workspaces
+        .create_workspace(pb::CreateWorkspaceRequest {
+            name: "tenant B".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -434,15 +398,13 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
         .unwrap();
     for scope in ["crm:read", "local:read"] {
         let r = app
-            .keys()
-            .create_api_key(req(
-                pb::CreateApiKeyRequest {
-                    workspace_id: theirs.id.clone(),
-                    scopes: vec![scope.into()],
-                    ..Default::default()
-                },
-                &b,
-            ))
+            .client(&b)
+            .keys
+            .create_api_key(pb::CreateApiKeyRequest {
+                workspace_id: theirs.id.clone(),
+                scopes: vec![scope.into()],
+                ..Default::default()
+            })
             .await;
         let status = assert_err(r, Code::InvalidArgument, "UNKNOWN_SCOPE");
         assert_eq!(violated_fields(&status), ["scopes"], "{scope}");
@@ -450,15 +412,13 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
     // B's workspace listing shows its own workspace only; its scope listing for it shows
     // the built-ins only.
     let in_theirs = app
-        .scopes()
-        .list_scopes(req(
-            pb::ListScopesRequest {
-                workspace_id: theirs.id.clone(),
-                exclude_builtin: true,
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .scopes
+        .list_scopes(pb::ListScopesRequest {
+            workspace_id: theirs.id.clone(),
+            exclude_builtin: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -467,14 +427,12 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
     // The same scope string is free in B (an ALREADY_EXISTS would reveal A's scope), and
     // B's own scope then works for B only.
     let b_scope = app
-        .scopes()
-        .create_scope(req(
-            pb::CreateScopeRequest {
-                representation: "crm:read".into(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .scopes
+        .create_scope(pb::CreateScopeRequest {
+            representation: "crm:read".into(),
+            ..Default::default()
+        })
         .await
         .expect("B may create a scope string that A also has")
         .into_inner()
@@ -483,15 +441,13 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
     assert_ne!(b_scope.id, owned.wide.id);
     assert_ne!(b_scope.tenant_id, app.tenant.to_string());
     let b_key = app
-        .keys()
-        .create_api_key(req(
-            pb::CreateApiKeyRequest {
-                workspace_id: theirs.id.clone(),
-                scopes: vec!["crm:read".into()],
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: theirs.id.clone(),
+            scopes: vec!["crm:read".into()],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -503,14 +459,12 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
 
     // Deleting B's scope with force touches B's key only.
     let removed = app
-        .scopes()
-        .delete_scope(req(
-            pb::DeleteScopeRequest {
-                id: b_scope.id,
-                force: true,
-            },
-            &b,
-        ))
+        .client(&b)
+        .scopes
+        .delete_scope(pb::DeleteScopeRequest {
+            id: b_scope.id,
+            force: true,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -522,19 +476,16 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
 
 async fn request_ids_are_per_tenant(backend: Backend) {
     let app = spawn_app(backend).await;
-    let b = other_tenant();
+    let b = stranger();
     let request_id = Uuid::now_v7().to_string();
 
     let create_ws = |cred: Cred| {
-        let mut client = app.workspaces();
-        let request = req(
-            pb::CreateWorkspaceRequest {
-                name: "same request".into(),
-                request_id: request_id.clone(),
-                ..Default::default()
-            },
-            &cred,
-        );
+        let mut client = app.client(&cred).workspaces;
+        let request = pb::CreateWorkspaceRequest {
+            name: "same request".into(),
+            request_id: request_id.clone(),
+            ..Default::default()
+        };
         async move {
             client
                 .create_workspace(request)
@@ -551,15 +502,12 @@ async fn request_ids_are_per_tenant(backend: Backend) {
     assert_ne!(b_ws.tenant_id, a_ws.tenant_id);
 
     let create_scope = |cred: Cred| {
-        let mut client = app.scopes();
-        let request = req(
-            pb::CreateScopeRequest {
-                representation: "crm:read".into(),
-                request_id: request_id.clone(),
-                ..Default::default()
-            },
-            &cred,
-        );
+        let mut client = app.client(&cred).scopes;
+        let request = pb::CreateScopeRequest {
+            representation: "crm:read".into(),
+            request_id: request_id.clone(),
+            ..Default::default()
+        };
         async move {
             client
                 .create_scope(request)
@@ -579,16 +527,13 @@ async fn request_ids_are_per_tenant(backend: Backend) {
     assert_eq!(b_scope.tenant_id, b_ws.tenant_id);
 
     let create_key = |cred: Cred, workspace_id: String| {
-        let mut client = app.keys();
-        let request = req(
-            pb::CreateApiKeyRequest {
-                workspace_id,
-                scopes: vec!["crm:read".into()],
-                request_id: request_id.clone(),
-                ..Default::default()
-            },
-            &cred,
-        );
+        let mut client = app.client(&cred).keys;
+        let request = pb::CreateApiKeyRequest {
+            workspace_id,
+            scopes: vec!["crm:read".into()],
+            request_id: request_id.clone(),
+            ..Default::default()
+        };
         async move { client.create_api_key(request).await.unwrap().into_inner() }
     };
     let a_key = create_key(app.admin(), a_ws.id.clone()).await;
@@ -612,26 +557,25 @@ async fn request_ids_are_per_tenant(backend: Backend) {
 async fn an_admin_key_of_another_tenant_sees_nothing(backend: Backend) {
     let app = spawn_app(backend).await;
     let owned = setup(&app).await;
-    let b = other_tenant();
+    let b = stranger();
     // B's admin key: a keyplane key of tenant B holding every built-in scope.
     let b_ws = app
-        .workspaces()
-        .create_workspace(req(pb::CreateWorkspaceRequest::default(), &b))
+        .client(&b)
+        .workspaces
+        .create_workspace(pb::CreateWorkspaceRequest::default())
         .await
         .unwrap()
         .into_inner()
         .workspace
         .unwrap();
     let admin_key = app
-        .keys()
-        .create_api_key(req(
-            pb::CreateApiKeyRequest {
-                workspace_id: b_ws.id.clone(),
-                scopes: all_builtin().iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            },
-            &b,
-        ))
+        .client(&b)
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: b_ws.id.clone(),
+            scopes: all_builtin().iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -639,50 +583,43 @@ async fn an_admin_key_of_another_tenant_sees_nothing(backend: Backend) {
     let b_key = Cred::ApiKey(admin_key);
 
     let own = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: b_ws.id.clone(),
-            },
-            &b_key,
-        ))
+        .client(&b_key)
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: b_ws.id.clone(),
+        })
         .await
         .expect("the admin key works for its own tenant");
     assert_eq!(own.into_inner().workspace.unwrap().id, b_ws.id);
 
     let r = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: owned.workspace.id.clone(),
-            },
-            &b_key,
-        ))
+        .client(&b_key)
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: owned.workspace.id.clone(),
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let r = app
-        .scopes()
-        .get_scope(req(
-            pb::GetScopeRequest {
-                id: owned.wide.id.clone(),
-            },
-            &b_key,
-        ))
+        .client(&b_key)
+        .scopes
+        .get_scope(pb::GetScopeRequest {
+            id: owned.wide.id.clone(),
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let r = app
-        .keys()
-        .revoke_api_key(req(
-            pb::RevokeApiKeyRequest {
-                id: owned.key.id.clone(),
-            },
-            &b_key,
-        ))
+        .client(&b_key)
+        .keys
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            id: owned.key.id.clone(),
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let listed = app
-        .workspaces()
-        .list_workspaces(req(pb::ListWorkspacesRequest::default(), &b_key))
+        .client(&b_key)
+        .workspaces
+        .list_workspaces(pb::ListWorkspacesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -695,14 +632,12 @@ async fn an_admin_key_of_another_tenant_sees_nothing(backend: Backend) {
         [b_ws.id.as_str()]
     );
     let verdict = app
-        .keys()
-        .verify_api_key(req(
-            pb::VerifyApiKeyRequest {
-                key: owned.secret.clone(),
-                required_scopes: vec![],
-            },
-            &b_key,
-        ))
+        .client(&b_key)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: owned.secret.clone(),
+            required_scopes: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
@@ -711,14 +646,12 @@ async fn an_admin_key_of_another_tenant_sees_nothing(backend: Backend) {
 
     // Naming A in x-tenant-id does not widen an admin key.
     let r = app
-        .workspaces()
-        .get_workspace(req_tenant(
-            pb::GetWorkspaceRequest {
-                id: owned.workspace.id.clone(),
-            },
-            &b_key,
-            &app.tenant.to_string(),
-        ))
+        .client(&b_key)
+        .tenant(app.tenant.to_string())
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: owned.workspace.id.clone(),
+        })
         .await;
     assert_err(r, Code::PermissionDenied, "TENANT_MISMATCH");
 
@@ -736,8 +669,10 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
     };
 
     let seen = app
-        .workspaces()
-        .get_workspace(req_tenant(get_ws(), &platform, &a))
+        .client(&platform)
+        .tenant(&a)
+        .workspaces
+        .get_workspace(get_ws())
         .await
         .expect("the platform token acts for A")
         .into_inner()
@@ -745,14 +680,12 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
         .unwrap();
     assert_eq!(seen, owned.workspace);
     let key = app
-        .keys()
-        .get_api_key(req_tenant(
-            pb::GetApiKeyRequest {
-                id: owned.key.id.clone(),
-            },
-            &platform,
-            &a,
-        ))
+        .client(&platform)
+        .tenant(&a)
+        .keys
+        .get_api_key(pb::GetApiKeyRequest {
+            id: owned.key.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -761,28 +694,26 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
     assert_eq!(key.id, owned.key.id);
 
     let r = app
-        .workspaces()
-        .get_workspace(req_tenant(get_ws(), &platform, &b))
+        .client(&platform)
+        .tenant(&b)
+        .workspaces
+        .get_workspace(get_ws())
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let r = app
-        .scopes()
-        .get_scope(req_tenant(
-            pb::GetScopeRequest {
-                id: owned.wide.id.clone(),
-            },
-            &platform,
-            &b,
-        ))
+        .client(&platform)
+        .tenant(&b)
+        .scopes
+        .get_scope(pb::GetScopeRequest {
+            id: owned.wide.id.clone(),
+        })
         .await;
     assert_err(r, Code::NotFound, "NOT_FOUND");
     let listed = app
-        .workspaces()
-        .list_workspaces(req_tenant(
-            pb::ListWorkspacesRequest::default(),
-            &platform,
-            &b,
-        ))
+        .client(&platform)
+        .tenant(&b)
+        .workspaces
+        .list_workspaces(pb::ListWorkspacesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -790,30 +721,30 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
 
     // Without x-tenant-id, a platform token has no tenant to act for.
     let r = app
-        .workspaces()
-        .get_workspace(req(get_ws(), &platform))
+        .client(&platform)
+        .workspaces
+        .get_workspace(get_ws())
         .await;
     assert_err(r, Code::InvalidArgument, "TENANT_ID_REQUIRED");
     let r = app
-        .workspaces()
-        .list_workspaces(req(pb::ListWorkspacesRequest::default(), &platform))
+        .client(&platform)
+        .workspaces
+        .list_workspaces(pb::ListWorkspacesRequest::default())
         .await;
     assert_err(r, Code::InvalidArgument, "TENANT_ID_REQUIRED");
     let r = app
-        .scopes()
-        .create_scope(req(
-            pb::CreateScopeRequest {
-                representation: "x:y".into(),
-                ..Default::default()
-            },
-            &platform,
-        ))
+        .client(&platform)
+        .scopes
+        .create_scope(pb::CreateScopeRequest {
+            representation: "x:y".into(),
+            ..Default::default()
+        })
         .await;
     assert_err(r, Code::InvalidArgument, "TENANT_ID_REQUIRED");
 
     // ... but it may verify any tenant's key.
-    let verify = |request: tonic::Request<pb::VerifyApiKeyRequest>| {
-        let mut client = app.keys();
+    let verify = |client: Client, request: pb::VerifyApiKeyRequest| {
+        let mut client = client.keys;
         async move {
             client
                 .verify_api_key(request)
@@ -826,15 +757,15 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
         key: owned.secret.clone(),
         required_scopes: vec!["crm:read".into()],
     };
-    let any = verify(req(message(), &platform)).await;
+    let any = verify(app.client(&platform), message()).await;
     assert_eq!(any.code(), pb::VerifyCode::Valid, "{any:?}");
     assert!(any.valid);
     assert_eq!(any.tenant_id, a);
     assert_eq!(any.workspace_id, owned.workspace.id);
     assert_eq!(any.api_key.unwrap().id, owned.key.id);
-    let as_a = verify(req_tenant(message(), &platform, &a)).await;
+    let as_a = verify(app.client(&platform).tenant(&a), message()).await;
     assert_eq!(as_a.code(), pb::VerifyCode::Valid);
-    let as_b = verify(req_tenant(message(), &platform, &b)).await;
+    let as_b = verify(app.client(&platform).tenant(&b), message()).await;
     assert_eq!(as_b.code(), pb::VerifyCode::NotFound);
     assert!(as_b.api_key.is_none() && as_b.tenant_id.is_empty() && as_b.workspace_id.is_empty());
 }

@@ -4,10 +4,9 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use keyplane::proto as pb;
-use prost_types::FieldMask;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::Code;
+use tonic::{Code, Request};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::helpers::*;
@@ -189,23 +188,18 @@ async fn client_deadlines_are_honoured(backend: Backend) {
         ),
     };
     lock.execute_unprepared(&holding).await.unwrap();
-    let mut request = req(
-        pb::UpdateWorkspaceRequest {
-            workspace: Some(pb::Workspace {
-                id: workspace.id.clone(),
-                name: "late".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["name".into()],
-            }),
-            etag: String::new(),
-        },
-        &app.admin(),
-    );
+    let mut request = Request::new(pb::UpdateWorkspaceRequest {
+        workspace: Some(pb::Workspace {
+            id: workspace.id.clone(),
+            name: "late".into(),
+            ..Default::default()
+        }),
+        update_mask: mask(&["name"]),
+        etag: String::new(),
+    });
     request.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
-    let result = app.workspaces().update_workspace(request).await;
+    let result = app.as_admin().workspaces.update_workspace(request).await;
     let status = result.expect_err("the update cannot finish while the row is locked");
     assert!(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
@@ -221,13 +215,11 @@ async fn client_deadlines_are_honoured(backend: Backend) {
     // PostgreSQL the statement already sent completes once the lock goes); either way the
     // row is whole and the server answers.
     let got = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: workspace.id.clone(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: workspace.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()

@@ -1,6 +1,8 @@
 //! The authorization matrix (SPEC §2, §6): every RPC of the compiled descriptor set ×
 //! every kind of caller → the exact gRPC code and `ErrorInfo.reason`. An RPC added to the
-//! protos without rows here fails `every_rpc_has_rows`.
+//! protos without a row here fails `every_rpc_has_rows`. [`rows`] is the tests' one table of
+//! RPCs and the built-in scope each needs, and [`call`] their one way to call any RPC:
+//! `auth::builtin_scopes` drives off both.
 use std::collections::BTreeSet;
 
 use bytes::{Buf, BufMut};
@@ -30,31 +32,46 @@ fn compiled_rpcs() -> BTreeSet<String> {
 }
 
 /// What each RPC needs, and how to call it on a fixture.
-struct Row {
-    path: &'static str,
-    scope: &'static str,
+pub struct Row {
+    pub path: &'static str,
+    /// The one built-in scope the RPC needs.
+    pub scope: &'static str,
     /// The request, built against the resources of a fixture.
-    request: fn(&Fixture) -> Vec<u8>,
+    pub request: fn(&Fixture) -> Vec<u8>,
     /// With another tenant's credential: NOT_FOUND for RPCs that name a resource, OK for
     /// those that do not (they act in the caller's own, empty tenant).
     names_a_resource: bool,
 }
 
-/// Fresh resources of the app's tenant for one call.
-struct Fixture {
+impl Row {
+    /// The RPC's method name, e.g. `CreateWorkspace`.
+    pub fn rpc(&self) -> &'static str {
+        self.path.rsplit('/').next().unwrap()
+    }
+}
+
+/// Resources of the app's tenant for one call.
+pub struct Fixture {
     workspace: String,
     scope: String,
     key: String,
     secret: String,
 }
 
-fn mask(path: &str) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: vec![path.into()],
-    })
+impl Fixture {
+    /// Ids that name nothing, for calls that only need to get past authorization.
+    pub fn nothing() -> Self {
+        Self {
+            workspace: Uuid::now_v7().to_string(),
+            scope: Uuid::now_v7().to_string(),
+            key: Uuid::now_v7().to_string(),
+            secret: String::new(),
+        }
+    }
 }
 
-fn rows() -> Vec<Row> {
+/// Every keyplane RPC: its path, its built-in scope and a request for it.
+pub fn rows() -> Vec<Row> {
     vec![
         Row {
             path: "/keyplane.v1.WorkspaceService/CreateWorkspace",
@@ -95,7 +112,7 @@ fn rows() -> Vec<Row> {
                         name: "n".into(),
                         ..Default::default()
                     }),
-                    update_mask: mask("name"),
+                    update_mask: mask(&["name"]),
                     etag: String::new(),
                 }
                 .encode_to_vec()
@@ -160,7 +177,7 @@ fn rows() -> Vec<Row> {
                         name: "n".into(),
                         ..Default::default()
                     }),
-                    update_mask: mask("name"),
+                    update_mask: mask(&["name"]),
                     etag: String::new(),
                 }
                 .encode_to_vec()
@@ -220,7 +237,7 @@ fn rows() -> Vec<Row> {
                         name: "n".into(),
                         ..Default::default()
                     }),
-                    update_mask: mask("name"),
+                    update_mask: mask(&["name"]),
                     etag: String::new(),
                 }
                 .encode_to_vec()
@@ -311,22 +328,13 @@ impl Decoder for RawCodec {
     }
 }
 
-async fn call(
-    app: &TestApp,
-    path: &'static str,
-    body: Vec<u8>,
-    cred: &Cred,
-    tenant: Option<&str>,
-) -> Result<Vec<u8>, Status> {
-    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+/// Calls the RPC of `row` as `client`'s caller with the row's request on `fixture`.
+pub async fn call(client: &Client, row: &Row, fixture: &Fixture) -> Result<Vec<u8>, Status> {
+    let mut grpc = client.grpc();
     grpc.ready().await.unwrap();
-    let request = match tenant {
-        Some(t) => req_tenant(body, cred, t),
-        None => req(body, cred),
-    };
     grpc.unary(
-        request,
-        http::uri::PathAndQuery::from_static(path),
+        tonic::Request::new((row.request)(fixture)),
+        http::uri::PathAndQuery::from_static(row.path),
         RawCodec,
     )
     .await
@@ -364,13 +372,11 @@ async fn authorization_matrix(backend: Backend) {
     let other = Uuid::now_v7();
     let all = all_builtin();
     let (revoked_admin_id, revoked_admin) = admin_key(&app, &all).await;
-    app.keys()
-        .revoke_api_key(req(
-            pb::RevokeApiKeyRequest {
-                id: revoked_admin_id,
-            },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            id: revoked_admin_id,
+        })
         .await
         .unwrap();
 
@@ -466,8 +472,11 @@ async fn authorization_matrix(backend: Backend) {
             ),
         ];
         for (case, cred, tenant, expect) in cases {
-            let f = fixture(&app).await;
-            let result = call(&app, row.path, (row.request)(&f), &cred, tenant.as_deref()).await;
+            let client = match &tenant {
+                Some(t) => app.client(&cred).tenant(t),
+                None => app.client(&cred),
+            };
+            let result = call(&client, &row, &fixture(&app).await).await;
             let ok = match (&expect, &result) {
                 (Expect::Ok, Ok(_)) => true,
                 (Expect::Err(code, why), Err(status)) => {

@@ -1,10 +1,9 @@
 //! VerifyApiKey (SPEC §3.4): every outcome code, in the specified order, scope matching,
 //! what a response carries, tenancy of verification and the caller's own scope.
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use keyplane::proto as pb;
-use prost_types::{FieldMask, Timestamp};
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::helpers::*;
 use crate::on_both_backends;
@@ -24,42 +23,6 @@ on_both_backends!(
 );
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-
-fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-fn in_secs(secs: i64) -> Timestamp {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    Timestamp {
-        seconds: now + secs,
-        nanos: 0,
-    }
-}
-
-async fn verify_as(
-    app: &TestApp,
-    key: &str,
-    required: &[&str],
-    cred: &Cred,
-    tenant: Option<&str>,
-) -> Result<pb::VerifyApiKeyResponse, Status> {
-    let message = pb::VerifyApiKeyRequest {
-        key: key.into(),
-        required_scopes: strings(required),
-    };
-    let request = match tenant {
-        Some(t) => req_tenant(message, cred, t),
-        None => req(message, cred),
-    };
-    app.keys()
-        .verify_api_key(request)
-        .await
-        .map(|r| r.into_inner())
-}
 
 /// Asserts an outcome that names no key: MALFORMED or NOT_FOUND.
 #[track_caller]
@@ -84,15 +47,6 @@ fn assert_found(v: &pb::VerifyApiKeyResponse, code: pb::VerifyCode, key: &pb::Ap
     assert_eq!(found.id, key.id);
     assert_eq!(v.tenant_id, key.tenant_id);
     assert_eq!(v.workspace_id, key.workspace_id);
-}
-
-#[track_caller]
-fn assert_no_secret(what: &impl std::fmt::Debug, secret: &str) {
-    let shown = format!("{what:?}");
-    assert!(
-        !shown.contains(&secret[secret.len() - 49..]),
-        "the secret leaked into {shown}"
-    );
 }
 
 async fn malformed_keys_are_an_answer_not_an_error(backend: Backend) {
@@ -145,8 +99,7 @@ async fn every_single_character_change_is_malformed(backend: Backend) {
     let w = app.create_workspace("w").await;
     let (_, secret) = app.create_key(&w.id, &[]).await;
     let original = secret.as_bytes();
-    let mut client = app.keys();
-    let cred = app.admin();
+    let mut keys = app.as_admin().keys;
     let mut tried = 0;
     for i in 0..original.len() {
         for &c in BASE62 {
@@ -156,14 +109,11 @@ async fn every_single_character_change_is_malformed(backend: Backend) {
             let mut changed = original.to_vec();
             changed[i] = c;
             let changed = String::from_utf8(changed).unwrap();
-            let v = client
-                .verify_api_key(req(
-                    pb::VerifyApiKeyRequest {
-                        key: changed.clone(),
-                        required_scopes: Vec::new(),
-                    },
-                    &cred,
-                ))
+            let v = keys
+                .verify_api_key(pb::VerifyApiKeyRequest {
+                    key: changed.clone(),
+                    required_scopes: Vec::new(),
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -184,11 +134,9 @@ async fn unknown_keys_are_not_found(backend: Backend) {
     let app = spawn_app(backend).await;
     let w = app.create_workspace("w").await;
     let (key, secret) = app.create_key(&w.id, &[]).await;
-    app.keys()
-        .delete_api_key(req(
-            pb::DeleteApiKeyRequest { id: key.id.clone() },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .delete_api_key(pb::DeleteApiKeyRequest { id: key.id.clone() })
         .await
         .unwrap();
     // Well-formed (the checksum is right) but no longer issued.
@@ -201,22 +149,21 @@ async fn unknown_keys_are_not_found(backend: Backend) {
     let other_tenant = uuid::Uuid::now_v7();
     let other = Cred::Bearer(token(Some(other_tenant), &all_builtin()));
     let their_ws = app
-        .workspaces()
-        .create_workspace(req(pb::CreateWorkspaceRequest::default(), &other))
+        .client(&other)
+        .workspaces
+        .create_workspace(pb::CreateWorkspaceRequest::default())
         .await
         .unwrap()
         .into_inner()
         .workspace
         .unwrap();
     let theirs = app
-        .keys()
-        .create_api_key(req(
-            pb::CreateApiKeyRequest {
-                workspace_id: their_ws.id,
-                ..Default::default()
-            },
-            &other,
-        ))
+        .client(&other)
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: their_ws.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -224,8 +171,15 @@ async fn unknown_keys_are_not_found(backend: Backend) {
     assert_keyless(&v, pb::VerifyCode::NotFound, "another tenant's key");
     assert_no_secret(&v, &theirs.secret);
     // Its own tenant sees it.
-    let v = verify_as(&app, &theirs.secret, &[], &other, None)
+    let v = app
+        .client(&other)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: theirs.secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_eq!(v.code(), pb::VerifyCode::Valid);
     assert_eq!(v.tenant_id, other_tenant.to_string());
@@ -236,16 +190,14 @@ async fn checks_run_in_the_specified_order(backend: Backend) {
     let w = app.create_workspace("w").await;
     app.create_scope("crm:read", "").await;
     let created = app
-        .keys()
-        .create_api_key(req(
-            pb::CreateApiKeyRequest {
-                workspace_id: w.id.clone(),
-                scopes: strings(&["crm:read"]),
-                expire_time: Some(in_secs(3)),
-                ..Default::default()
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: w.id.clone(),
+            scopes: strings(&["crm:read"]),
+            expire_time: Some(in_secs(3)),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -263,21 +215,17 @@ async fn checks_run_in_the_specified_order(backend: Backend) {
     assert_eq!(v.missing_scopes, ["erp:read"]);
 
     // Disabled beats insufficient scopes.
-    app.keys()
-        .update_api_key(req(
-            pb::UpdateApiKeyRequest {
-                api_key: Some(pb::ApiKey {
-                    id: key.id.clone(),
-                    disabled: true,
-                    ..Default::default()
-                }),
-                update_mask: Some(FieldMask {
-                    paths: vec!["disabled".into()],
-                }),
-                etag: String::new(),
-            },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .update_api_key(pb::UpdateApiKeyRequest {
+            api_key: Some(pb::ApiKey {
+                id: key.id.clone(),
+                disabled: true,
+                ..Default::default()
+            }),
+            update_mask: mask(&["disabled"]),
+            etag: String::new(),
+        })
         .await
         .unwrap();
     let v = app.verify(&secret, &need).await;
@@ -300,11 +248,9 @@ async fn checks_run_in_the_specified_order(backend: Backend) {
     );
 
     // Revoked beats expired.
-    app.keys()
-        .revoke_api_key(req(
-            pb::RevokeApiKeyRequest { id: key.id.clone() },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
         .await
         .unwrap();
     let v = app.verify(&secret, &need).await;
@@ -317,11 +263,9 @@ async fn checks_run_in_the_specified_order(backend: Backend) {
     );
 
     // Not found beats everything about the key; malformed beats not found.
-    app.keys()
-        .delete_api_key(req(
-            pb::DeleteApiKeyRequest { id: key.id.clone() },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .delete_api_key(pb::DeleteApiKeyRequest { id: key.id.clone() })
         .await
         .unwrap();
     assert_keyless(
@@ -343,17 +287,15 @@ async fn a_rotated_key_past_its_grace_is_expired_before_disabled(backend: Backen
     let w = app.create_workspace("w").await;
     let (old, old_secret) = app.create_key(&w.id, &[]).await;
     let rotated = app
-        .keys()
-        .rotate_api_key(req(
-            pb::RotateApiKeyRequest {
-                id: old.id.clone(),
-                grace_period: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .keys
+        .rotate_api_key(pb::RotateApiKeyRequest {
+            id: old.id.clone(),
+            grace_period: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -362,21 +304,17 @@ async fn a_rotated_key_past_its_grace_is_expired_before_disabled(backend: Backen
         pb::VerifyCode::Valid,
         &old,
     );
-    app.keys()
-        .update_api_key(req(
-            pb::UpdateApiKeyRequest {
-                api_key: Some(pb::ApiKey {
-                    id: old.id.clone(),
-                    disabled: true,
-                    ..Default::default()
-                }),
-                update_mask: Some(FieldMask {
-                    paths: vec!["disabled".into()],
-                }),
-                etag: String::new(),
-            },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .update_api_key(pb::UpdateApiKeyRequest {
+            api_key: Some(pb::ApiKey {
+                id: old.id.clone(),
+                disabled: true,
+                ..Default::default()
+            }),
+            update_mask: mask(&["disabled"]),
+            etag: String::new(),
+        })
         .await
         .unwrap();
     assert_found(
@@ -494,7 +432,14 @@ async fn invalid_required_scopes_are_an_error(backend: Backend) {
     ] {
         for key in [secret.as_str(), "garbage"] {
             let status = assert_err(
-                verify_as(&app, key, required, &app.admin(), None).await,
+                app.as_admin()
+                    .keys
+                    .verify_api_key(pb::VerifyApiKeyRequest {
+                        key: key.into(),
+                        required_scopes: strings(required),
+                    })
+                    .await
+                    .inner(),
                 Code::InvalidArgument,
                 "INVALID_ARGUMENT",
             );
@@ -519,18 +464,16 @@ async fn found_keys_carry_their_identity_but_never_the_secret(backend: Backend) 
     let w = app.create_workspace("w").await;
     app.create_scope("crm:read", "").await;
     let created = app
-        .keys()
-        .create_api_key(req(
-            pb::CreateApiKeyRequest {
-                workspace_id: w.id.clone(),
-                name: "billing".into(),
-                scopes: strings(&["crm:read"]),
-                owner_id: "cust_7".into(),
-                metadata: [("plan".to_string(), "pro".to_string())].into(),
-                ..Default::default()
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: w.id.clone(),
+            name: "billing".into(),
+            scopes: strings(&["crm:read"]),
+            owner_id: "cust_7".into(),
+            metadata: [("plan".to_string(), "pro".to_string())].into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -558,11 +501,9 @@ async fn found_keys_carry_their_identity_but_never_the_secret(backend: Backend) 
     let v = app.verify(&secret, &["erp:read"]).await;
     assert_found(&v, pb::VerifyCode::InsufficientScopes, &key);
     assert_no_secret(&v, &secret);
-    app.keys()
-        .revoke_api_key(req(
-            pb::RevokeApiKeyRequest { id: key.id.clone() },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .keys
+        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
         .await
         .unwrap();
     let v = app.verify(&secret, &[]).await;
@@ -577,21 +518,44 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
     let (key, secret) = app.create_key(&w.id, &[]).await;
     let platform = Cred::Bearer(token(None, &["keyplane.api_keys:verify"]));
 
-    let v = verify_as(&app, &secret, &[], &platform, None)
+    let v = app
+        .client(&platform)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_found(&v, pb::VerifyCode::Valid, &key);
     assert_eq!(v.tenant_id, app.tenant.to_string());
 
     let tenant = app.tenant.to_string();
-    let v = verify_as(&app, &secret, &[], &platform, Some(&tenant))
+    let v = app
+        .client(&platform)
+        .tenant(&tenant)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_found(&v, pb::VerifyCode::Valid, &key);
 
     let elsewhere = uuid::Uuid::now_v7().to_string();
-    let v = verify_as(&app, &secret, &[], &platform, Some(&elsewhere))
+    let v = app
+        .client(&platform)
+        .tenant(&elsewhere)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_keyless(
         &v,
@@ -600,20 +564,41 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
     );
 
     // Without x-tenant-id, every outcome is still reported for any tenant's key.
-    let v = verify_as(&app, &secret, &["crm:read"], &platform, None)
+    let v = app
+        .client(&platform)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&["crm:read"]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_found(&v, pb::VerifyCode::InsufficientScopes, &key);
-    let v = verify_as(&app, "kp_nope", &[], &platform, None)
+    let v = app
+        .client(&platform)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: "kp_nope".into(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_keyless(&v, pb::VerifyCode::Malformed, "platform, malformed");
 
     // A tenant token of another tenant does not see the key; sending that tenant's header
     // does not help either.
-    let stranger = Cred::Bearer(token(Some(uuid::Uuid::now_v7()), &all_builtin()));
-    let v = verify_as(&app, &secret, &[], &stranger, None)
+    let stranger = stranger();
+    let v = app
+        .client(&stranger)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_keyless(
         &v,
@@ -621,7 +606,15 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         "tenant token of another tenant",
     );
     assert_err(
-        verify_as(&app, &secret, &[], &stranger, Some(&tenant)).await,
+        app.client(&stranger)
+            .tenant(&tenant)
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: secret.clone(),
+                required_scopes: strings(&[]),
+            })
+            .await
+            .inner(),
         Code::PermissionDenied,
         "TENANT_MISMATCH",
     );
@@ -642,7 +635,14 @@ async fn callers_need_the_verify_scope(backend: Backend) {
     ));
     for candidate in [secret.as_str(), "garbage"] {
         let status = assert_err(
-            verify_as(&app, candidate, &[], &without, None).await,
+            app.client(&without)
+                .keys
+                .verify_api_key(pb::VerifyApiKeyRequest {
+                    key: candidate.into(),
+                    required_scopes: strings(&[]),
+                })
+                .await
+                .inner(),
             Code::PermissionDenied,
             "MISSING_SCOPE",
         );
@@ -656,37 +656,81 @@ async fn callers_need_the_verify_scope(backend: Backend) {
     }
     let platform_without = Cred::Bearer(token(None, &["keyplane.api_keys:read"]));
     assert_err(
-        verify_as(&app, &secret, &[], &platform_without, None).await,
+        app.client(&platform_without)
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: secret.clone(),
+                required_scopes: strings(&[]),
+            })
+            .await
+            .inner(),
         Code::PermissionDenied,
         "MISSING_SCOPE",
     );
 
     // `keyplane.api_keys:*` satisfies `keyplane.api_keys:verify`.
     let wildcard = Cred::Bearer(token(Some(app.tenant), &["keyplane.api_keys:*"]));
-    let v = verify_as(&app, &secret, &[], &wildcard, None)
+    let v = app
+        .client(&wildcard)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_found(&v, pb::VerifyCode::Valid, &key);
     let narrow = Cred::Bearer(token(Some(app.tenant), &["keyplane.api_keys:verify"]));
-    let v = verify_as(&app, &secret, &[], &narrow, None).await.unwrap();
+    let v = app
+        .client(&narrow)
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
+        .await
+        .inner()
+        .unwrap();
     assert_found(&v, pb::VerifyCode::Valid, &key);
 
     // Admin keys (x-api-key) follow the same rule.
     let (_, weak_admin) = app.create_key(&w.id, &["keyplane.api_keys:read"]).await;
     assert_err(
-        verify_as(&app, &secret, &[], &Cred::ApiKey(weak_admin), None).await,
+        app.client(&Cred::ApiKey(weak_admin))
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: secret.clone(),
+                required_scopes: strings(&[]),
+            })
+            .await
+            .inner(),
         Code::PermissionDenied,
         "MISSING_SCOPE",
     );
     let (_, verifier) = app.create_key(&w.id, &["keyplane.api_keys:verify"]).await;
-    let v = verify_as(&app, &secret, &[], &Cred::ApiKey(verifier), None)
+    let v = app
+        .client(&Cred::ApiKey(verifier))
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.clone(),
+            required_scopes: strings(&[]),
+        })
         .await
+        .inner()
         .unwrap();
     assert_found(&v, pb::VerifyCode::Valid, &key);
 
     // No credential at all.
     assert_err(
-        verify_as(&app, &secret, &[], &Cred::None, None).await,
+        app.client(&Cred::None)
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: secret.clone(),
+                required_scopes: strings(&[]),
+            })
+            .await
+            .inner(),
         Code::Unauthenticated,
         "CREDENTIALS_MISSING",
     );

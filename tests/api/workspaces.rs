@@ -1,6 +1,5 @@
 //! WorkspaceService: every RPC, its field rules, pagination, etags and idempotency.
 use keyplane::proto as pb;
-use prost_types::FieldMask;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -19,8 +18,9 @@ on_both_backends!(
 async fn create_applies_defaults_and_get_returns_it(backend: Backend) {
     let app = spawn_app(backend).await;
     let created = app
-        .workspaces()
-        .create_workspace(req(pb::CreateWorkspaceRequest::default(), &app.admin()))
+        .as_admin()
+        .workspaces
+        .create_workspace(pb::CreateWorkspaceRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -44,21 +44,19 @@ async fn create_applies_defaults_and_get_returns_it(backend: Backend) {
     );
 
     let full = app
-        .workspaces()
-        .create_workspace(req(
-            pb::CreateWorkspaceRequest {
-                name: "  Project Atlas  ".into(),
-                description: "d".into(),
-                company: Some("Acme".into()),
-                is_private: true,
-                is_personal: true,
-                owner_id: "acct_1".into(),
-                default_key_prefix: "atlas".into(),
-                labels: [("env".to_string(), "prod".to_string())].into(),
-                request_id: String::new(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .create_workspace(pb::CreateWorkspaceRequest {
+            name: "  Project Atlas  ".into(),
+            description: "d".into(),
+            company: Some("Acme".into()),
+            is_private: true,
+            is_personal: true,
+            owner_id: "acct_1".into(),
+            default_key_prefix: "atlas".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            request_id: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -66,13 +64,11 @@ async fn create_applies_defaults_and_get_returns_it(backend: Backend) {
         .unwrap();
     assert_eq!(full.name, "Project Atlas", "names are trimmed");
     let got = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: full.id.clone(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: full.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -81,21 +77,17 @@ async fn create_applies_defaults_and_get_returns_it(backend: Backend) {
     assert_eq!(got, full);
 
     let missing = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest {
-                id: uuid::Uuid::now_v7().to_string(),
-            },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+        })
         .await;
     assert_err(missing, Code::NotFound, "NOT_FOUND");
     let bad_id = app
-        .workspaces()
-        .get_workspace(req(
-            pb::GetWorkspaceRequest { id: "nope".into() },
-            &app.admin(),
-        ))
+        .as_admin()
+        .workspaces
+        .get_workspace(pb::GetWorkspaceRequest { id: "nope".into() })
         .await;
     let status = assert_err(bad_id, Code::InvalidArgument, "INVALID_ARGUMENT");
     assert_eq!(violated_fields(&status), ["id"]);
@@ -117,9 +109,7 @@ async fn create_validates_every_field(backend: Backend) {
         ..Default::default()
     };
     let status = assert_err(
-        app.workspaces()
-            .create_workspace(req(bad, &app.admin()))
-            .await,
+        app.as_admin().workspaces.create_workspace(bad).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
@@ -144,9 +134,7 @@ async fn create_validates_every_field(backend: Backend) {
             ..Default::default()
         };
         let status = assert_err(
-            app.workspaces()
-                .create_workspace(req(r, &app.admin()))
-                .await,
+            app.as_admin().workspaces.create_workspace(r).await,
             Code::InvalidArgument,
             "INVALID_ARGUMENT",
         );
@@ -162,8 +150,9 @@ async fn create_validates_every_field(backend: Backend) {
             .collect(),
         ..Default::default()
     };
-    app.workspaces()
-        .create_workspace(req(edge, &app.admin()))
+    app.as_admin()
+        .workspaces
+        .create_workspace(edge)
         .await
         .unwrap();
 }
@@ -176,19 +165,22 @@ async fn create_is_idempotent_by_request_id(backend: Backend) {
         ..Default::default()
     };
     let first = app
-        .workspaces()
-        .create_workspace(req(request.clone(), &app.admin()))
+        .as_admin()
+        .workspaces
+        .create_workspace(request.clone())
         .await
         .unwrap();
     let retry = app
-        .workspaces()
-        .create_workspace(req(request, &app.admin()))
+        .as_admin()
+        .workspaces
+        .create_workspace(request)
         .await
         .unwrap();
     assert_eq!(first.into_inner(), retry.into_inner());
     let list = app
-        .workspaces()
-        .list_workspaces(req(pb::ListWorkspacesRequest::default(), &app.admin()))
+        .as_admin()
+        .workspaces
+        .list_workspaces(pb::ListWorkspacesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -204,14 +196,12 @@ async fn list_pages_through_everything_with_tamper_evident_tokens(backend: Backe
     let list = |size: i32, token: String| {
         let app = &app;
         async move {
-            app.workspaces()
-                .list_workspaces(req(
-                    pb::ListWorkspacesRequest {
-                        page_size: size,
-                        page_token: token,
-                    },
-                    &app.admin(),
-                ))
+            app.as_admin()
+                .workspaces
+                .list_workspaces(pb::ListWorkspacesRequest {
+                    page_size: size,
+                    page_token: token,
+                })
                 .await
         }
     };
@@ -264,22 +254,16 @@ async fn list_pages_through_everything_with_tamper_evident_tokens(backend: Backe
         assert_eq!(violated_fields(&status), ["page_token"]);
     }
     // Another tenant's listing refuses this tenant's token: the filters differ.
-    let other = Cred::Bearer(token_for(uuid::Uuid::now_v7()));
+    let other = stranger();
     let replay = app
-        .workspaces()
-        .list_workspaces(req(
-            pb::ListWorkspacesRequest {
-                page_size: 3,
-                page_token: token,
-            },
-            &other,
-        ))
+        .client(&other)
+        .workspaces
+        .list_workspaces(pb::ListWorkspacesRequest {
+            page_size: 3,
+            page_token: token,
+        })
         .await;
     assert_err(replay, Code::InvalidArgument, "INVALID_ARGUMENT");
-}
-
-fn token_for(tenant: uuid::Uuid) -> String {
-    token(Some(tenant), &all_builtin())
 }
 
 async fn update_follows_the_mask_and_the_etag(backend: Backend) {
@@ -288,14 +272,11 @@ async fn update_follows_the_mask_and_the_etag(backend: Backend) {
     let update = |w: pb::Workspace, paths: &[&str], etag: &str| {
         let request = pb::UpdateWorkspaceRequest {
             workspace: Some(w),
-            update_mask: Some(FieldMask {
-                paths: paths.iter().map(|p| p.to_string()).collect(),
-            }),
+            update_mask: mask(paths),
             etag: etag.into(),
         };
-        let mut client = app.workspaces();
-        let cred = app.admin();
-        async move { client.update_workspace(req(request, &cred)).await }
+        let mut workspaces = app.as_admin().workspaces;
+        async move { workspaces.update_workspace(request).await }
     };
 
     let changed = pb::Workspace {
@@ -399,15 +380,11 @@ async fn update_rejects_bad_masks(backend: Backend) {
                 name: "x".into(),
                 ..Default::default()
             }),
-            update_mask: Some(FieldMask {
-                paths: paths.iter().map(|p| p.to_string()).collect(),
-            }),
+            update_mask: mask(&paths),
             etag: String::new(),
         };
         let status = assert_err(
-            app.workspaces()
-                .update_workspace(req(request, &app.admin()))
-                .await,
+            app.as_admin().workspaces.update_workspace(request).await,
             Code::InvalidArgument,
             "INVALID_ARGUMENT",
         );
@@ -418,15 +395,11 @@ async fn update_rejects_bad_masks(backend: Backend) {
             id: w.id.clone(),
             ..Default::default()
         }),
-        update_mask: Some(FieldMask {
-            paths: vec!["name".into()],
-        }),
+        update_mask: mask(&["name"]),
         etag: String::new(),
     };
     let status = assert_err(
-        app.workspaces()
-            .update_workspace(req(empty_name, &app.admin()))
-            .await,
+        app.as_admin().workspaces.update_workspace(empty_name).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
@@ -438,15 +411,12 @@ async fn delete_refuses_live_keys_unless_forced(backend: Backend) {
     let w = app.create_workspace("w").await;
     let (_, secret) = app.create_key(&w.id, &[]).await;
     let delete = |force: bool| {
-        let mut client = app.workspaces();
-        let request = req(
-            pb::DeleteWorkspaceRequest {
-                id: w.id.clone(),
-                force,
-            },
-            &app.admin(),
-        );
-        async move { client.delete_workspace(request).await }
+        let mut workspaces = app.as_admin().workspaces;
+        let request = pb::DeleteWorkspaceRequest {
+            id: w.id.clone(),
+            force,
+        };
+        async move { workspaces.delete_workspace(request).await }
     };
     assert_err(
         delete(false).await,
@@ -463,14 +433,12 @@ async fn delete_refuses_live_keys_unless_forced(backend: Backend) {
 
     // A workspace without live keys goes without force.
     let empty = app.create_workspace("empty").await;
-    app.workspaces()
-        .delete_workspace(req(
-            pb::DeleteWorkspaceRequest {
-                id: empty.id,
-                force: false,
-            },
-            &app.admin(),
-        ))
+    app.as_admin()
+        .workspaces
+        .delete_workspace(pb::DeleteWorkspaceRequest {
+            id: empty.id,
+            force: false,
+        })
         .await
         .unwrap();
 }
