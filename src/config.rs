@@ -22,6 +22,7 @@ pub mod defaults {
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const CACHE_CAPACITY: u64 = 100_000;
 }
 
 /// A flag value that must never be printed back: clap parses it straight into a secret.
@@ -143,6 +144,10 @@ pub struct ServeArgs {
     /// closed.
     #[arg(long, env = "KEYPLANE_IDLE_TIMEOUT", default_value_t = defaults::IDLE_TIMEOUT.into())]
     pub idle_timeout: humantime::Duration,
+    /// Verification cache entries (keys and unknown digests) kept in memory; 0 turns the
+    /// cache off, so that every verification reads the database.
+    #[arg(long, env = "KEYPLANE_CACHE_CAPACITY", default_value_t = defaults::CACHE_CAPACITY)]
+    pub cache_capacity: u64,
     /// Longest time one call may take, however slowly the client sends it; a client's
     /// shorter `grpc-timeout` wins.
     #[arg(long, env = "KEYPLANE_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT.into())]
@@ -202,6 +207,7 @@ pub struct Settings {
     pub health_interval: Duration,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
+    pub cache_capacity: u64,
 }
 
 impl Settings {
@@ -217,6 +223,7 @@ impl Settings {
             health_interval: defaults::HEALTH_INTERVAL,
             idle_timeout: defaults::IDLE_TIMEOUT,
             request_timeout: defaults::REQUEST_TIMEOUT,
+            cache_capacity: defaults::CACHE_CAPACITY,
         }
     }
 }
@@ -233,6 +240,7 @@ impl From<ServeArgs> for Settings {
             health_interval: args.health_interval.into(),
             idle_timeout: args.idle_timeout.into(),
             request_timeout: args.request_timeout.into(),
+            cache_capacity: args.cache_capacity,
         }
     }
 }

@@ -32,10 +32,12 @@ use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, scope_service_server::ScopeServiceServer,
     workspace_service_server::WorkspaceServiceServer,
 };
+use crate::storage::feed::{self, FeedState};
 use crate::storage::usage::UsageRecorder;
 use crate::storage::{self, Migrator, MigratorTrait, Store};
 use crate::telemetry::redact_url;
 use crate::verification::KeyVerifier;
+use crate::verification::cache::VerificationCache;
 
 /// Streams one HTTP/2 connection may open at once: enough for any real client, and a
 /// bound on what one connection can make the server hold.
@@ -47,6 +49,8 @@ pub struct Application {
     local_addr: SocketAddr,
     settings: Settings,
     store: Store,
+    /// On PostgreSQL: the feed that keeps the cache in step with the other replicas.
+    feed: Option<(Arc<FeedState>, Arc<VerificationCache>)>,
     api: KeyplaneApi,
     auth: Authenticator,
     usage: Arc<UsageRecorder>,
@@ -89,8 +93,21 @@ impl Application {
             .context("the stored page-token key is corrupt")?;
         let pages = PageTokenCodec::new(key);
 
+        // PostgreSQL may have other replicas writing: the cache answers only while the
+        // invalidation feed is up. SQLite is one process: every write evicts locally.
+        let postgres = store.backend() == "postgres";
+        let feed = if postgres {
+            FeedState::down()
+        } else {
+            FeedState::always_up()
+        };
+        let cache = Arc::new(VerificationCache::new(
+            settings.cache_capacity,
+            feed.clone(),
+        ));
+        let store = store.with_evictions(cache.clone());
         let usage = Arc::new(UsageRecorder::default());
-        let verifier = KeyVerifier::new(store.clone(), usage.clone());
+        let verifier = KeyVerifier::new(store.clone(), cache.clone(), usage.clone());
         let auth = Authenticator::new(jwt, verifier.clone());
         let api = KeyplaneApi::new(store.clone(), verifier, pages);
 
@@ -112,6 +129,7 @@ impl Application {
             local_addr,
             settings,
             store,
+            feed: postgres.then_some((feed, cache)),
             api,
             auth,
             usage,
@@ -143,6 +161,16 @@ impl Application {
         let usage_stop = stop_usage.clone();
         let flusher =
             tokio::spawn(async move { usage.run(usage_store, flush_interval, usage_stop).await });
+        let stop_feed = CancellationToken::new();
+        let feed = self.feed.clone().map(|(state, cache)| {
+            tokio::spawn(feed::run(
+                self.settings.database_url.expose_secret().to_owned(),
+                self.store.connection().clone(),
+                cache,
+                state,
+                stop_feed.clone(),
+            ))
+        });
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -206,6 +234,10 @@ impl Application {
         };
         stop_usage.cancel();
         let _ = flusher.await;
+        stop_feed.cancel();
+        if let Some(feed) = feed {
+            let _ = feed.await;
+        }
         tracing::info!("stopped");
         result
     }

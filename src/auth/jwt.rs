@@ -103,7 +103,6 @@ impl std::fmt::Debug for JwtVerifier {
 struct Claims {
     sub: String,
     /// Checked by jsonwebtoken; declared so that a non-integer `exp` rejects the token.
-    #[allow(dead_code)]
     exp: u64,
     /// Likewise for `nbf`.
     #[serde(default)]
@@ -124,6 +123,8 @@ pub struct TokenIdentity {
     /// `None`: a platform token.
     pub tenant: Option<TenantId>,
     pub scopes: Vec<String>,
+    /// The last second (Unix time) at which the token is accepted: `exp` plus the leeway.
+    pub accepted_until: u64,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, JwtConfigError> {
@@ -296,6 +297,7 @@ impl JwtVerifier {
             subject: claims.sub,
             tenant,
             scopes,
+            accepted_until: claims.exp.saturating_add(self.leeway_secs),
         })
     }
 }

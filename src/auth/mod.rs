@@ -2,8 +2,10 @@
 //! for which tenant, with which built-in scopes. Knows nothing of gRPC; the transport layer
 //! hands it the raw credential values.
 pub mod jwt;
+mod token_cache;
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::domain::records::VerifyCode;
 use crate::domain::scope::{self, BuiltinScope, ScopeString};
@@ -11,6 +13,7 @@ use crate::domain::{TenantAccess, TenantId};
 use crate::storage::StoreError;
 use crate::verification::KeyVerifier;
 use jwt::JwtVerifier;
+use token_cache::TokenCache;
 
 /// Why a caller was refused: one row each of the authentication-failure table in
 /// `docs/api.md`, plus the `x-tenant-id` rules. None carries the credential itself.
@@ -126,14 +129,16 @@ pub fn bearer_token(authorization: &str) -> Result<&str, AuthError> {
 /// Turns credentials into a [`Caller`].
 #[derive(Clone)]
 pub struct Authenticator {
-    jwt: std::sync::Arc<JwtVerifier>,
+    jwt: Arc<JwtVerifier>,
+    tokens: Arc<TokenCache>,
     keys: KeyVerifier,
 }
 
 impl Authenticator {
     pub fn new(jwt: JwtVerifier, keys: KeyVerifier) -> Self {
         Self {
-            jwt: std::sync::Arc::new(jwt),
+            jwt: Arc::new(jwt),
+            tokens: Arc::new(TokenCache::new()),
             keys,
         }
     }
@@ -159,12 +164,13 @@ impl Authenticator {
     }
 
     fn bearer(&self, authorization: &str) -> Result<Caller, AuthError> {
-        let identity = self.jwt.verify(bearer_token(authorization)?)?;
+        let token = bearer_token(authorization)?;
+        let identity = self.tokens.identity(token, |t| self.jwt.verify(t))?;
         Ok(Caller {
-            subject: identity.subject,
+            subject: identity.subject.clone(),
             // No tenant claim: a platform token, which may act for any tenant.
             access: identity.tenant.map_or(TenantAccess::Any, TenantAccess::One),
-            scopes: identity.scopes,
+            scopes: identity.scopes.clone(),
         })
     }
 

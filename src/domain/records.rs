@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::TenantId;
-use super::key::{KeyPrefix, masked_key};
+use super::key::{KeyDigest, KeyPrefix, masked_key};
 use super::rules::{GracePeriod, Retirement, RuleViolation};
 use super::scope::{self, BuiltinScope, ScopeString};
 use super::update::{Patch, Revisioned, set};
@@ -193,6 +193,8 @@ pub struct ApiKey {
     pub name: String,
     pub prefix: String,
     pub last_four: String,
+    /// What the key is stored and cached under; never shown to anyone.
+    pub digest: KeyDigest,
     pub scopes: Vec<String>,
     pub owner_id: Option<String>,
     pub metadata: StringMap,
@@ -356,6 +358,7 @@ mod tests {
             name: String::new(),
             prefix: "kp".into(),
             last_four: "abcd".into(),
+            digest: KeyDigest([0; 32]),
             scopes: vec!["crm:*".into()],
             owner_id: None,
             metadata: StringMap::new(),

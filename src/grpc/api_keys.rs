@@ -1,4 +1,6 @@
 //! `keyplane.v1.ApiKeyService`.
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -294,7 +296,7 @@ impl ApiKeyService for KeyplaneApi {
                 .as_ref()
                 .map(|k| k.workspace_id.to_string())
                 .unwrap_or_default(),
-            api_key: outcome.key.map(Into::into),
+            api_key: outcome.key.map(|k| Arc::unwrap_or_clone(k).into()),
             missing_scopes: outcome.missing,
         }))
     }

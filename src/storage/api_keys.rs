@@ -7,11 +7,12 @@ use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect,
-    sea_query::{Expr, ExprTrait},
+    sea_query::{CaseStatement, Expr, ExprTrait},
 };
 use uuid::Uuid;
 
 use super::entity::{TenantOwned, api_key, api_key_scope};
+use super::invalidation::Eviction;
 use super::update::Stored;
 use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
@@ -43,6 +44,7 @@ fn from_model(m: api_key::Model, scopes: Vec<String>) -> Result<ApiKey, StoreErr
         name: m.name,
         prefix: m.prefix,
         last_four: m.last_four,
+        digest: digest_of(m.id, m.key_digest)?,
         scopes,
         owner_id: m.owner_id,
         metadata: map_from_json(m.metadata)?,
@@ -113,6 +115,49 @@ async fn insert_grants(
     Ok(())
 }
 
+fn digest_of(id: Uuid, bytes: Vec<u8>) -> Result<KeyDigest, StoreError> {
+    bytes
+        .try_into()
+        .map(KeyDigest)
+        .map_err(|_| StoreError::Corrupt(format!("key {id} digest")))
+}
+
+/// A key some write touches as a side effect: what its cache eviction and the write's
+/// rules need to know.
+pub(super) struct Touched {
+    pub digest: KeyDigest,
+    pub live: bool,
+}
+
+/// The keys of this tenant matching `condition`, for a write that affects them all (a
+/// forced delete of their workspace or of a scope they hold).
+pub(super) async fn touched_keys(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    condition: sea_orm::Condition,
+) -> Result<Vec<Touched>, StoreError> {
+    let rows: Vec<(Uuid, Vec<u8>, Option<DateTime<Utc>>)> = api_key::Entity::find()
+        .select_only()
+        .columns([
+            api_key::Column::Id,
+            api_key::Column::KeyDigest,
+            api_key::Column::RevokeTime,
+        ])
+        .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+        .filter(condition)
+        .into_tuple()
+        .all(conn)
+        .await?;
+    rows.into_iter()
+        .map(|(id, digest, revoked)| {
+            Ok(Touched {
+                digest: digest_of(id, digest)?,
+                live: revoked.is_none(),
+            })
+        })
+        .collect()
+}
+
 async fn find_key(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
@@ -180,7 +225,8 @@ impl Store {
             Err(e) => return Err(e.into()),
         }
         insert_grants(&txn, model.id, &grants).await?;
-        txn.commit().await?;
+        // A verification of this secret may have been cached as unknown (negative entry).
+        self.commit(txn, Eviction::key(secret.digest())).await?;
         let mut scopes: Vec<String> = grants.into_iter().map(|(s, _)| s).collect();
         scopes.sort();
         Ok((from_model(model, scopes)?, Some(secret)))
@@ -236,6 +282,7 @@ impl Store {
 
     /// Revokes a key; revoking a revoked key changes nothing.
     pub async fn revoke_api_key(&self, tenant: TenantId, id: Uuid) -> Result<ApiKey, StoreError> {
+        let txn = self.begin_write().await?;
         let now = db_now();
         api_key::Entity::update_many()
             .col_expr(api_key::Column::RevokeTime, Expr::value(now))
@@ -247,9 +294,13 @@ impl Store {
             .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
             .filter(api_key::Column::Id.eq(id))
             .filter(api_key::Column::RevokeTime.is_null())
-            .exec(&self.db)
+            .exec(&txn)
             .await?;
-        self.get_api_key(tenant, id).await
+        let key = find_key(&txn, tenant, id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", id))?;
+        self.commit(txn, Eviction::key(key.digest)).await?;
+        Ok(key)
     }
 
     /// Replaces a key by a successor with a new secret; [`ApiKey::rotation`] decides whether
@@ -323,7 +374,8 @@ impl Store {
             .map(|g| (g.scope, g.scope_id))
             .collect();
         insert_grants(&txn, successor_id, &grants).await?;
-        txn.commit().await?;
+        self.commit(txn, Eviction::keys(vec![old.digest, secret.digest()]))
+            .await?;
         Ok(Rotated {
             key: from_model(successor, old.scopes)?,
             secret,
@@ -331,18 +383,22 @@ impl Store {
     }
 
     pub async fn delete_api_key(&self, tenant: TenantId, id: Uuid) -> Result<(), StoreError> {
-        let result = api_key::Entity::delete_many()
+        let txn = self.begin_write().await?;
+        let key = api_key::Entity::by_id(tenant, id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", id))?;
+        api_key::Entity::delete_many()
             .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
             .filter(api_key::Column::Id.eq(id))
-            .exec(&self.db)
+            .exec(&txn)
             .await?;
-        if result.rows_affected == 0 {
-            return Err(StoreError::not_found("api key", id));
-        }
-        Ok(())
+        self.commit(txn, Eviction::key(digest_of(key.id, key.key_digest)?))
+            .await
     }
 
-    /// The key with this digest, if the caller may see its tenant.
+    /// The key with this digest, if the caller may see its tenant: one query (the key and
+    /// its grants joined), the whole cost of a verification the cache cannot answer.
     pub async fn find_api_key_by_digest(
         &self,
         access: TenantAccess,
@@ -353,36 +409,53 @@ impl Store {
         if let TenantAccess::One(tenant) = access {
             query = query.filter(api_key::Column::TenantId.eq(tenant.as_uuid()));
         }
-        let found = query.one(&self.db).await?;
-        Ok(with_scopes(&self.db, found.into_iter().collect())
+        let Some((model, grants)) = query
+            .find_with_related(api_key_scope::Entity)
+            .all(&self.db)
             .await?
-            .pop())
+            .pop()
+        else {
+            return Ok(None);
+        };
+        let mut scopes: Vec<String> = grants.into_iter().map(|g| g.scope).collect();
+        scopes.sort();
+        from_model(model, scopes).map(Some)
     }
 
-    /// Writes coalesced `last_used_time` values in one transaction. A value only moves
-    /// forward, so batches from several replicas may land in any order.
+    /// Writes coalesced `last_used_time` values, one statement per chunk of keys. A value
+    /// only moves forward, so batches from several replicas may land in any order.
     pub async fn record_key_usage(
         &self,
         batch: &[(TenantId, Uuid, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let txn = self.begin_write().await?;
-        for (tenant, id, used) in batch {
+        // Four bind parameters per key, well under SQLite's limit of 32766 per statement.
+        const CHUNK: usize = 2000;
+        for chunk in batch.chunks(CHUNK) {
+            let newer = |tenant: &TenantId, id: &Uuid, used: &DateTime<Utc>| {
+                api_key::Column::TenantId
+                    .eq(tenant.as_uuid())
+                    .and(api_key::Column::Id.eq(*id))
+                    .and(
+                        api_key::Column::LastUsedTime
+                            .is_null()
+                            .or(api_key::Column::LastUsedTime.lt(*used)),
+                    )
+            };
+            let case = chunk
+                .iter()
+                .fold(CaseStatement::new(), |case, (t, id, used)| {
+                    case.case(newer(t, id, used), Expr::value(*used))
+                });
             api_key::Entity::update_many()
-                .col_expr(api_key::Column::LastUsedTime, Expr::value(*used))
-                .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-                .filter(api_key::Column::Id.eq(*id))
-                .filter(
-                    sea_orm::Condition::any()
-                        .add(api_key::Column::LastUsedTime.is_null())
-                        .add(api_key::Column::LastUsedTime.lt(*used)),
+                .col_expr(
+                    api_key::Column::LastUsedTime,
+                    case.finally(Expr::col(api_key::Column::LastUsedTime))
+                        .into(),
                 )
-                .exec(&txn)
+                .filter(api_key::Column::Id.is_in(chunk.iter().map(|(_, id, _)| *id)))
+                .exec(&self.db)
                 .await?;
         }
-        txn.commit().await?;
         Ok(())
     }
 }
@@ -402,6 +475,10 @@ impl Stored for ApiKey {
         id: Uuid,
     ) -> Result<Option<Self>, StoreError> {
         find_key(txn, tenant, id).await
+    }
+
+    fn eviction(&self) -> Eviction {
+        Eviction::key(self.digest)
     }
 
     fn changes(&self) -> api_key::ActiveModel {

@@ -3,11 +3,14 @@
 pub mod entity;
 
 mod api_keys;
+pub mod feed;
+pub mod invalidation;
 mod scopes;
 mod update;
 pub mod usage;
 mod workspaces;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{
@@ -19,6 +22,7 @@ pub use api_keys::{ApiKeyFilter, Rotated};
 pub use migration::{Migrator, sea_orm_migration::MigratorTrait};
 
 use crate::domain::rules::RuleViolation;
+use invalidation::{Eviction, EvictionSink};
 
 /// Why a storage call failed. Keeps the database error as the source for the logs; the
 /// transport layer decides what the client sees.
@@ -118,14 +122,57 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
 }
 
 /// The handle every repository method hangs off.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// This replica's verification cache, told about every write that changes an answer.
+    evictions: Option<Arc<dyn EvictionSink>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self {
+            db,
+            evictions: None,
+        }
+    }
+
+    /// Has every write that changes a verification answer evict it from `sink`.
+    pub fn with_evictions(self, sink: Arc<dyn EvictionSink>) -> Self {
+        Self {
+            evictions: Some(sink),
+            ..self
+        }
+    }
+
+    /// The connection pool, for the invalidation feed's heartbeats.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Ends every write: the eviction goes to the other replicas with the commit (NOTIFY in
+    /// the transaction) and to this replica's cache before the caller can answer. This
+    /// replica evicts even when the commit reports an error: the write may have landed,
+    /// and evicting too much is only slower.
+    pub(crate) async fn commit(
+        &self,
+        txn: DatabaseTransaction,
+        eviction: Eviction,
+    ) -> Result<(), StoreError> {
+        invalidation::notify(&txn, &eviction).await?;
+        let committed = txn.commit().await;
+        if let Some(sink) = &self.evictions {
+            sink.evict(&eviction);
+        }
+        committed.map_err(StoreError::from)
     }
 
     /// A transaction that will write. On SQLite it takes the write lock up front

@@ -2,13 +2,15 @@
 //! listed in front of them.
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
     sea_query::{Expr, ExprTrait, Query},
 };
 use uuid::Uuid;
 
+use super::api_keys::touched_keys;
 use super::entity::{TenantOwned, api_key, api_key_scope, scope};
+use super::invalidation::Eviction;
 use super::update::Stored;
 use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation};
@@ -180,10 +182,17 @@ impl Store {
         let found = find_scope(&txn, tenant, id)
             .await?
             .ok_or_else(|| StoreError::not_found("scope", id))?;
-        let grants = api_key_scope::Entity::find()
-            .filter(api_key_scope::Column::ScopeId.eq(id))
-            .count(&txn)
-            .await?;
+        let holding = Condition::all().add(
+            api_key::Column::Id.in_subquery(
+                Query::select()
+                    .column(api_key_scope::Column::ApiKeyId)
+                    .from(api_key_scope::Entity)
+                    .and_where(api_key_scope::Column::ScopeId.eq(id))
+                    .to_owned(),
+            ),
+        );
+        let keys = touched_keys(&txn, tenant, holding.clone()).await?;
+        let grants = keys.len() as u64;
         found.ensure_deletable(grants, force)?;
         if grants > 0 {
             // The keys' scope lists change, so their etags must too.
@@ -194,15 +203,7 @@ impl Store {
                 )
                 .col_expr(api_key::Column::UpdateTime, Expr::value(db_now()))
                 .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-                .filter(
-                    api_key::Column::Id.in_subquery(
-                        Query::select()
-                            .column(api_key_scope::Column::ApiKeyId)
-                            .from(api_key_scope::Entity)
-                            .and_where(api_key_scope::Column::ScopeId.eq(id))
-                            .to_owned(),
-                    ),
-                )
+                .filter(holding)
                 .exec(&txn)
                 .await?;
         }
@@ -212,7 +213,8 @@ impl Store {
             .filter(scope::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        txn.commit().await?;
+        let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
+        self.commit(txn, eviction).await?;
         Ok(grants)
     }
 

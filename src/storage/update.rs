@@ -1,13 +1,15 @@
 //! The one write path of every update: read the current state inside a write
 //! transaction, let the domain apply the patch (and its rules), check the client's etag,
 //! and write with a compare-and-set on the revision. Anything that must happen with every
-//! update (cache eviction, an audit event) belongs in [`Store::update`].
+//! update belongs in [`Store::update`]; what must happen with every write (the cache
+//! eviction, later an audit event) belongs in [`Store::commit`], which ends them all.
 use std::future::Future;
 
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
 use super::entity::TenantOwned;
+use super::invalidation::Eviction;
 use super::{Store, StoreError, db_now};
 use crate::domain::TenantId;
 use crate::domain::update::{Patch, Revisioned, Update};
@@ -35,6 +37,11 @@ pub trait Stored: Revisioned + Send + Sync + Sized {
 
     /// The row's columns an update may change, revision and update time included.
     fn changes(&self) -> <Self::Table as EntityTrait>::ActiveModel;
+
+    /// The cached verification answers an update of it makes stale; none by default.
+    fn eviction(&self) -> Eviction {
+        Eviction::None
+    }
 
     /// Writes that go with the row's, in the same transaction (a key's grants).
     fn save_related(
@@ -90,7 +97,7 @@ impl Store {
             current.touch(db_now());
             if compare_and_set(&txn, tenant, &current, read_revision).await? {
                 current.save_related(&txn, tenant, &update.patch).await?;
-                txn.commit().await?;
+                self.commit(txn, current.eviction()).await?;
                 return Ok(current);
             }
             if update.expected_revision.is_some() {

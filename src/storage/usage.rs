@@ -1,30 +1,26 @@
 //! `last_used_time` without one database write per verification: verifications note the
 //! time in memory, and a background task writes the latest value per key in batches.
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Store;
 use crate::domain::TenantId;
 
-/// Pending usage, keyed by key id.
+/// Pending usage, keyed by key id. A sharded map: verifications of different keys do not
+/// contend, and none waits for a flush.
 #[derive(Debug, Default)]
 pub struct UsageRecorder {
-    pending: Mutex<HashMap<Uuid, (TenantId, DateTime<Utc>)>>,
+    pending: DashMap<Uuid, (TenantId, DateTime<Utc>)>,
 }
 
 impl UsageRecorder {
     /// Notes a successful verification; cheap enough for the hot path.
     pub fn record(&self, tenant: TenantId, key_id: Uuid, at: DateTime<Utc>) {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        pending
+        self.pending
             .entry(key_id)
             .and_modify(|(_, t)| *t = (*t).max(at))
             .or_insert((tenant, at));
@@ -33,16 +29,15 @@ impl UsageRecorder {
     /// Writes what is pending. On failure the batch goes back into the queue for the next
     /// attempt, so a database outage delays `last_used_time` but loses nothing.
     pub async fn flush(&self, store: &Store) {
-        let batch: Vec<(TenantId, Uuid, DateTime<Utc>)> = {
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            pending
-                .drain()
-                .map(|(id, (tenant, at))| (tenant, id, at))
-                .collect()
-        };
+        let batch: Vec<(TenantId, Uuid, DateTime<Utc>)> = self
+            .pending
+            .iter()
+            .map(|e| (e.value().0, *e.key(), e.value().1))
+            .collect();
+        // Taken out unless a newer use came in meanwhile (that one waits for the next flush).
+        for (_, id, at) in &batch {
+            self.pending.remove_if(id, |_, (_, t)| t <= at);
+        }
         if batch.is_empty() {
             return;
         }

@@ -1,11 +1,13 @@
 //! Workspace repository.
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
+use super::api_keys::touched_keys;
 use super::entity::{TenantOwned, api_key, workspace};
+use super::invalidation::Eviction;
 use super::update::Stored;
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
 use crate::domain::TenantId;
@@ -138,12 +140,13 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let txn = self.begin_write().await?;
         require_workspace(&txn, tenant, id).await?;
-        let live_keys = api_key::Entity::find()
-            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(api_key::Column::WorkspaceId.eq(id))
-            .filter(api_key::Column::RevokeTime.is_null())
-            .count(&txn)
-            .await?;
+        let keys = touched_keys(
+            &txn,
+            tenant,
+            Condition::all().add(api_key::Column::WorkspaceId.eq(id)),
+        )
+        .await?;
+        let live_keys = keys.iter().filter(|k| k.live).count() as u64;
         Workspace::ensure_deletable(live_keys, force)?;
         // The keys go with the workspace (ON DELETE CASCADE): gone is stronger than revoked.
         workspace::Entity::delete_many()
@@ -151,7 +154,8 @@ impl Store {
             .filter(workspace::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        txn.commit().await?;
+        let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
+        self.commit(txn, eviction).await?;
         Ok(live_keys)
     }
 }

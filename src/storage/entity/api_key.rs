@@ -28,6 +28,16 @@ pub struct Model {
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-pub enum Relation {}
+pub enum Relation {
+    /// The key's grants, loaded with it in one query when a key is verified.
+    #[sea_orm(has_many = "super::api_key_scope::Entity")]
+    Grants,
+}
+
+impl Related<super::api_key_scope::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Grants.def()
+    }
+}
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,197 @@
+//! The invalidation feed: a dedicated PostgreSQL connection that `LISTEN`s for the
+//! evictions every replica sends (see [`invalidation`](super::invalidation)) and applies
+//! them to this replica's cache.
+//!
+//! # Why the 1-second bound holds
+//!
+//! A write's `NOTIFY` is sent in the write's transaction, so PostgreSQL delivers it to every
+//! listening connection when (and only when) the write commits. Each case:
+//!
+//! - **Feed up.** The notification reaches this replica within the network's latency
+//!   (milliseconds) of the commit; the eviction happens as it arrives. A verification that
+//!   filled the cache from a read taken before the commit cannot re-insert the stale
+//!   answer after the eviction: the cache checks its eviction epoch around every fill.
+//! - **Feed known down** (the connection closed, a query failed, PostgreSQL restarted): the
+//!   state is [`FeedState::is_up`] = false from the moment the loss is seen, and the cache
+//!   is bypassed: every verification reads the database, which is the truth.
+//! - **Feed silently dead** (a connection that stopped delivering without closing): every
+//!   [`HEARTBEAT`] the feed sends itself a notification through the ordinary pool, and
+//!   marks itself down when none has come back within [`HEARTBEAT_TIMEOUT`]. So the cache
+//!   can serve stale answers for at most `HEARTBEAT + HEARTBEAT_TIMEOUT` (750 ms) after a
+//!   silent failure, inside the 1-second bound.
+//! - **Feed back.** After reconnecting, the feed `LISTEN`s first, then flushes the whole
+//!   cache, and only then marks itself up: whatever changed while it was down is read
+//!   fresh from the database, and nothing sent after the `LISTEN` can be missed.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::invalidation::{CHANNEL, Eviction, EvictionSink};
+
+/// How often the feed proves to itself that it still delivers.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long a heartbeat may take to come back before the feed counts as down.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Reconnection backoff: doubles from the first value up to the second.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Whether the cache may answer. Shared by the feed and the cache.
+#[derive(Debug)]
+pub struct FeedState {
+    up: AtomicBool,
+}
+
+impl FeedState {
+    /// A replica without a feed to wait for (SQLite: one process, local eviction only).
+    pub fn always_up() -> Arc<Self> {
+        Arc::new(Self {
+            up: AtomicBool::new(true),
+        })
+    }
+
+    /// A replica whose cache stays off until its feed is listening.
+    pub fn down() -> Arc<Self> {
+        Arc::new(Self {
+            up: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn set(&self, up: bool) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            metrics::gauge!("keyplane_invalidation_feed_up").set(if up { 1.0 } else { 0.0 });
+            metrics::counter!(
+                "keyplane_invalidation_feed_transitions_total",
+                "to" => if up { "up" } else { "down" }
+            )
+            .increment(1);
+            if up {
+                tracing::info!("invalidation feed up: the verification cache answers again");
+            } else {
+                tracing::warn!("invalidation feed down: verifications read the database");
+            }
+        }
+    }
+}
+
+/// What the listening task reports.
+enum Heard {
+    Payload(String),
+    Lost(String),
+}
+
+/// Keeps the feed up until `stop`: listens, applies evictions, reconnects with backoff.
+pub async fn run(
+    url: String,
+    db: DatabaseConnection,
+    sink: Arc<dyn EvictionSink>,
+    state: Arc<FeedState>,
+    stop: CancellationToken,
+) {
+    // Tells this replica's heartbeats from the others'.
+    let me = uuid::Uuid::now_v7().simple().to_string();
+    let mut backoff = BACKOFF.0;
+    loop {
+        let ended = tokio::select! {
+            ended = listen_once(&url, &db, sink.as_ref(), &state, &me) => ended,
+            _ = stop.cancelled() => return,
+        };
+        state.set(false);
+        // A feed that was up starts retrying quickly again; one that cannot come up backs off.
+        let reason = match ended {
+            Ok(lost) => {
+                backoff = BACKOFF.0;
+                lost
+            }
+            Err(failed) => failed,
+        };
+        tracing::warn!(%reason, retry_in = ?backoff, "invalidation feed lost");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+/// One connection's life: `Ok` with why it was lost after it was up, `Err` when it never
+/// came up.
+async fn listen_once(
+    url: &str,
+    db: &DatabaseConnection,
+    sink: &dyn EvictionSink,
+    state: &FeedState,
+    me: &str,
+) -> Result<String, String> {
+    let mut listener = PgListener::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    listener
+        .listen(CHANNEL)
+        .await
+        .map_err(|e| format!("LISTEN failed: {e}"))?;
+    // Listening from here on: flush what may have changed unseen, then answer again.
+    sink.evict(&Eviction::All);
+    state.set(true);
+
+    let (tx, mut heard) = mpsc::channel(1024);
+    let listening = tokio::spawn(async move {
+        loop {
+            let message = match listener.try_recv().await {
+                Ok(Some(n)) => Heard::Payload(n.payload().to_owned()),
+                Ok(None) => Heard::Lost("connection closed".into()),
+                Err(e) => Heard::Lost(format!("{e}")),
+            };
+            let lost = matches!(message, Heard::Lost(_));
+            if tx.send(message).await.is_err() || lost {
+                return;
+            }
+        }
+    });
+    let ping = format!("ping:{me}");
+    let mut ticker = tokio::time::interval(HEARTBEAT);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard_self = Instant::now();
+    let reason = loop {
+        tokio::select! {
+            message = heard.recv() => match message {
+                Some(Heard::Payload(payload)) if payload == ping => last_heard_self = Instant::now(),
+                Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {}
+                Some(Heard::Payload(payload)) => {
+                    metrics::counter!("keyplane_invalidations_received_total").increment(1);
+                    sink.evict(&Eviction::from_payload(&payload));
+                }
+                Some(Heard::Lost(why)) => break format!("connection lost: {why}"),
+                None => break "listener stopped".to_owned(),
+            },
+            _ = ticker.tick() => {
+                if last_heard_self.elapsed() > HEARTBEAT + HEARTBEAT_TIMEOUT {
+                    break "no heartbeat came back".to_owned();
+                }
+                // Sent through the pool, as writes are: an echo proves the whole path.
+                let sent = tokio::time::timeout(HEARTBEAT_TIMEOUT, db.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT pg_notify($1, $2)",
+                    [CHANNEL.into(), ping.clone().into()],
+                )))
+                .await;
+                if !matches!(sent, Ok(Ok(_))) {
+                    break "cannot send a heartbeat".to_owned();
+                }
+            }
+        }
+    };
+    // Down before anything else: from here on the cache must not answer.
+    state.set(false);
+    listening.abort();
+    Ok(reason)
+}

@@ -1,0 +1,119 @@
+//! The verification cache: each replica answers verifications from memory, keyed by the
+//! key's SHA-256 digest, with unknown digests cached too so that a flood of made-up keys
+//! cannot reach the database.
+//!
+//! What is cached is the stored key (or its absence), never an answer: expiry, grace
+//! periods and the revoked / disabled state are evaluated against the clock at every
+//! use, and the caller's tenant is applied per call. Entries leave when a write evicts them
+//! (see `storage::invalidation`), when the bound (`--cache-capacity`) pushes them out, and
+//! all at once when the invalidation feed comes back after an outage. While the feed is
+//! down the cache does not answer at all.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::Counter;
+use moka::sync::Cache;
+
+use crate::domain::key::KeyDigest;
+use crate::domain::records::ApiKey;
+use crate::storage::feed::FeedState;
+use crate::storage::invalidation::{Eviction, EvictionSink};
+
+/// A cached lookup: the key, or `None` for a digest no key has.
+pub type Entry = Option<Arc<ApiKey>>;
+
+/// What the cache can say about a digest.
+pub enum Lookup {
+    /// The cached lookup.
+    Hit(Entry),
+    /// Not cached: read the database, then [`VerificationCache::fill`] with this epoch.
+    Miss(u64),
+    /// The cache may not answer now (turned off, or its feed is down): read the database.
+    Bypass,
+}
+
+pub struct VerificationCache {
+    /// `None` when turned off (`--cache-capacity 0`).
+    entries: Option<Cache<KeyDigest, Entry>>,
+    /// Counts evictions. A fill whose database read began before an eviction must not
+    /// land: the value it read may be what the eviction was about.
+    epoch: AtomicU64,
+    feed: Arc<FeedState>,
+    hits: Counter,
+    misses: Counter,
+    evicted: Counter,
+}
+
+impl VerificationCache {
+    pub fn new(capacity: u64, feed: Arc<FeedState>) -> Self {
+        Self {
+            entries: (capacity > 0).then(|| Cache::builder().max_capacity(capacity).build()),
+            epoch: AtomicU64::new(0),
+            feed,
+            hits: metrics::counter!("keyplane_verification_cache_total", "result" => "hit"),
+            misses: metrics::counter!("keyplane_verification_cache_total", "result" => "miss"),
+            evicted: metrics::counter!("keyplane_verification_cache_evictions_total"),
+        }
+    }
+
+    pub fn lookup(&self, digest: &KeyDigest) -> Lookup {
+        let Some(entries) = &self.entries else {
+            return Lookup::Bypass;
+        };
+        if !self.feed.is_up() {
+            return Lookup::Bypass;
+        }
+        // Read the epoch before the entry: an eviction racing this lookup then voids the
+        // fill that follows a miss.
+        let epoch = self.epoch.load(Ordering::Acquire);
+        match entries.get(digest) {
+            Some(entry) => {
+                self.hits.increment(1);
+                Lookup::Hit(entry)
+            }
+            None => {
+                self.misses.increment(1);
+                Lookup::Miss(epoch)
+            }
+        }
+    }
+
+    /// Caches what the database said, unless an eviction came in since `epoch` (then the
+    /// read may predate the write that evicted, and the next verification reads again).
+    pub fn fill(&self, digest: KeyDigest, entry: Entry, epoch: u64) {
+        let Some(entries) = &self.entries else {
+            return;
+        };
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        entries.insert(digest, entry);
+        // An eviction between the check and the insert may have missed the new entry.
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            entries.invalidate(&digest);
+        }
+    }
+}
+
+impl EvictionSink for VerificationCache {
+    fn evict(&self, eviction: &Eviction) {
+        let Some(entries) = &self.entries else {
+            return;
+        };
+        match eviction {
+            Eviction::None => {}
+            Eviction::Keys(digests) => {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                for digest in digests {
+                    entries.invalidate(digest);
+                }
+                self.evicted.increment(digests.len() as u64);
+            }
+            Eviction::All => {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                entries.invalidate_all();
+                self.evicted.increment(1);
+            }
+        }
+    }
+}
