@@ -117,3 +117,54 @@ impl EvictionSink for VerificationCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> KeyDigest {
+        KeyDigest([n; 32])
+    }
+
+    fn miss(cache: &VerificationCache, d: &KeyDigest) -> u64 {
+        match cache.lookup(d) {
+            Lookup::Miss(epoch) => epoch,
+            Lookup::Hit(_) => panic!("unexpected hit"),
+            Lookup::Bypass => panic!("unexpected bypass"),
+        }
+    }
+
+    #[test]
+    fn a_negative_entry_goes_with_the_eviction_of_its_digest() {
+        let cache = VerificationCache::new(10, FeedState::always_up());
+        let epoch = miss(&cache, &digest(1));
+        cache.fill(digest(1), None, epoch);
+        assert!(matches!(cache.lookup(&digest(1)), Lookup::Hit(None)));
+        // What creating a key with this digest sends.
+        cache.evict(&Eviction::key(digest(1)));
+        miss(&cache, &digest(1));
+    }
+
+    #[test]
+    fn a_fill_read_before_an_eviction_never_lands() {
+        let cache = VerificationCache::new(10, FeedState::always_up());
+        let epoch = miss(&cache, &digest(1));
+        // A write to any key commits and evicts while this fill's read is in flight.
+        cache.evict(&Eviction::key(digest(2)));
+        cache.fill(digest(1), None, epoch);
+        miss(&cache, &digest(1));
+        cache.evict(&Eviction::All);
+        let epoch = miss(&cache, &digest(1));
+        cache.fill(digest(1), None, epoch);
+        assert!(matches!(cache.lookup(&digest(1)), Lookup::Hit(None)));
+    }
+
+    #[test]
+    fn no_answers_while_off_or_while_the_feed_is_down() {
+        let off = VerificationCache::new(0, FeedState::always_up());
+        assert!(matches!(off.lookup(&digest(1)), Lookup::Bypass));
+        let unfed = VerificationCache::new(10, FeedState::down());
+        unfed.fill(digest(1), None, 0);
+        assert!(matches!(unfed.lookup(&digest(1)), Lookup::Bypass));
+    }
+}

@@ -135,6 +135,18 @@ pub struct TestDb {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl TestDb {
+    /// The same PostgreSQL database, for another replica (tests/replicas.rs).
+    #[allow(dead_code)]
+    pub fn shared(&self) -> TestDb {
+        assert!(self._dir.is_none(), "replicas share PostgreSQL, not SQLite");
+        TestDb {
+            url: self.url.clone(),
+            _dir: None,
+        }
+    }
+}
+
 pub async fn fresh_database(backend: Backend) -> TestDb {
     match backend {
         Backend::Sqlite => {

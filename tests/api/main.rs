@@ -6,6 +6,7 @@ mod helpers;
 
 mod api_keys;
 mod auth;
+mod cache;
 mod isolation;
 mod leaks;
 mod lifecycle;

@@ -1,0 +1,238 @@
+//! Several replicas on one PostgreSQL database: a key hot in one replica's verification
+//! cache is refused there within a second of being revoked, disabled, re-scoped or deleted
+//! through another, also while the replicas' invalidation feeds are being cut
+//! (`pg_terminate_backend`), and the feeds recover.
+// Tests fail by panicking; the no-unwrap rule is for the server's own code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::time::{Duration, Instant};
+
+use helpers::*;
+use keyplane::proto as pb;
+use sea_orm::ConnectionTrait;
+
+/// The bound every replica must keep.
+const BOUND: Duration = Duration::from_secs(1);
+
+fn postgres_or_skip(test: &str) -> bool {
+    if postgres_url().is_none() {
+        announce_skip(
+            test,
+            "KEYPLANE_TEST_POSTGRES_URL is not set: replicas need PostgreSQL",
+        );
+        return false;
+    }
+    true
+}
+
+async fn replicas(n: usize) -> Vec<TestApp> {
+    let first = spawn_app(Backend::Postgres).await;
+    let mut all = Vec::with_capacity(n);
+    for _ in 1..n {
+        all.push(spawn_with(first.db.shared(), test_settings(&first.db.url)).await);
+    }
+    all.insert(0, first);
+    // Give the feeds a moment to LISTEN, so that the caches answer at all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    all
+}
+
+/// What `writer`'s credential sees on `replica`.
+async fn verify_on(
+    replica: &TestApp,
+    writer: &TestApp,
+    secret: &str,
+    required: &[&str],
+) -> pb::VerifyCode {
+    replica
+        .client(&writer.admin())
+        .keys
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            key: secret.into(),
+            required_scopes: strings(required),
+        })
+        .await
+        .expect("verify")
+        .into_inner()
+        .code()
+}
+
+/// Polls every replica until it answers `expected`; returns the slowest time taken.
+async fn until_everywhere(
+    replicas: &[&TestApp],
+    writer: &TestApp,
+    secret: &str,
+    required: &[&str],
+    expected: pb::VerifyCode,
+    since: Instant,
+) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for replica in replicas {
+        loop {
+            let code = verify_on(replica, writer, secret, required).await;
+            if code == expected {
+                slowest = slowest.max(since.elapsed());
+                break;
+            }
+            assert_eq!(code, pb::VerifyCode::Valid, "an unexpected answer");
+            assert!(
+                since.elapsed() < BOUND,
+                "replica {} still answers VALID {:?} after the write",
+                replica.addr,
+                since.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    slowest
+}
+
+/// Applies one kind of write through `writer` to a fresh key that every other replica has
+/// cached, and checks they all refuse it within the bound.
+async fn honoured_everywhere(all: &[TestApp], change: &str) -> Duration {
+    let writer = &all[0];
+    let others: Vec<&TestApp> = all[1..].iter().collect();
+    let ws = writer.create_workspace("w").await;
+    let (key, secret) = writer.create_key(&ws.id, &["crm:read"]).await;
+    for replica in &others {
+        for _ in 0..2 {
+            assert_eq!(
+                verify_on(replica, writer, &secret, &["crm:read"]).await,
+                pb::VerifyCode::Valid
+            );
+        }
+    }
+    let mut keys = writer.as_admin().keys;
+    let expected = match change {
+        "revoke" => {
+            keys.revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
+                .await
+                .expect("revoke");
+            pb::VerifyCode::Revoked
+        }
+        "disable" => {
+            keys.update_api_key(pb::UpdateApiKeyRequest {
+                api_key: Some(pb::ApiKey {
+                    id: key.id,
+                    disabled: true,
+                    ..Default::default()
+                }),
+                update_mask: mask(&["disabled"]),
+                etag: String::new(),
+            })
+            .await
+            .expect("disable");
+            pb::VerifyCode::Disabled
+        }
+        "rescope" => {
+            keys.update_api_key(pb::UpdateApiKeyRequest {
+                api_key: Some(pb::ApiKey {
+                    id: key.id,
+                    ..Default::default()
+                }),
+                update_mask: mask(&["scopes"]),
+                etag: String::new(),
+            })
+            .await
+            .expect("rescope");
+            pb::VerifyCode::InsufficientScopes
+        }
+        _ => {
+            keys.delete_api_key(pb::DeleteApiKeyRequest { id: key.id })
+                .await
+                .expect("delete");
+            pb::VerifyCode::NotFound
+        }
+    };
+    let since = Instant::now();
+    until_everywhere(&others, writer, &secret, &["crm:read"], expected, since).await
+}
+
+#[test]
+fn writes_on_one_replica_are_honoured_by_the_others_within_a_second() {
+    if !postgres_or_skip("replicas::writes_on_one_replica_are_honoured") {
+        return;
+    }
+    run_test(async {
+        let all = replicas(3).await;
+        all[0].create_scope("crm:read", "").await;
+        for change in ["revoke", "disable", "rescope", "delete"] {
+            let took = honoured_everywhere(&all, change).await;
+            eprintln!("{change}: honoured by every replica after {took:?}");
+        }
+    });
+}
+
+/// Ends every invalidation feed of this database (each replica's LISTEN connection).
+async fn cut_feeds(db_url: &str) -> u64 {
+    let conn = sea_orm::Database::connect(db_url).await.expect("connect");
+    let cut = conn
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        ))
+        .await
+        .expect("terminate the feeds")
+        .len() as u64;
+    let _ = conn.close().await;
+    cut
+}
+
+#[test]
+fn revocations_are_honoured_while_the_feeds_are_cut_and_after_they_recover() {
+    if !postgres_or_skip("replicas::revocations_are_honoured_while_the_feeds_are_cut") {
+        return;
+    }
+    run_test(async {
+        let all = replicas(3).await;
+        all[0].create_scope("crm:read", "").await;
+        for round in 0..3 {
+            let writer = &all[0];
+            let ws = writer.create_workspace("w").await;
+            let (key, secret) = writer.create_key(&ws.id, &["crm:read"]).await;
+            for replica in &all[1..] {
+                for _ in 0..2 {
+                    assert_eq!(
+                        verify_on(replica, writer, &secret, &[]).await,
+                        pb::VerifyCode::Valid
+                    );
+                }
+            }
+            let cut = cut_feeds(&writer.db.url).await;
+            assert!(cut >= 3, "round {round}: only {cut} feeds to cut");
+            writer
+                .as_admin()
+                .keys
+                .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
+                .await
+                .expect("revoke");
+            let since = Instant::now();
+            let others: Vec<&TestApp> = all[1..].iter().collect();
+            let took = until_everywhere(
+                &others,
+                writer,
+                &secret,
+                &[],
+                pb::VerifyCode::Revoked,
+                since,
+            )
+            .await;
+            eprintln!("round {round}, feeds cut: revocation honoured after {took:?}");
+
+            // Recovered: the feeds come back, caches answer again and stay correct.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let took = honoured_everywhere(&all, "revoke").await;
+            eprintln!("round {round}, feeds back: revocation honoured after {took:?}");
+        }
+        // Back for good: every replica listens again.
+        let listening = cut_feeds(&all[0].db.url).await;
+        assert!(
+            listening >= 3,
+            "only {listening} replicas listen after the cuts"
+        );
+    });
+}
