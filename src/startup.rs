@@ -49,6 +49,8 @@ pub struct Application {
     local_addr: SocketAddr,
     settings: Settings,
     store: Store,
+    /// Held while serving: a second process on the same SQLite file is refused.
+    _sqlite_claim: Option<std::fs::File>,
     /// On PostgreSQL: the feed that keeps the cache in step with the other replicas.
     feed: Option<(Arc<FeedState>, Arc<VerificationCache>)>,
     api: KeyplaneApi,
@@ -68,6 +70,8 @@ impl Application {
         }
         let jwt = JwtVerifier::from_settings(&settings.jwt).context("invalid JWT configuration")?;
         let url = settings.database_url.expose_secret();
+        let sqlite_claim =
+            storage::claim_sqlite(url).context("cannot claim the SQLite database")?;
         let db = storage::connect(url)
             .await
             .with_context(|| format!("cannot open the database {}", redact_url(url)))?;
@@ -129,6 +133,7 @@ impl Application {
             local_addr,
             settings,
             store,
+            _sqlite_claim: sqlite_claim,
             feed: postgres.then_some((feed, cache)),
             api,
             auth,

@@ -121,6 +121,34 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     Database::connect(options).await
 }
 
+/// Claims a SQLite database for this process: SQLite is one process, and the verification
+/// cache relies on it (another process's writes would never evict this one's entries). The
+/// claim is an advisory lock on `<file>.lock`, held as long as the returned file is open.
+/// `None` for PostgreSQL and in-memory databases.
+pub fn claim_sqlite(url: &str) -> std::io::Result<Option<std::fs::File>> {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return Ok(None);
+    };
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.starts_with(":memory:") {
+        return Ok(None);
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(format!("{path}.lock"))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some(lock)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::other(format!(
+            "another keyplane process serves {path}: one process per SQLite database \
+             (run replicas on PostgreSQL)"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// The handle every repository method hangs off.
 #[derive(Clone)]
 pub struct Store {

@@ -223,3 +223,17 @@ async fn requests_over_one_mebibyte_are_resource_exhausted(backend: Backend) {
     let result = app.as_admin().workspaces.create_workspace(under).await;
     assert_err(result, Code::InvalidArgument, "INVALID_ARGUMENT");
 }
+
+/// SQLite is one process: the verification cache of one would never hear of the other's
+/// writes, so a second server on the same file is refused at start, naming why.
+#[test]
+fn a_second_server_on_one_sqlite_file_is_refused() {
+    run_test(async {
+        let app = spawn_app(Backend::Sqlite).await;
+        let second = keyplane::Application::build(test_settings(&app.db.url)).await;
+        let refusal = format!("{:#}", second.err().expect("the second server is refused"));
+        assert!(refusal.contains("another keyplane process"), "{refusal}");
+        // The first keeps serving.
+        app.create_workspace("still here").await;
+    });
+}
