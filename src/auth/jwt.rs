@@ -2,6 +2,7 @@
 //! secret allows HS256, a PEM public key allows the one algorithm of its key type, a JWKS
 //! key the one algorithm of its entry. The token's header merely picks among them.
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
@@ -119,10 +120,10 @@ struct Claims {
 /// A validated token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenIdentity {
-    pub subject: String,
+    pub subject: Arc<str>,
     /// `None`: a platform token.
     pub tenant: Option<TenantId>,
-    pub scopes: Vec<String>,
+    pub scopes: Arc<[String]>,
     /// The last second (Unix time) at which the token is accepted: `exp` plus the leeway.
     pub accepted_until: u64,
 }
@@ -294,9 +295,9 @@ impl JwtVerifier {
             .collect();
         scopes.extend(claims.scp.unwrap_or_default());
         Ok(TokenIdentity {
-            subject: claims.sub,
+            subject: claims.sub.into(),
             tenant,
-            scopes,
+            scopes: scopes.into(),
             accepted_until: claims.exp.saturating_add(self.leeway_secs),
         })
     }

@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::domain::records::VerifyCode;
-use crate::domain::scope::{self, BuiltinScope, ScopeString};
+use crate::domain::scope::{BuiltinScope, ScopeString};
 use crate::domain::{TenantAccess, TenantId};
 use crate::storage::StoreError;
 use crate::verification::KeyVerifier;
@@ -46,11 +46,12 @@ pub enum AuthError {
 /// A verified caller, handed to every handler.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The token's `sub`, or the admin key's id.
-    pub subject: String,
+    /// The token's `sub`, or the admin key's id. Shared, like the scopes, with the cached
+    /// token: a call copies no strings.
+    pub subject: Arc<str>,
     pub access: TenantAccess,
     /// Granted scope strings as presented (only built-in ones matter to keyplane's API).
-    pub scopes: Vec<String>,
+    pub scopes: Arc<[String]>,
 }
 
 impl fmt::Debug for Caller {
@@ -73,7 +74,7 @@ impl Caller {
     }
 
     pub fn has(&self, needed: BuiltinScope) -> bool {
-        scope::any_satisfies(&self.scopes, &needed.scope())
+        self.scopes.iter().any(|granted| needed.granted_by(granted))
     }
 
     pub fn require(&self, needed: BuiltinScope) -> Result<(), AuthError> {
@@ -181,7 +182,7 @@ impl Authenticator {
             .await?;
         match (verification.code, verification.key) {
             (VerifyCode::Valid, Some(key)) => Ok(Caller {
-                subject: key.id.to_string(),
+                subject: key.id.to_string().into(),
                 access: TenantAccess::One(key.tenant_id),
                 scopes: key
                     .builtin_scopes()

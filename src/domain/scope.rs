@@ -175,6 +175,18 @@ impl BuiltinScope {
         Self::ALL.into_iter().find(|b| b.id() == id)
     }
 
+    /// Whether a granted scope string satisfies this built-in scope (the matching rule of
+    /// [`satisfies`], without building a [`ScopeString`]: it runs on every call).
+    pub fn granted_by(self, granted: &str) -> bool {
+        let needed = self.as_str();
+        granted == needed
+            || granted.strip_suffix(":*").is_some_and(|resource| {
+                needed
+                    .split_once(':')
+                    .is_some_and(|(needed_resource, _)| needed_resource == resource)
+            })
+    }
+
     pub fn scope(self) -> ScopeString {
         // The constants above are valid scope strings; a failure here is a typo caught by
         // the unit tests.
@@ -203,6 +215,25 @@ impl fmt::Display for BuiltinScope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn granted_by_agrees_with_satisfies() {
+        let granted = [
+            "keyplane.api_keys:*",
+            "keyplane.api_keys:verify",
+            "keyplane.api_keys:verif",
+            "keyplane:*",
+            "keyplane.workspaces:*",
+            "*",
+            ":*",
+            "openid",
+        ];
+        for b in BuiltinScope::ALL {
+            for g in granted.iter().copied().chain([b.as_str()]) {
+                assert_eq!(b.granted_by(g), satisfies(g, &b.scope()), "{b} by {g}");
+            }
+        }
+    }
     use proptest::prelude::*;
 
     #[test]
