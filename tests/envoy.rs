@@ -236,18 +236,21 @@ fn parse_head(head: &str) -> (String, Vec<(String, String)>) {
     (first, headers)
 }
 
+/// The header lists of every request the upstream received, in order.
+type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
 /// The upstream: answers every request with 200 and a JSON object of the request headers it
 /// received (name → value, repeated ones joined with ", "), and keeps them all.
 struct Upstream {
     port: u16,
-    seen: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    seen: Seen,
 }
 
 impl Upstream {
     async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let seen: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+        let seen: Seen = Arc::default();
         let record = seen.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -263,7 +266,7 @@ impl Upstream {
 }
 
 /// One keep-alive connection from Envoy.
-async fn serve_upstream(mut stream: TcpStream, seen: Arc<Mutex<Vec<Vec<(String, String)>>>>) {
+async fn serve_upstream(mut stream: TcpStream, seen: Seen) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {

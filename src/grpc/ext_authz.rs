@@ -165,14 +165,14 @@ pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError
 }
 
 /// What came of a check.
-#[derive(Debug, Clone)]
-pub enum Outcome {
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
     /// The request presented no key.
     NoKey,
-    Verified(Verification),
+    Verified(&'a Verification),
 }
 
-impl Outcome {
+impl Outcome<'_> {
     /// The `VerifyCode` name of the outcome, for the body and the metric. A request
     /// without a key is malformed, as an empty key is for `VerifyApiKey`.
     pub fn code_name(&self) -> &'static str {
@@ -289,7 +289,7 @@ fn deny(code: Code, http: HttpStatusCode, name: &str, message: &str) -> CheckRes
 }
 
 /// The answer to Envoy: allow with the key's identity, or a JSON deny. Never holds the key.
-pub fn respond(outcome: &Outcome, input: &CheckInput) -> CheckResponse {
+pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
     let unauthenticated = |message: &str| {
         deny(
             Code::Unauthenticated,
@@ -335,15 +335,15 @@ impl Authorization for KeyplaneApi {
     ) -> Result<Response<CheckResponse>, Status> {
         let caller = caller(&request)?;
         let input = parse_check(request.get_ref())?;
-        let outcome = match &input.key {
-            None => Outcome::NoKey,
+        let verification = match &input.key {
+            None => None,
             Some((key, _)) => {
                 match self
                     .verifier
                     .verify(caller.access, key, &input.required)
                     .await
                 {
-                    Ok(verification) => Outcome::Verified(verification),
+                    Ok(verification) => Some(verification),
                     Err(err) => {
                         // Never an allow when keyplane cannot tell: Envoy denies on an error
                         // (with failure_mode_allow off).
@@ -357,8 +357,11 @@ impl Authorization for KeyplaneApi {
                 }
             }
         };
+        let outcome = verification
+            .as_ref()
+            .map_or(Outcome::NoKey, Outcome::Verified);
         metrics::counter!("keyplane_check_total", "code" => outcome.code_name()).increment(1);
-        Ok(Response::new(respond(&outcome, &input)))
+        Ok(Response::new(respond(outcome, &input)))
     }
 }
 
@@ -427,12 +430,12 @@ mod tests {
         }
     }
 
-    fn verified(code: VerifyCode, key: Option<ApiKey>, missing: &[&str]) -> Outcome {
-        Outcome::Verified(Verification {
+    fn verified(code: VerifyCode, key: Option<ApiKey>, missing: &[&str]) -> Verification {
+        Verification {
             code,
             key,
             missing: missing.iter().map(|s| s.to_string()).collect(),
-        })
+        }
     }
 
     fn fields(e: ValidationError) -> Vec<String> {
@@ -559,7 +562,10 @@ mod tests {
             &[],
         ))
         .unwrap();
-        let response = respond(&verified(VerifyCode::Valid, Some(k.clone()), &[]), &input);
+        let response = respond(
+            Outcome::Verified(&verified(VerifyCode::Valid, Some(k.clone()), &[])),
+            &input,
+        );
         let ok = ok(&response);
         let set = set_headers(ok);
         assert_eq!(set[TENANT_HEADER], k.tenant_id.to_string());
@@ -598,7 +604,10 @@ mod tests {
             &[],
         ))
         .unwrap();
-        let response = respond(&verified(VerifyCode::Valid, Some(key(None)), &[]), &input);
+        let response = respond(
+            Outcome::Verified(&verified(VerifyCode::Valid, Some(key(None)), &[])),
+            &input,
+        );
         let ok = ok(&response);
         assert!(!set_headers(ok).contains_key(OWNER_HEADER));
         assert_eq!(ok.headers_to_remove, ["authorization", OWNER_HEADER]);
@@ -628,31 +637,35 @@ mod tests {
     fn denies_map_to_401_or_403_with_a_json_body() {
         let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
         let cases = [
-            (Outcome::NoKey, "VERIFY_CODE_MALFORMED"),
+            (None, "VERIFY_CODE_MALFORMED"),
             (
-                verified(VerifyCode::Malformed, None, &[]),
+                Some(verified(VerifyCode::Malformed, None, &[])),
                 "VERIFY_CODE_MALFORMED",
             ),
             (
-                verified(VerifyCode::NotFound, None, &[]),
+                Some(verified(VerifyCode::NotFound, None, &[])),
                 "VERIFY_CODE_NOT_FOUND",
             ),
             (
-                verified(VerifyCode::Revoked, Some(key(None)), &[]),
+                Some(verified(VerifyCode::Revoked, Some(key(None)), &[])),
                 "VERIFY_CODE_REVOKED",
             ),
             (
-                verified(VerifyCode::Expired, Some(key(None)), &[]),
+                Some(verified(VerifyCode::Expired, Some(key(None)), &[])),
                 "VERIFY_CODE_EXPIRED",
             ),
             (
-                verified(VerifyCode::Disabled, Some(key(None)), &[]),
+                Some(verified(VerifyCode::Disabled, Some(key(None)), &[])),
                 "VERIFY_CODE_DISABLED",
             ),
-            (verified(VerifyCode::Valid, None, &[]), "VERIFY_CODE_VALID"),
+            (
+                Some(verified(VerifyCode::Valid, None, &[])),
+                "VERIFY_CODE_VALID",
+            ),
         ];
         for (outcome, name) in cases {
-            let (grpc, http, headers, body) = denied(&respond(&outcome, &input));
+            let outcome = outcome.as_ref().map_or(Outcome::NoKey, Outcome::Verified);
+            let (grpc, http, headers, body) = denied(&respond(outcome, &input));
             assert_eq!(grpc, Code::Unauthenticated as i32, "{name}");
             assert_eq!(http, 401, "{name}");
             assert_eq!(headers["www-authenticate"], "ApiKey");
@@ -660,20 +673,17 @@ mod tests {
             assert_eq!(body["code"], name);
             assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
-        let outcome = verified(
+        let short = verified(
             VerifyCode::InsufficientScopes,
             Some(key(None)),
             &["erp:write"],
         );
-        let (grpc, http, headers, body) = denied(&respond(&outcome, &input));
+        let outcome = Outcome::Verified(&short);
+        let (grpc, http, headers, body) = denied(&respond(outcome, &input));
         assert_eq!((grpc, http), (Code::PermissionDenied as i32, 403));
         assert!(!headers.contains_key("www-authenticate"));
         assert_eq!(body["code"], "VERIFY_CODE_INSUFFICIENT_SCOPES");
         assert!(body["message"].as_str().unwrap().contains("erp:write"));
-        assert!(response_has_no_metadata(&respond(&outcome, &input)));
-    }
-
-    fn response_has_no_metadata(r: &CheckResponse) -> bool {
-        r.dynamic_metadata.is_none()
+        assert!(respond(outcome, &input).dynamic_metadata.is_none());
     }
 }
