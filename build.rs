@@ -1,5 +1,7 @@
 //! Compiles `proto/keyplane/v1/*.proto` with protox (no `protoc` needed) and writes the
-//! file descriptor set that server reflection and the authorization-matrix test read.
+//! file descriptor set that server reflection and the authorization-matrix test read; and
+//! the descriptors of Envoy's ext_authz service (`third_party/envoy-api`), for reflection
+//! only: its code comes from `envoy-types`, which does not export its descriptors.
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,6 +23,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(fds)?;
 
+    let envoy = protox::compile(
+        ["envoy/service/auth/v3/external_auth.proto"],
+        ["third_party/envoy-api"],
+    )?;
+    fs::write(
+        out_dir.join("envoy_ext_authz_descriptor.bin"),
+        prost::Message::encode_to_vec(&envoy),
+    )?;
+
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=third_party/envoy-api");
     Ok(())
 }

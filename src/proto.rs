@@ -7,3 +7,8 @@ tonic::include_proto!("keyplane.v1");
 /// reflection and for tests that enumerate every RPC.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/keyplane_descriptor.bin"));
+
+/// The encoded file descriptor set of Envoy's `envoy.service.auth.v3` (with its imports),
+/// for server reflection: `envoy-types` provides the code but does not export these.
+pub const ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_ext_authz_descriptor.bin"));

@@ -18,6 +18,8 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+
 use crate::auth::Authenticator;
 use crate::auth::jwt::JwtVerifier;
 use crate::config::Settings;
@@ -207,6 +209,10 @@ impl Application {
             .add_service(
                 ApiKeyServiceServer::new(self.api.clone())
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                AuthorizationServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
             );
 
         let idle_timeout = self.settings.idle_timeout;
@@ -248,11 +254,12 @@ impl Application {
     }
 }
 
-/// Reflection over keyplane's protos, health, and `google.rpc` (so grpcurl can print error
-/// details).
+/// Reflection over keyplane's protos, Envoy's ext_authz, health, and `google.rpc` (so
+/// grpcurl can print error details).
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(crate::proto::ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }

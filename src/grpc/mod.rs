@@ -4,6 +4,7 @@ pub mod api_keys;
 pub mod auth_layer;
 pub mod convert;
 pub mod error;
+pub mod ext_authz;
 pub mod health;
 pub mod idle;
 pub mod rpc;

@@ -1,7 +1,7 @@
 //! Every RPC the server answers, with the access it requires (the built-in scope of the
 //! API reference's table). An RPC missing here is refused by the auth layer, so a new RPC
 //! cannot be reachable without a row; the authorization-matrix test checks the table
-//! against the compiled descriptors.
+//! against the compiled descriptors (keyplane's and Envoy's ext_authz).
 use crate::domain::scope::BuiltinScope;
 
 /// What an RPC requires of its caller.
@@ -72,6 +72,8 @@ pub const RPCS: &[Rpc] = &[
     needs("/keyplane.v1.ApiKeyService/RotateApiKey", ApiKeysWrite),
     needs("/keyplane.v1.ApiKeyService/DeleteApiKey", ApiKeysWrite),
     needs("/keyplane.v1.ApiKeyService/VerifyApiKey", ApiKeysVerify),
+    // Envoy's external authorization: a verification asked by the proxy.
+    needs("/envoy.service.auth.v3.Authorization/Check", ApiKeysVerify),
 ];
 
 /// The position of a path in [`RPCS`]; `None` for a path the server does not answer.

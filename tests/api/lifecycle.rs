@@ -73,6 +73,7 @@ async fn reflection_lists_services_in_v1_and_v1alpha(backend: Backend) {
         "keyplane.v1.WorkspaceService",
         "keyplane.v1.ScopeService",
         "keyplane.v1.ApiKeyService",
+        "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",
     ] {
         assert!(

@@ -1,4 +1,4 @@
-//! The authorization matrix (SPEC §2, §6): every RPC of the compiled descriptor set ×
+//! The authorization matrix (SPEC §2, §6): every RPC of the compiled descriptor sets ×
 //! every kind of caller → the exact gRPC code and `ErrorInfo.reason`. An RPC added to the
 //! protos without a row here fails `every_rpc_has_rows`. [`rows`] is the tests' one table of
 //! RPCs and the built-in scope each needs, and [`call`] their one way to call any RPC:
@@ -6,7 +6,11 @@
 use std::collections::BTreeSet;
 
 use bytes::{Buf, BufMut};
-use keyplane::proto::{self as pb, FILE_DESCRIPTOR_SET};
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, attribute_context::HttpRequest, attribute_context::Request as HttpAttributes,
+};
+use keyplane::proto::{self as pb, ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
@@ -17,18 +21,54 @@ use crate::on_both_backends;
 
 on_both_backends!(authorization_matrix);
 
-/// The keyplane RPC paths the server was compiled with.
+/// The RPC paths the server was compiled with: keyplane's own, and Envoy's external
+/// authorization (whose descriptors are compiled alongside for reflection).
 fn compiled_rpcs() -> BTreeSet<String> {
-    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
     let mut paths = BTreeSet::new();
-    for file in set.file.iter().filter(|f| f.package() == "keyplane.v1") {
-        for service in &file.service {
-            for method in &service.method {
-                paths.insert(format!("/keyplane.v1.{}/{}", service.name(), method.name()));
+    for (encoded, package) in [
+        (FILE_DESCRIPTOR_SET, "keyplane.v1"),
+        (ENVOY_EXT_AUTHZ_FILE_DESCRIPTOR_SET, "envoy.service.auth.v3"),
+    ] {
+        let set = prost_types::FileDescriptorSet::decode(encoded).unwrap();
+        for file in set.file.iter().filter(|f| f.package() == package) {
+            for service in &file.service {
+                for method in &service.method {
+                    paths.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                }
             }
         }
     }
+    assert!(
+        paths.contains("/envoy.service.auth.v3.Authorization/Check"),
+        "the ext_authz descriptors are missing"
+    );
     paths
+}
+
+/// An Envoy check of an HTTP request presenting `key` in `x-api-key`, on a route needing
+/// `required_scopes`.
+pub fn check_request(key: &str, required_scopes: &str) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(HttpAttributes {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers: [("x-api-key".to_owned(), key.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            context_extensions: [("required_scopes".to_owned(), required_scopes.to_owned())].into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// RPCs that answer a key's verdict in-band, so a platform token needs no x-tenant-id and
+/// another tenant's key is a "not found" answer rather than an error.
+fn verifies(row: &Row) -> bool {
+    matches!(row.rpc(), "VerifyApiKey" | "Check")
 }
 
 /// What each RPC needs, and how to call it on a fixture.
@@ -281,6 +321,13 @@ pub fn rows() -> Vec<Row> {
             // Verification answers in-band: another tenant's key is VERIFY_CODE_NOT_FOUND.
             names_a_resource: false,
         },
+        Row {
+            path: "/envoy.service.auth.v3.Authorization/Check",
+            scope: "keyplane.api_keys:verify",
+            request: |f| check_request(&f.secret, "matrix:read").encode_to_vec(),
+            // A deny for Envoy is a successful call, as for VerifyApiKey.
+            names_a_resource: false,
+        },
     ]
 }
 
@@ -391,7 +438,7 @@ async fn authorization_matrix(backend: Backend) {
         } else {
             Expect::Ok
         };
-        let platform_without_header = if row.path.ends_with("/VerifyApiKey") {
+        let platform_without_header = if verifies(&row) {
             Expect::Ok
         } else {
             Expect::Err(Code::InvalidArgument, "TENANT_ID_REQUIRED")
@@ -503,6 +550,23 @@ async fn authorization_matrix(backend: Backend) {
                 let response = pb::VerifyApiKeyResponse::decode(bytes.as_slice()).unwrap();
                 assert_eq!(response.code(), pb::VerifyCode::NotFound);
                 assert!(response.api_key.is_none() && response.tenant_id.is_empty());
+            }
+            // So is Envoy's check: a 401 deny, never an allow.
+            if row.rpc() == "Check"
+                && let Ok(bytes) = &result
+            {
+                let response = CheckResponse::decode(bytes.as_slice()).unwrap();
+                let verdict = match &response.http_response {
+                    Some(HttpResponse::DeniedResponse(d)) => d.body.clone(),
+                    Some(HttpResponse::OkResponse(_)) => "allowed".to_owned(),
+                    other => format!("no verdict: {other:?}"),
+                };
+                let allowed = verdict == "allowed";
+                let wanted_allow = !case.starts_with("other tenant");
+                assert_eq!(allowed, wanted_allow, "Check × {case}: {verdict}");
+                if !wanted_allow {
+                    assert!(verdict.contains("VERIFY_CODE_NOT_FOUND"), "{verdict}");
+                }
             }
         }
     }

@@ -1,0 +1,690 @@
+//! `envoy.service.auth.v3.Authorization/Check`: Envoy's external authorization, answered
+//! from keyplane's keys. The caller (Envoy) authenticates like any other caller and needs
+//! `keyplane.api_keys:verify`; the HTTP request it asks about presents an API key. The
+//! handler is thin: [`parse_check`] reads the request and [`respond`] builds the answer,
+//! both pure; [`KeyVerifier::verify`](crate::verification::KeyVerifier::verify) decides.
+use std::collections::HashMap;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpStatus, HttpStatusCode, OkHttpResponse,
+};
+use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use tonic::{Code, Request, Response, Status};
+
+use super::convert::RequestCheck;
+use super::{KeyplaneApi, caller};
+use crate::auth::bearer_token;
+use crate::domain::key::ApiKeySecret;
+use crate::domain::records::{ApiKey, VerifyCode};
+use crate::domain::scope::ScopeString;
+use crate::domain::validate::{ValidationError, Validator};
+use crate::proto as pb;
+use crate::verification::Verification;
+
+/// The route setting (`context_extensions`) naming the scopes a request needs.
+pub const REQUIRED_SCOPES: &str = "required_scopes";
+/// The route setting (`context_extensions`) naming what a request costs.
+pub const COST: &str = "cost";
+/// The highest cost a route may name.
+pub const MAX_COST: u32 = 1000;
+
+/// The upstream headers keyplane sets on an allowed request.
+pub const TENANT_HEADER: &str = "x-keyplane-tenant-id";
+pub const WORKSPACE_HEADER: &str = "x-keyplane-workspace-id";
+pub const KEY_HEADER: &str = "x-keyplane-key-id";
+pub const SCOPES_HEADER: &str = "x-keyplane-scopes";
+pub const OWNER_HEADER: &str = "x-keyplane-owner-id";
+/// Client-sent headers with this prefix never reach the upstream.
+const RESERVED_HEADER_PREFIX: &str = "x-keyplane-";
+
+/// The namespace of the dynamic metadata keyplane emits.
+pub const METADATA_NAMESPACE: &str = "keyplane";
+
+/// Where the presented key came from (removed before the request goes upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyHeader {
+    ApiKey,
+    Authorization,
+}
+
+impl KeyHeader {
+    fn name(self) -> &'static str {
+        match self {
+            KeyHeader::ApiKey => "x-api-key",
+            KeyHeader::Authorization => "authorization",
+        }
+    }
+}
+
+/// What a `Check` asks, read from the `CheckRequest`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CheckInput {
+    /// The presented key and its header; `None` when the request carries none.
+    pub key: Option<(String, KeyHeader)>,
+    /// Client headers that carry a keyplane key, to remove on allow.
+    pub credential_headers: Vec<KeyHeader>,
+    /// Client-sent `x-keyplane-*` header names, to remove on allow unless keyplane sets them.
+    pub client_keyplane_headers: Vec<String>,
+    pub required: Vec<ScopeString>,
+    /// What the request costs. Only parsed and validated for now: there are no rate limits
+    /// or credits to charge it to yet.
+    pub cost: u32,
+}
+
+impl std::fmt::Debug for CheckInput {
+    // Never shows the presented key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckInput")
+            .field("key_header", &self.key.as_ref().map(|(_, h)| h))
+            .field("credential_headers", &self.credential_headers)
+            .field("client_keyplane_headers", &self.client_keyplane_headers)
+            .field("required", &self.required)
+            .field("cost", &self.cost)
+            .finish()
+    }
+}
+
+/// The key of an `authorization` value, when it is `Bearer <keyplane key>`; other bearer
+/// tokens (a JWT for the upstream, say) are not keyplane's to judge.
+fn bearer_key(authorization: &str) -> Option<&str> {
+    bearer_token(authorization)
+        .ok()
+        .filter(|token| ApiKeySecret::parse(token).is_ok())
+}
+
+/// Reads a `CheckRequest`. A bad route setting (`context_extensions`) is the caller's
+/// configuration error: INVALID_ARGUMENT, not a deny.
+pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError> {
+    let mut v = Validator::new();
+    let empty = HashMap::new();
+    let headers = match request.get_client_headers() {
+        Some(headers) => headers,
+        None => {
+            v.add("attributes.request.http", "is required (an HTTP check)");
+            &empty
+        }
+    };
+    let extensions = request
+        .attributes
+        .as_ref()
+        .map(|a| &a.context_extensions)
+        .unwrap_or(&empty);
+
+    let api_key = headers.get("x-api-key");
+    let bearer = headers.get("authorization").and_then(|a| bearer_key(a));
+    let key = match (api_key, bearer) {
+        (Some(key), _) => Some((key.clone(), KeyHeader::ApiKey)),
+        (None, Some(key)) => Some((key.to_owned(), KeyHeader::Authorization)),
+        (None, None) => None,
+    };
+    let mut credential_headers = Vec::new();
+    if api_key.is_some() {
+        credential_headers.push(KeyHeader::ApiKey);
+    }
+    if bearer.is_some() {
+        credential_headers.push(KeyHeader::Authorization);
+    }
+    let mut client_keyplane_headers: Vec<String> = headers
+        .keys()
+        .filter(|name| {
+            name.to_ascii_lowercase()
+                .starts_with(RESERVED_HEADER_PREFIX)
+        })
+        .cloned()
+        .collect();
+    client_keyplane_headers.sort();
+
+    let field = |name: &str| format!("attributes.context_extensions.{name}");
+    let scopes: Vec<String> = extensions
+        .get(REQUIRED_SCOPES)
+        .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let required = v.scopes(&field(REQUIRED_SCOPES), &scopes);
+    let cost = match extensions.get(COST) {
+        None => 1,
+        Some(text) => match text.trim().parse::<u32>() {
+            Ok(cost) if cost <= MAX_COST => cost,
+            _ => {
+                v.add(
+                    field(COST),
+                    format!("must be an integer from 0 to {MAX_COST}"),
+                );
+                0
+            }
+        },
+    };
+    v.finish(|| CheckInput {
+        key,
+        credential_headers,
+        client_keyplane_headers,
+        required,
+        cost,
+    })
+}
+
+/// What came of a check.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// The request presented no key.
+    NoKey,
+    Verified(&'a Verification),
+}
+
+impl Outcome<'_> {
+    /// The `VerifyCode` name of the outcome, for the body and the metric. A request
+    /// without a key is malformed, as an empty key is for `VerifyApiKey`.
+    pub fn code_name(&self) -> &'static str {
+        let code = match self {
+            Outcome::NoKey => VerifyCode::Malformed,
+            Outcome::Verified(v) => v.code,
+        };
+        pb::VerifyCode::from(code).as_str_name()
+    }
+}
+
+fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
+    #[allow(deprecated)] // `append` is deprecated in favour of `append_action`.
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.into(),
+            raw_value: Vec::new(),
+        }),
+        append: None,
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
+        // An empty value (a key without scopes) must still overwrite a client's value.
+        keep_empty_value: true,
+    }
+}
+
+fn string(value: impl Into<String>) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(value.into())),
+    }
+}
+
+/// The `keyplane` namespace of the dynamic metadata of an allowed request.
+fn metadata(key: &ApiKey) -> Struct {
+    let mut fields = HashMap::from([
+        ("tenant_id".to_owned(), string(key.tenant_id.to_string())),
+        (
+            "workspace_id".to_owned(),
+            string(key.workspace_id.to_string()),
+        ),
+        ("key_id".to_owned(), string(key.id.to_string())),
+        (
+            "scopes".to_owned(),
+            Value {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: key.scopes.iter().map(|s| string(s.as_str())).collect(),
+                })),
+            },
+        ),
+    ]);
+    if let Some(owner) = &key.owner_id {
+        fields.insert("owner_id".to_owned(), string(owner.as_str()));
+    }
+    let namespace = Value {
+        kind: Some(Kind::StructValue(Struct { fields })),
+    };
+    Struct {
+        fields: HashMap::from([(METADATA_NAMESPACE.to_owned(), namespace)]),
+    }
+}
+
+fn allow(key: &ApiKey, input: &CheckInput) -> CheckResponse {
+    let mut headers = vec![
+        header(TENANT_HEADER, key.tenant_id.to_string()),
+        header(WORKSPACE_HEADER, key.workspace_id.to_string()),
+        header(KEY_HEADER, key.id.to_string()),
+        header(SCOPES_HEADER, key.scopes.join(" ")),
+    ];
+    if let Some(owner) = &key.owner_id {
+        headers.push(header(OWNER_HEADER, owner.as_str()));
+    }
+    // Envoy applies removals after the headers above, so only what keyplane does not set
+    // is removed: the credentials and any other client-sent x-keyplane-* header.
+    let set: Vec<&str> = headers
+        .iter()
+        .filter_map(|h| h.header.as_ref().map(|h| h.key.as_str()))
+        .collect();
+    let mut headers_to_remove: Vec<String> = input
+        .credential_headers
+        .iter()
+        .map(|h| h.name().to_owned())
+        .collect();
+    headers_to_remove.extend(
+        input
+            .client_keyplane_headers
+            .iter()
+            .filter(|name| !set.iter().any(|s| s.eq_ignore_ascii_case(name)))
+            .cloned(),
+    );
+    let mut response = CheckResponse::with_status(Status::ok("allowed"));
+    response
+        .set_dynamic_metadata(Some(metadata(key)))
+        .set_http_response(OkHttpResponse {
+            headers,
+            headers_to_remove,
+            ..Default::default()
+        });
+    response
+}
+
+fn deny(code: Code, http: HttpStatusCode, name: &str, message: &str) -> CheckResponse {
+    let body = serde_json::json!({ "code": name, "message": message }).to_string();
+    let mut headers = vec![header("content-type", "application/json")];
+    if http == HttpStatusCode::Unauthorized {
+        headers.push(header("www-authenticate", "ApiKey"));
+    }
+    let mut response = CheckResponse::with_status(Status::new(code, message));
+    response.set_http_response(DeniedHttpResponse {
+        status: Some(HttpStatus { code: http.into() }),
+        headers,
+        body,
+    });
+    response
+}
+
+/// The answer to Envoy: allow with the key's identity, or a JSON deny. Never holds the key.
+pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
+    let unauthenticated = |message: &str| {
+        deny(
+            Code::Unauthenticated,
+            HttpStatusCode::Unauthorized,
+            outcome.code_name(),
+            message,
+        )
+    };
+    let verification = match outcome {
+        Outcome::NoKey => {
+            return unauthenticated(
+                "no API key: send it in x-api-key or as authorization: Bearer <key>",
+            );
+        }
+        Outcome::Verified(v) => v,
+    };
+    match (verification.code, &verification.key) {
+        (VerifyCode::Valid, Some(key)) => allow(key, input),
+        // A valid verdict without its key cannot happen; fail closed all the same.
+        (VerifyCode::Valid, None) => unauthenticated("the API key is not valid"),
+        (VerifyCode::Malformed, _) => unauthenticated("the API key is malformed"),
+        (VerifyCode::NotFound, _) => unauthenticated("the API key is not known"),
+        (VerifyCode::Revoked, _) => unauthenticated("the API key has been revoked"),
+        (VerifyCode::Expired, _) => unauthenticated("the API key has expired"),
+        (VerifyCode::Disabled, _) => unauthenticated("the API key is disabled"),
+        (VerifyCode::InsufficientScopes, _) => deny(
+            Code::PermissionDenied,
+            HttpStatusCode::Forbidden,
+            outcome.code_name(),
+            &format!(
+                "the API key lacks the scopes: {}",
+                verification.missing.join(" ")
+            ),
+        ),
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for KeyplaneApi {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let caller = caller(&request)?;
+        let input = parse_check(request.get_ref())?;
+        let verification = match &input.key {
+            None => None,
+            Some((key, _)) => {
+                match self
+                    .verifier
+                    .verify(caller.access, key, &input.required)
+                    .await
+                {
+                    Ok(verification) => Some(verification),
+                    Err(err) => {
+                        // Never an allow when keyplane cannot tell: Envoy denies on an error
+                        // (with failure_mode_allow off).
+                        let code = match err {
+                            crate::storage::StoreError::Unavailable(_) => "unavailable",
+                            _ => "internal",
+                        };
+                        metrics::counter!("keyplane_check_total", "code" => code).increment(1);
+                        return Err(err.into());
+                    }
+                }
+            }
+        };
+        let outcome = verification
+            .as_ref()
+            .map_or(Outcome::NoKey, Outcome::Verified);
+        metrics::counter!("keyplane_check_total", "code" => outcome.code_name()).increment(1);
+        Ok(Response::new(respond(outcome, &input)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, attribute_context::HttpRequest, attribute_context::Request as AttrRequest,
+    };
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::TenantId;
+    use crate::domain::key::KeyPrefix;
+
+    fn secret() -> String {
+        ApiKeySecret::generate(&KeyPrefix::default_prefix())
+            .unwrap()
+            .expose()
+            .to_owned()
+    }
+
+    fn request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                context_extensions: extensions
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn key(owner: Option<&str>) -> ApiKey {
+        let now = Utc::now();
+        ApiKey {
+            id: Uuid::now_v7(),
+            tenant_id: TenantId::new(Uuid::now_v7()),
+            workspace_id: Uuid::now_v7(),
+            name: String::new(),
+            prefix: "kp".into(),
+            last_four: "abcd".into(),
+            digest: crate::domain::key::KeyDigest([0; 32]),
+            scopes: vec!["crm:read".into(), "erp:*".into()],
+            owner_id: owner.map(str::to_owned),
+            metadata: Default::default(),
+            expire_time: None,
+            disabled: false,
+            revoke_time: None,
+            last_used_time: None,
+            successor_id: None,
+            revision: 1,
+            create_time: now,
+            update_time: now,
+        }
+    }
+
+    fn verified(code: VerifyCode, key: Option<ApiKey>, missing: &[&str]) -> Verification {
+        Verification {
+            code,
+            key: key.map(std::sync::Arc::new),
+            missing: missing.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn fields(e: ValidationError) -> Vec<String> {
+        e.violations.into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn reads_the_key_from_x_api_key_first_then_a_bearer_keyplane_key() {
+        let k = secret();
+        let bearer = format!("Bearer {k}");
+        let input = parse_check(&request(&[("x-api-key", "abc")], &[])).unwrap();
+        assert_eq!(input.key, Some(("abc".into(), KeyHeader::ApiKey)));
+        assert_eq!(input.credential_headers, vec![KeyHeader::ApiKey]);
+
+        let input = parse_check(&request(&[("authorization", &bearer)], &[])).unwrap();
+        assert_eq!(input.key, Some((k.clone(), KeyHeader::Authorization)));
+        assert_eq!(input.credential_headers, vec![KeyHeader::Authorization]);
+
+        // Both: x-api-key decides, and both are removed on allow.
+        let input = parse_check(&request(
+            &[("x-api-key", "x"), ("authorization", &bearer)],
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(input.key.unwrap().1, KeyHeader::ApiKey);
+        assert_eq!(
+            input.credential_headers,
+            vec![KeyHeader::ApiKey, KeyHeader::Authorization]
+        );
+
+        // A bearer that is not a keyplane key (a JWT, a typo) is not a key at all.
+        for other in [
+            "Bearer eyJhbGciOi.x.y",
+            "Basic dXNlcjpwYXNz",
+            "Bearer kp_short",
+        ] {
+            let input = parse_check(&request(&[("authorization", other)], &[])).unwrap();
+            assert_eq!(input.key, None, "{other}");
+            assert!(input.credential_headers.is_empty());
+        }
+        assert!(
+            !format!(
+                "{input:?}",
+                input = parse_check(&request(&[("authorization", &bearer)], &[])).unwrap()
+            )
+            .contains(&k)
+        );
+    }
+
+    #[test]
+    fn reads_route_settings() {
+        let input = parse_check(&request(&[], &[])).unwrap();
+        assert_eq!((input.required.len(), input.cost), (0, 1));
+        let input = parse_check(&request(
+            &[("X-Keyplane-Tenant-Id", "t"), ("x-other", "o")],
+            &[
+                ("required_scopes", " crm:read  erp:write crm:read "),
+                ("cost", "1000"),
+            ],
+        ))
+        .unwrap();
+        let required: Vec<&str> = input.required.iter().map(|s| s.as_str()).collect();
+        assert_eq!(required, ["crm:read", "erp:write"]);
+        assert_eq!(input.cost, 1000);
+        assert_eq!(input.client_keyplane_headers, ["X-Keyplane-Tenant-Id"]);
+        assert_eq!(
+            parse_check(&request(&[], &[("cost", "0")])).unwrap().cost,
+            0
+        );
+    }
+
+    #[test]
+    fn bad_route_settings_are_invalid_arguments() {
+        for cost in ["1001", "-1", "1.5", "", "ten"] {
+            assert_eq!(
+                fields(parse_check(&request(&[], &[("cost", cost)])).unwrap_err()),
+                ["attributes.context_extensions.cost"],
+                "{cost}"
+            );
+        }
+        assert_eq!(
+            fields(
+                parse_check(&request(&[], &[("required_scopes", "crm:read nope")])).unwrap_err()
+            ),
+            ["attributes.context_extensions.required_scopes"]
+        );
+        assert_eq!(
+            fields(parse_check(&CheckRequest::default()).unwrap_err()),
+            ["attributes.request.http"]
+        );
+    }
+
+    fn ok(response: &CheckResponse) -> &OkHttpResponse {
+        assert_eq!(response.status.as_ref().unwrap().code, 0);
+        match &response.http_response {
+            Some(HttpResponse::OkResponse(ok)) => ok,
+            other => panic!("not an allow: {other:?}"),
+        }
+    }
+
+    fn set_headers(ok: &OkHttpResponse) -> HashMap<String, String> {
+        ok.headers
+            .iter()
+            .map(|h| {
+                assert_eq!(
+                    h.append_action,
+                    i32::from(HeaderAppendAction::OverwriteIfExistsOrAdd)
+                );
+                let h = h.header.as_ref().unwrap();
+                (h.key.clone(), h.value.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn allow_sets_identity_headers_and_removes_credentials_and_client_keyplane_headers() {
+        let k = key(Some("user-7"));
+        let input = parse_check(&request(
+            &[
+                ("x-api-key", &secret()),
+                ("x-keyplane-tenant-id", "forged"),
+                ("x-keyplane-extra", "forged"),
+            ],
+            &[],
+        ))
+        .unwrap();
+        let response = respond(
+            Outcome::Verified(&verified(VerifyCode::Valid, Some(k.clone()), &[])),
+            &input,
+        );
+        let ok = ok(&response);
+        let set = set_headers(ok);
+        assert_eq!(set[TENANT_HEADER], k.tenant_id.to_string());
+        assert_eq!(set[WORKSPACE_HEADER], k.workspace_id.to_string());
+        assert_eq!(set[KEY_HEADER], k.id.to_string());
+        assert_eq!(set[SCOPES_HEADER], "crm:read erp:*");
+        assert_eq!(set[OWNER_HEADER], "user-7");
+        assert_eq!(ok.headers_to_remove, ["x-api-key", "x-keyplane-extra"]);
+
+        let meta = &response.dynamic_metadata.as_ref().unwrap().fields[METADATA_NAMESPACE];
+        let Some(Kind::StructValue(meta)) = &meta.kind else {
+            panic!("not a struct")
+        };
+        let text = |name: &str| match &meta.fields[name].kind {
+            Some(Kind::StringValue(s)) => s.clone(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(text("tenant_id"), k.tenant_id.to_string());
+        assert_eq!(text("workspace_id"), k.workspace_id.to_string());
+        assert_eq!(text("key_id"), k.id.to_string());
+        assert_eq!(text("owner_id"), "user-7");
+        let Some(Kind::ListValue(scopes)) = &meta.fields["scopes"].kind else {
+            panic!("scopes not a list")
+        };
+        assert_eq!(scopes.values.len(), 2);
+    }
+
+    #[test]
+    fn allow_without_owner_removes_a_client_owner_header_and_a_bearer_credential() {
+        let bearer = format!("Bearer {}", secret());
+        let input = parse_check(&request(
+            &[
+                ("authorization", &bearer),
+                ("x-keyplane-owner-id", "forged"),
+            ],
+            &[],
+        ))
+        .unwrap();
+        let response = respond(
+            Outcome::Verified(&verified(VerifyCode::Valid, Some(key(None)), &[])),
+            &input,
+        );
+        let ok = ok(&response);
+        assert!(!set_headers(ok).contains_key(OWNER_HEADER));
+        assert_eq!(ok.headers_to_remove, ["authorization", OWNER_HEADER]);
+    }
+
+    fn denied(response: &CheckResponse) -> (i32, u16, HashMap<String, String>, serde_json::Value) {
+        let Some(HttpResponse::DeniedResponse(d)) = &response.http_response else {
+            panic!("not a deny: {response:?}")
+        };
+        let headers = d
+            .headers
+            .iter()
+            .map(|h| {
+                let h = h.header.as_ref().unwrap();
+                (h.key.clone(), h.value.clone())
+            })
+            .collect();
+        (
+            response.status.as_ref().unwrap().code,
+            d.status.as_ref().unwrap().code as u16,
+            headers,
+            serde_json::from_str(&d.body).unwrap(),
+        )
+    }
+
+    #[test]
+    fn denies_map_to_401_or_403_with_a_json_body() {
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let cases = [
+            (None, "VERIFY_CODE_MALFORMED"),
+            (
+                Some(verified(VerifyCode::Malformed, None, &[])),
+                "VERIFY_CODE_MALFORMED",
+            ),
+            (
+                Some(verified(VerifyCode::NotFound, None, &[])),
+                "VERIFY_CODE_NOT_FOUND",
+            ),
+            (
+                Some(verified(VerifyCode::Revoked, Some(key(None)), &[])),
+                "VERIFY_CODE_REVOKED",
+            ),
+            (
+                Some(verified(VerifyCode::Expired, Some(key(None)), &[])),
+                "VERIFY_CODE_EXPIRED",
+            ),
+            (
+                Some(verified(VerifyCode::Disabled, Some(key(None)), &[])),
+                "VERIFY_CODE_DISABLED",
+            ),
+            (
+                Some(verified(VerifyCode::Valid, None, &[])),
+                "VERIFY_CODE_VALID",
+            ),
+        ];
+        for (outcome, name) in cases {
+            let outcome = outcome.as_ref().map_or(Outcome::NoKey, Outcome::Verified);
+            let (grpc, http, headers, body) = denied(&respond(outcome, &input));
+            assert_eq!(grpc, Code::Unauthenticated as i32, "{name}");
+            assert_eq!(http, 401, "{name}");
+            assert_eq!(headers["www-authenticate"], "ApiKey");
+            assert_eq!(headers["content-type"], "application/json");
+            assert_eq!(body["code"], name);
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        let short = verified(
+            VerifyCode::InsufficientScopes,
+            Some(key(None)),
+            &["erp:write"],
+        );
+        let outcome = Outcome::Verified(&short);
+        let (grpc, http, headers, body) = denied(&respond(outcome, &input));
+        assert_eq!((grpc, http), (Code::PermissionDenied as i32, 403));
+        assert!(!headers.contains_key("www-authenticate"));
+        assert_eq!(body["code"], "VERIFY_CODE_INSUFFICIENT_SCOPES");
+        assert!(body["message"].as_str().unwrap().contains("erp:write"));
+        assert!(respond(outcome, &input).dynamic_metadata.is_none());
+    }
+}
