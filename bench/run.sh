@@ -70,6 +70,8 @@ for port in "$ECHO_PORT" "$KP_PORT" "$COLD_PORT" "${REPLICA_PORTS[@]}"; do
   fi
 done
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
 # ---------------------------------------------------------------- build
 if [ "$SKIP_BUILD" != 1 ]; then
   log "cargo build --release (keyplane and the bench tools)"
@@ -313,6 +315,7 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo
   echo "Commit $COMMIT; $(nproc) CPUs ($CPU), $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo);"
   echo "$(h2load --version | head -n1); PostgreSQL $(pgq 'SHOW server_version'); server and load generator on the same machine."
+  echo "Load average (1, 5, 15 min) before the build: $LOAD_BEFORE; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS ROUNDS=$ROUNDS."
   echo
   echo "## Throughput (h2load -c $CLIENTS -m $STREAMS, ${DURATION}s after ${WARMUP}s warm-up)"
