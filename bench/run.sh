@@ -1,0 +1,358 @@
+#!/usr/bin/env bash
+# keyplane's benchmark, end to end (see BENCHMARKS.md). From anywhere:
+#
+#   bench/run.sh
+#
+# Knobs (environment variables, defaults in brackets):
+#   DURATION [10]      seconds of each measurement (throughput and latency)
+#   WARMUP [2]         seconds of h2load warm-up before each throughput measurement
+#   CLIENTS [16]       h2load connections for throughput (-c)
+#   STREAMS [16]       concurrent streams per connection for throughput (-m)
+#   LAT_CLIENTS [8]    one-at-a-time clients of the latency runs (-c, with -m 1)
+#   ROUNDS [100]       revocations measured across replicas
+#   PORT_BASE [18500]  first of the 6 local ports used (echo, keyplane, cold, 3 replicas)
+#   PG [postgres://postgres:postgres@127.0.0.1:5432]  PostgreSQL server (no database)
+#   SKIP_BUILD [0]     1: use the binaries already in target/release
+#   KEEP_DB [0]        1: keep the benchmark database afterwards
+#   WORK [mktemp -d]   where raw h2load outputs and server logs go
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CLIENTS=${CLIENTS:-16}
+STREAMS=${STREAMS:-16}
+LAT_CLIENTS=${LAT_CLIENTS:-8}
+ROUNDS=${ROUNDS:-100}
+PORT_BASE=${PORT_BASE:-18500}
+PG=${PG:-postgres://postgres:postgres@127.0.0.1:5432}
+SKIP_BUILD=${SKIP_BUILD:-0}
+KEEP_DB=${KEEP_DB:-0}
+WORK=${WORK:-$(mktemp -d /tmp/keyplane-bench.XXXXXX)}
+mkdir -p "$WORK"
+
+ECHO_PORT=$PORT_BASE
+KP_PORT=$((PORT_BASE + 1))
+COLD_PORT=$((PORT_BASE + 2))
+REPLICA_PORTS=($((PORT_BASE + 3)) $((PORT_BASE + 4)) $((PORT_BASE + 5)))
+SCOPE=crm:read
+BIN=$ROOT/target/release
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- prerequisites
+log "prerequisites"
+if ! command -v h2load >/dev/null; then
+  apt-get install -y nghttp2-client >/dev/null || { apt-get update >/dev/null && apt-get install -y nghttp2-client >/dev/null; }
+fi
+command -v psql >/dev/null || die "psql is needed (PostgreSQL 15 client)"
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  version=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -n | tail -n 1)
+  if [ -n "$version" ]; then pg_ctlcluster --skip-systemctl-redirect "$version" main start || true; fi
+  for _ in $(seq 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+  pg_isready -h 127.0.0.1 -p 5432 -q || die "PostgreSQL is not answering on 127.0.0.1:5432"
+fi
+PGPASSWORD=$(sed -E 's#^postgres://[^:]+:([^@]*)@.*#\1#' <<<"$PG")
+export PGPASSWORD
+PGUSER=$(sed -E 's#^postgres://([^:]+):.*#\1#' <<<"$PG")
+pgq() { psql "$PG/postgres" -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
+if ! pgq "SELECT 1" >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ "$PGUSER" = postgres ]; then
+  su postgres -c "psql -qc \"ALTER USER postgres PASSWORD '$PGPASSWORD'\"" >/dev/null
+fi
+pgq "SELECT 1" >/dev/null || die "cannot log in to $PG as $PGUSER"
+
+for port in "$ECHO_PORT" "$KP_PORT" "$COLD_PORT" "${REPLICA_PORTS[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is taken; set PORT_BASE"
+  fi
+done
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------- build
+if [ "$SKIP_BUILD" != 1 ]; then
+  log "cargo build --release (keyplane and the bench tools)"
+  cargo build --release -q -p keyplane -p bench
+fi
+for b in keyplane echo_server payloads setup revocation; do
+  [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without SKIP_BUILD=1)"
+done
+
+# ---------------------------------------------------------------- processes and cleanup
+PIDS=()
+DB=kp_bench_$(date -u +%Y%m%d%H%M%S)_$$
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$KEEP_DB" != 1 ]; then
+    pgq "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+# start NAME CMD...: runs CMD in the background, logging to $WORK/NAME.log; sets LAST_PID.
+start() {
+  local name=$1
+  shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+stop() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+JWT_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n/+=' | head -c 48)
+DB_URL="$PG/$DB"
+TENANT=$(cat /proc/sys/kernel/random/uuid)
+# serve_keyplane NAME PORT [extra flags...]
+serve_keyplane() {
+  local name=$1 port=$2
+  shift 2
+  start "$name" "$BIN/keyplane" serve --listen "127.0.0.1:$port" --database-url "$DB_URL" \
+    --jwt-secret "$JWT_SECRET" "$@"
+}
+
+# ---------------------------------------------------------------- h2load helpers
+H2_HEADERS=(-H 'content-type: application/grpc' -H 'te: trailers')
+auth_header() { printf 'authorization: Bearer %s' "$TOKEN"; }
+
+# throughput NAME PORT PATH PAYLOAD: prints req/s; fails unless every request got a 2xx.
+throughput() {
+  local name=$1 port=$2 path=$3 payload=$4 out="$WORK/$1.h2load.txt"
+  h2load -D "$DURATION" --warm-up-time "$WARMUP" -c "$CLIENTS" -m "$STREAMS" \
+    "${H2_HEADERS[@]}" -H "$(auth_header)" -d "$payload" \
+    "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
+  check_h2load "$name" "$out"
+  awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out"
+}
+
+# check_h2load NAME FILE: requests done, none failed, errored or timed out, no status but
+# 2xx. (In timed runs h2load may count the status of a response that ends just after the
+# window but not the request, so the 2xx count is not compared with "succeeded".)
+check_h2load() {
+  local name=$1 out=$2
+  local line ndone failed errored timeouts non2xx
+  line=$(grep '^requests:' "$out") || die "$name: no summary in $out"
+  # requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
+  ndone=$(awk '{print $6}' <<<"$line")
+  failed=$(awk '{print $10}' <<<"$line")
+  errored=$(awk '{print $12}' <<<"$line")
+  timeouts=$(awk '{print $14}' <<<"$line")
+  # status codes: N 2xx, N 3xx, N 4xx, N 5xx
+  non2xx=$(awk '/^status codes:/ {print $5 + $7 + $9}' "$out")
+  if [ "$failed" != 0 ] || [ "$errored" != 0 ] || [ "$timeouts" != 0 ] || [ "$ndone" = 0 ] || [ "$non2xx" != 0 ]; then
+    cat "$out" >&2
+    die "$name: not every request succeeded at the HTTP level"
+  fi
+}
+
+# latency NAME PORT PATH PAYLOAD TOTAL_RPS: 8 one-at-a-time clients offering TOTAL_RPS
+# together; prints "offered carried p50 p90 p99 max" (rates in req/s, latencies in µs).
+latency() {
+  local name=$1 port=$2 path=$3 payload=$4 total=$5 out="$WORK/$1.lat.txt" log="$WORK/$1.lat.log"
+  local per_client=$((total / LAT_CLIENTS))
+  [ "$per_client" -ge 1 ] || per_client=1
+  rm -f "$log"
+  h2load -D "$DURATION" -c "$LAT_CLIENTS" -m 1 --rps "$per_client" \
+    "${H2_HEADERS[@]}" -H "$(auth_header)" -d "$payload" --log-file "$log" \
+    "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
+  check_h2load "$name" "$out"
+  # Columns: start (µs since epoch), HTTP status, µs to the end of the response. Only
+  # answered 2xx requests count; the carried rate is over the span they were sent in.
+  awk -F'\t' '$2 >= 200 && $2 < 300 { print $1 "\t" $3 }' "$log" | sort -t$'\t' -k2,2n |
+    awk -F'\t' -v offered=$((per_client * LAT_CLIENTS)) -v secs="$DURATION" '
+      { lat[NR] = $2; if (NR == 1 || $1 < first) first = $1; if ($1 > last) last = $1 }
+      function pct(p,   r) { r = int((p / 100) * NR); if (r < (p / 100) * NR) r++; if (r < 1) r = 1; return lat[r] }
+      END {
+        if (NR == 0) { print offered, 0, "nan", "nan", "nan", "nan"; exit }
+        printf "%d %.0f %d %d %d %d\n", offered, NR / secs, pct(50), pct(90), pct(99), lat[NR]
+      }'
+}
+
+# ---------------------------------------------------------------- keyplane and its data
+log "PostgreSQL database $DB"
+pgq "CREATE DATABASE \"$DB\"" >/dev/null
+
+# A build with the verification cache has --cache-capacity (0 turns the cache off).
+COLD_FLAG=0
+VERIFY_LABEL="default settings; this build has no cache"
+if "$BIN/keyplane" serve --help 2>/dev/null | grep -q -- '--cache-capacity'; then
+  COLD_FLAG=1
+  VERIFY_LABEL="cached"
+fi
+
+log "keyplane on 127.0.0.1:$KP_PORT"
+serve_keyplane keyplane "$KP_PORT"
+KP_PID=$LAST_PID
+TOKEN=$("$BIN/keyplane" token --jwt-secret "$JWT_SECRET" --tenant "$TENANT" \
+  --scope "keyplane.api_keys:verify keyplane.api_keys:write keyplane.workspaces:write keyplane.scopes:write" --ttl 1h)
+export BENCH_TOKEN=$TOKEN
+
+SETUP_OUT=$("$BIN/setup" --addr "127.0.0.1:$KP_PORT" create --scope "$SCOPE") ||
+  { cat "$WORK/keyplane.log" >&2; die "setup failed"; }
+WORKSPACE_ID=$(sed -n 's/^WORKSPACE_ID=//p' <<<"$SETUP_OUT")
+BENCH_KEY=$(sed -n 's/^KEY=//p' <<<"$SETUP_OUT")
+export BENCH_KEY
+"$BIN/payloads" --scope "$SCOPE" --out "$WORK" >/dev/null
+
+probe() { # probe KIND PORT: 0 success, 3 UNIMPLEMENTED
+  "$BIN/setup" --addr "127.0.0.1:$2" probe --kind "$1" --payload "$WORK/$1.bin"
+}
+
+# ---------------------------------------------------------------- echo (the ceiling)
+log "echo: probe, ${DURATION}s throughput (-c $CLIENTS -m $STREAMS)"
+start echo_server "$BIN/echo_server" --listen "127.0.0.1:$ECHO_PORT"
+ECHO_PID=$LAST_PID
+probe echo "$ECHO_PORT" >&2 || die "the echo probe failed"
+ECHO_RPS=$(throughput echo "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
+echo "echo: $ECHO_RPS req/s" >&2
+HALF=$(awk -v r="$ECHO_RPS" 'BEGIN { printf "%d", r / 2 }')
+log "echo: latency at $HALF req/s offered ($LAT_CLIENTS clients, -m 1)"
+LAT=$(latency echo "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin" "$HALF")
+read -r ECHO_LAT_OFF ECHO_LAT_CAR ECHO_P50 ECHO_P90 ECHO_P99 ECHO_MAX <<<"$LAT"
+stop "$ECHO_PID"
+
+# ---------------------------------------------------------------- VerifyApiKey
+log "VerifyApiKey: probe, ${DURATION}s throughput"
+probe verify "$KP_PORT" >&2 || die "the VerifyApiKey probe did not answer VALID"
+VERIFY_RPS=$(throughput verify "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
+echo "VerifyApiKey: $VERIFY_RPS req/s" >&2
+log "VerifyApiKey: latency at $HALF req/s offered"
+LAT=$(latency verify "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin" "$HALF")
+read -r V_LAT_OFF V_LAT_CAR V_P50 V_P90 V_P99 V_MAX <<<"$LAT"
+probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
+
+# ---------------------------------------------------------------- Check
+log "Check: probe"
+CHECK_NOTE=""
+set +e
+CHECK_PROBE=$(probe check "$KP_PORT" 2>&1)
+CHECK_STATUS=$?
+set -e
+echo "$CHECK_PROBE" >&2
+CHECK_RPS="" C_P50="" C_P90="" C_P99="" C_MAX="" C_LAT_OFF="" C_LAT_CAR=""
+if [ "$CHECK_STATUS" = 0 ]; then
+  log "Check: ${DURATION}s throughput"
+  CHECK_RPS=$(throughput check "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
+  echo "Check: $CHECK_RPS req/s" >&2
+  log "Check: latency at $HALF req/s offered"
+  LAT=$(latency check "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$HALF")
+  read -r C_LAT_OFF C_LAT_CAR C_P50 C_P90 C_P99 C_MAX <<<"$LAT"
+elif [ "$CHECK_STATUS" = 3 ]; then
+  CHECK_NOTE="skipped: this keyplane answers Check with UNIMPLEMENTED (the Envoy ext_authz Check RPC is not in this build)"
+else
+  die "the Check probe failed: $CHECK_PROBE"
+fi
+
+# ---------------------------------------------------------------- cold verification
+if [ "$COLD_FLAG" = 1 ]; then
+  COLD_NOTE="keyplane started with --cache-capacity 0: every verification reads PostgreSQL"
+  stop "$KP_PID"
+  serve_keyplane keyplane-cold "$COLD_PORT" --cache-capacity 0
+  KP_PID=$LAST_PID
+  CPORT=$COLD_PORT
+else
+  COLD_NOTE="this keyplane has no --cache-capacity flag and no verification cache: every verification reads PostgreSQL, so this run measures the same path as the one above"
+  CPORT=$KP_PORT
+fi
+log "cold VerifyApiKey on PostgreSQL: ${DURATION}s throughput ($COLD_NOTE)"
+probe verify "$CPORT" >&2 || die "the cold VerifyApiKey probe did not answer VALID"
+COLD_RPS=$(throughput cold "$CPORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
+echo "cold VerifyApiKey: $COLD_RPS req/s" >&2
+stop "$KP_PID"
+
+# ---------------------------------------------------------------- revocation across replicas
+log "revocation: 3 replicas on $DB, $ROUNDS rounds"
+for i in 0 1 2; do
+  serve_keyplane "replica$i" "${REPLICA_PORTS[$i]}"
+done
+REV_LINE=$("$BIN/revocation" --revoke-on "127.0.0.1:${REPLICA_PORTS[0]}" \
+  --verify-on "127.0.0.1:${REPLICA_PORTS[1]}" --verify-on "127.0.0.1:${REPLICA_PORTS[2]}" \
+  --workspace "$WORKSPACE_ID" --scope "$SCOPE" --rounds "$ROUNDS" --csv "$WORK/revocation.csv" |
+  grep '^REVOCATION') || die "the revocation harness failed"
+echo "$REV_LINE" >&2
+revf() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$REV_LINE"; }
+REV_SAMPLES=$(revf samples) REV_MISSES=$(revf misses) REV_NOT_REVOKED=$(revf not_revoked)
+REV_P50=$(revf p50_ms) REV_P99=$(revf p99_ms) REV_MAX=$(revf max_ms) REV_GIVE_UP=$(revf give_up_ms)
+
+# ---------------------------------------------------------------- report
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == 0) print "n/a"; else printf "%.1f%%", 100 * a / b }'; }
+ms() { awk -v us="$1" 'BEGIN { if (us == "" || us == "nan") print "n/a"; else printf "%.3f", us / 1000 }'; }
+met() { if [ "$1" = 1 ]; then echo "met"; else echo "**not met**"; fi; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 >= b + 0) }' && echo 1 || echo 0; }
+lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 < b + 0) }' && echo 1 || echo 0; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 <= b + 0) }' && echo 1 || echo 0; }
+
+V_RATIO=$(ratio "$VERIFY_RPS" "$ECHO_RPS")
+C_RATIO=$(ratio "$CHECK_RPS" "$ECHO_RPS")
+V_OK=$(ge "$(awk -v a="$VERIFY_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.90)
+if [ -n "$CHECK_RPS" ]; then
+  C_OK=$(ge "$(awk -v a="$CHECK_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.85)
+  C_VERDICT=$(met "$C_OK")
+else
+  C_VERDICT="not measured (UNIMPLEMENTED)"
+fi
+# p99 target: under 1 ms, with the offered rate actually carried (within 5%).
+V_CARRIED=$(ge "$V_LAT_CAR" "$(awk -v o="$V_LAT_OFF" 'BEGIN { print o * 0.95 }')")
+V_P99_OK=$(( $(lt "$V_P99" 1000) && V_CARRIED ))
+COLD_OK=$(ge "$COLD_RPS" 5000)
+REV_P99_OK=$(( $(le "$REV_P99" 100) && REV_MISSES == 0 ))
+REV_MAX_OK=$(( $(le "$REV_MAX" 1000) && REV_MISSES == 0 ))
+
+STAMP=$(date -u +%Y-%m-%d-%H%M%S)
+REPORT=$ROOT/bench/results/$STAMP.md
+mkdir -p "$ROOT/bench/results"
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
+CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+{
+  echo "# keyplane benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Commit $COMMIT; $(nproc) CPUs ($CPU), $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo);"
+  echo "$(h2load --version | head -n1); PostgreSQL $(pgq 'SHOW server_version'); server and load generator on the same machine."
+  echo "Load average (1, 5, 15 min) before the build: $LOAD_BEFORE; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS ROUNDS=$ROUNDS."
+  echo
+  echo "## Throughput (h2load -c $CLIENTS -m $STREAMS, ${DURATION}s after ${WARMUP}s warm-up)"
+  echo
+  echo "| target | req/s | / echo | goal | |"
+  echo "|---|---:|---:|---|---|"
+  echo "| echo (bare tonic, the ceiling) | $ECHO_RPS | 100% | | |"
+  echo "| VerifyApiKey ($VERIFY_LABEL) | $VERIFY_RPS | $V_RATIO | ≥ 90% | $(met "$V_OK") |"
+  if [ -n "$CHECK_RPS" ]; then
+    echo "| Check (Envoy ext_authz) | $CHECK_RPS | $C_RATIO | ≥ 85% | $C_VERDICT |"
+  else
+    echo "| Check (Envoy ext_authz) | — | — | ≥ 85% | $C_VERDICT |"
+  fi
+  echo "| VerifyApiKey cold on PostgreSQL | $COLD_RPS | $(ratio "$COLD_RPS" "$ECHO_RPS") | ≥ 5,000/s | $(met "$COLD_OK") |"
+  echo
+  echo "Cold: $COLD_NOTE."
+  [ -n "$CHECK_NOTE" ] && echo "Check: $CHECK_NOTE."
+  echo
+  echo "## Latency at half the echo's rate ($LAT_CLIENTS clients, one call at a time each, ${DURATION}s)"
+  echo
+  echo "| target | offered req/s | carried req/s | p50 ms | p90 ms | p99 ms | max ms | goal | |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
+  echo "| echo | $ECHO_LAT_OFF | $ECHO_LAT_CAR | $(ms "$ECHO_P50") | $(ms "$ECHO_P90") | $(ms "$ECHO_P99") | $(ms "$ECHO_MAX") | | |"
+  echo "| VerifyApiKey | $V_LAT_OFF | $V_LAT_CAR | $(ms "$V_P50") | $(ms "$V_P90") | $(ms "$V_P99") | $(ms "$V_MAX") | p99 < 1 ms | $(met "$V_P99_OK") |"
+  if [ -n "$CHECK_RPS" ]; then
+    echo "| Check | $C_LAT_OFF | $C_LAT_CAR | $(ms "$C_P50") | $(ms "$C_P90") | $(ms "$C_P99") | $(ms "$C_MAX") | | |"
+  fi
+  echo
+  echo "Percentiles are over the requests answered (2xx) in the window; a carried rate below the"
+  echo "offered one means the clients could not keep the pace, and the p99 goal counts as not met."
+  echo
+  echo "## Revocation across 3 replicas on one database ($ROUNDS rounds)"
+  echo
+  echo "| samples | p50 ms | p99 ms | max ms | gave up (> $REV_GIVE_UP ms) | refusals not REVOKED | goal | |"
+  echo "|---:|---:|---:|---:|---:|---:|---|---|"
+  echo "| $REV_SAMPLES | $REV_P50 | $REV_P99 | $REV_MAX | $REV_MISSES | $REV_NOT_REVOKED | p99 ≤ 100 ms; max ≤ 1 s | p99 $(met "$REV_P99_OK"); max $(met "$REV_MAX_OK") |"
+} >"$REPORT"
+
+log "results ($REPORT; raw outputs in $WORK)"
+cat "$REPORT"
