@@ -220,6 +220,19 @@ pub enum VerifyCode {
     InsufficientScopes,
 }
 
+impl VerifyCode {
+    /// Every code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [VerifyCode; 7] = [
+        VerifyCode::Valid,
+        VerifyCode::Malformed,
+        VerifyCode::NotFound,
+        VerifyCode::Revoked,
+        VerifyCode::Expired,
+        VerifyCode::Disabled,
+        VerifyCode::InsufficientScopes,
+    ];
+}
+
 impl ApiKey {
     pub fn masked_key(&self) -> String {
         masked_key(&self.prefix, &self.last_four)
@@ -395,6 +408,13 @@ mod tests {
             VerifyCode::Valid
         );
         assert_eq!(ok.masked_key(), "kp_****abcd");
+    }
+
+    #[test]
+    fn every_code_indexes_its_place() {
+        for (i, code) in VerifyCode::ALL.into_iter().enumerate() {
+            assert_eq!(code as usize, i);
+        }
     }
 
     #[test]

@@ -1,6 +1,4 @@
 //! `keyplane.v1.ApiKeyService`.
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -280,23 +278,21 @@ impl ApiKeyService for KeyplaneApi {
             .verifier
             .verify(caller.access, &r.key, &required)
             .await?;
+        self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();
-        metrics::counter!("keyplane_verifications_total", "code" => code.as_str_name())
-            .increment(1);
+        let api_key: Option<pb::ApiKey> = outcome.key.as_deref().map(Into::into);
         Ok(Response::new(pb::VerifyApiKeyResponse {
             valid: outcome.code == VerifyCode::Valid,
             code: code.into(),
-            tenant_id: outcome
-                .key
+            tenant_id: api_key
                 .as_ref()
-                .map(|k| k.tenant_id.to_string())
+                .map(|k| k.tenant_id.clone())
                 .unwrap_or_default(),
-            workspace_id: outcome
-                .key
+            workspace_id: api_key
                 .as_ref()
-                .map(|k| k.workspace_id.to_string())
+                .map(|k| k.workspace_id.clone())
                 .unwrap_or_default(),
-            api_key: outcome.key.map(|k| Arc::unwrap_or_clone(k).into()),
+            api_key,
             missing_scopes: outcome.missing,
         }))
     }

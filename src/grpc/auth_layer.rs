@@ -2,6 +2,7 @@
 //! the caller, checks the one built-in scope the RPC needs (the [`rpc`](super::rpc) table)
 //! and hands the [`Caller`] to the handler as a request extension. A path missing from the
 //! table is refused, so a new RPC cannot be reachable without a row there.
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -16,12 +17,15 @@ use crate::domain::scope::BuiltinScope;
 
 #[derive(Clone)]
 pub struct AuthLayer {
-    auth: Authenticator,
+    /// Shared: every call clones the service, and one reference count is all that costs.
+    auth: Arc<Authenticator>,
 }
 
 impl AuthLayer {
     pub fn new(auth: Authenticator) -> Self {
-        Self { auth }
+        Self {
+            auth: Arc::new(auth),
+        }
     }
 }
 
@@ -39,7 +43,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct AuthService<S> {
     inner: S,
-    auth: Authenticator,
+    auth: Arc<Authenticator>,
 }
 
 /// A header's value; one that is not visible ASCII becomes "" and fails validation.

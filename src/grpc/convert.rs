@@ -79,17 +79,19 @@ impl From<Scope> for pb::Scope {
     }
 }
 
-impl From<ApiKey> for pb::ApiKey {
-    fn from(k: ApiKey) -> Self {
+/// From a shared key (the verification cache's): every field is copied once, straight
+/// into the message.
+impl From<&ApiKey> for pb::ApiKey {
+    fn from(k: &ApiKey) -> Self {
         pb::ApiKey {
             masked_key: k.masked_key(),
             id: k.id.to_string(),
             tenant_id: k.tenant_id.to_string(),
             workspace_id: k.workspace_id.to_string(),
-            name: k.name,
-            prefix: k.prefix,
-            scopes: k.scopes,
-            owner_id: k.owner_id.unwrap_or_default(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            scopes: k.scopes.clone(),
+            owner_id: k.owner_id.clone().unwrap_or_default(),
             metadata: unsorted(&k.metadata),
             expire_time: k.expire_time.map(timestamp),
             disabled: k.disabled,
@@ -100,6 +102,12 @@ impl From<ApiKey> for pb::ApiKey {
             etag: records::etag(k.revision),
             successor_id: k.successor_id.map(|id| id.to_string()).unwrap_or_default(),
         }
+    }
+}
+
+impl From<ApiKey> for pb::ApiKey {
+    fn from(k: ApiKey) -> Self {
+        (&k).into()
     }
 }
 

@@ -173,14 +173,17 @@ pub enum Outcome<'a> {
 }
 
 impl Outcome<'_> {
-    /// The `VerifyCode` name of the outcome, for the body and the metric. A request
-    /// without a key is malformed, as an empty key is for `VerifyApiKey`.
-    pub fn code_name(&self) -> &'static str {
-        let code = match self {
+    /// The code of the outcome, for the body and the metric. A request without a key is
+    /// malformed, as an empty key is for `VerifyApiKey`.
+    pub fn code(&self) -> VerifyCode {
+        match self {
             Outcome::NoKey => VerifyCode::Malformed,
             Outcome::Verified(v) => v.code,
-        };
-        pb::VerifyCode::from(code).as_str_name()
+        }
+    }
+
+    pub fn code_name(&self) -> &'static str {
+        pb::VerifyCode::from(self.code()).as_str_name()
     }
 }
 
@@ -360,7 +363,7 @@ impl Authorization for KeyplaneApi {
         let outcome = verification
             .as_ref()
             .map_or(Outcome::NoKey, Outcome::Verified);
-        metrics::counter!("keyplane_check_total", "code" => outcome.code_name()).increment(1);
+        self.checks.count(outcome.code());
         Ok(Response::new(respond(outcome, &input)))
     }
 }

@@ -13,11 +13,15 @@ pub mod scopes;
 pub mod size_limit;
 pub mod workspaces;
 
+use std::sync::Arc;
+
+use metrics::Counter;
 use tonic::Request;
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::domain::page::{ListFingerprint, Page, PageTokenCodec};
+use crate::domain::records::VerifyCode;
 use crate::storage::Store;
 use crate::verification::KeyVerifier;
 use error::ApiError;
@@ -28,6 +32,8 @@ pub struct KeyplaneApi {
     store: Store,
     verifier: KeyVerifier,
     pages: PageTokenCodec,
+    verifications: Arc<CodeCounters>,
+    checks: Arc<CodeCounters>,
 }
 
 impl KeyplaneApi {
@@ -36,6 +42,8 @@ impl KeyplaneApi {
             store,
             verifier,
             pages,
+            verifications: Arc::new(CodeCounters::new("keyplane_verifications_total")),
+            checks: Arc::new(CodeCounters::new("keyplane_check_total")),
         }
     }
 
@@ -50,6 +58,22 @@ impl KeyplaneApi {
             (true, Some(last)) => self.pages.encode(id(last), list),
             _ => String::new(),
         }
+    }
+}
+
+/// A counter per verification code, registered once: a label set built on every call
+/// would cost an allocation and a registry lookup on the hot path.
+struct CodeCounters([Counter; VerifyCode::ALL.len()]);
+
+impl CodeCounters {
+    fn new(name: &'static str) -> Self {
+        Self(VerifyCode::ALL.map(|code| {
+            metrics::counter!(name, "code" => crate::proto::VerifyCode::from(code).as_str_name())
+        }))
+    }
+
+    fn count(&self, code: VerifyCode) {
+        self.0[code as usize].increment(1);
     }
 }
 

@@ -40,6 +40,10 @@ impl Echo for EchoService {
     }
 }
 
+/// The same allocator as keyplane's binary, so that the ratio measures keyplane's own work.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
