@@ -344,6 +344,10 @@ impl Patch for ApiKeyPatch {
 macro_rules! revisioned {
     ($($record:ty),+) => {$(
         impl Revisioned for $record {
+            fn id(&self) -> Uuid {
+                self.id
+            }
+
             fn revision(&self) -> i64 {
                 self.revision
             }

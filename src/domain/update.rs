@@ -25,6 +25,8 @@ pub trait Patch {
 
 /// A resource with a revision counter that every write increments; its etag derives from it.
 pub trait Revisioned {
+    fn id(&self) -> Uuid;
+
     fn revision(&self) -> i64;
 
     /// Marks the resource as written at `now`: the next revision.

@@ -129,8 +129,8 @@ pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError
     let mut client_keyplane_headers: Vec<String> = headers
         .keys()
         .filter(|name| {
-            name.to_ascii_lowercase()
-                .starts_with(RESERVED_HEADER_PREFIX)
+            name.get(..RESERVED_HEADER_PREFIX.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
         })
         .cloned()
         .collect();

@@ -237,9 +237,7 @@ impl Store {
         tenant: TenantId,
         request_id: Uuid,
     ) -> Result<Option<ApiKey>, StoreError> {
-        let found = api_key::Entity::find()
-            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(api_key::Column::RequestId.eq(request_id))
+        let found = api_key::Entity::by_request(tenant, request_id)
             .one(&self.db)
             .await?;
         Ok(with_scopes(&self.db, found.into_iter().collect())
@@ -464,10 +462,6 @@ impl Stored for ApiKey {
     type Patch = ApiKeyPatch;
     type Table = api_key::Entity;
     const KIND: &'static str = "api key";
-
-    fn id(&self) -> Uuid {
-        self.id
-    }
 
     async fn load(
         txn: &DatabaseTransaction,

@@ -112,9 +112,7 @@ impl Store {
         tenant: TenantId,
         request_id: Uuid,
     ) -> Result<Option<Scope>, StoreError> {
-        scope::Entity::find()
-            .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(scope::Column::RequestId.eq(request_id))
+        scope::Entity::by_request(tenant, request_id)
             .one(&self.db)
             .await?
             .map(from_model)
@@ -269,10 +267,6 @@ impl Stored for Scope {
     type Patch = ScopePatch;
     type Table = scope::Entity;
     const KIND: &'static str = "scope";
-
-    fn id(&self) -> Uuid {
-        self.id
-    }
 
     async fn load(
         txn: &DatabaseTransaction,

@@ -26,8 +26,6 @@ pub trait Stored: Revisioned + Send + Sync + Sized {
     /// Its name in NOT_FOUND errors.
     const KIND: &'static str;
 
-    fn id(&self) -> Uuid;
-
     /// The current state, read inside the update's transaction.
     fn load(
         txn: &DatabaseTransaction,

@@ -97,9 +97,7 @@ impl Store {
         tenant: TenantId,
         request_id: Uuid,
     ) -> Result<Option<Workspace>, StoreError> {
-        workspace::Entity::find()
-            .filter(workspace::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(workspace::Column::RequestId.eq(request_id))
+        workspace::Entity::by_request(tenant, request_id)
             .one(&self.db)
             .await?
             .map(from_model)
@@ -164,10 +162,6 @@ impl Stored for Workspace {
     type Patch = WorkspacePatch;
     type Table = workspace::Entity;
     const KIND: &'static str = "workspace";
-
-    fn id(&self) -> Uuid {
-        self.id
-    }
 
     async fn load(
         txn: &DatabaseTransaction,

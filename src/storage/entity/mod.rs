@@ -17,12 +17,21 @@ pub trait TenantOwned: EntityTrait {
     const TENANT_ID: Self::Column;
     const ID: Self::Column;
     const REVISION: Self::Column;
+    /// The idempotency key of the create that made the row.
+    const REQUEST_ID: Self::Column;
 
     /// The row with this id, if it belongs to this tenant.
     fn by_id(tenant: TenantId, id: Uuid) -> Select<Self> {
         Self::find()
             .filter(Self::TENANT_ID.eq(tenant.as_uuid()))
             .filter(Self::ID.eq(id))
+    }
+
+    /// The row a create with this request id made, if it belongs to this tenant.
+    fn by_request(tenant: TenantId, request_id: Uuid) -> Select<Self> {
+        Self::find()
+            .filter(Self::TENANT_ID.eq(tenant.as_uuid()))
+            .filter(Self::REQUEST_ID.eq(request_id))
     }
 }
 
@@ -32,6 +41,7 @@ macro_rules! tenant_owned {
             const TENANT_ID: Self::Column = $table::Column::TenantId;
             const ID: Self::Column = $table::Column::Id;
             const REVISION: Self::Column = $table::Column::Revision;
+            const REQUEST_ID: Self::Column = $table::Column::RequestId;
         }
     )+};
 }
