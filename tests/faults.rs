@@ -1,6 +1,8 @@
 //! Faults: the database going away and coming back, SIGKILL in the middle of writes, and
 //! SIGTERM under load. The server runs as it does in production: as its own process where
-//! a signal is involved, behind a TCP proxy we can cut where the database must vanish.
+//! a signal is involved, behind a TCP proxy we can cut where the database must vanish
+//! (verification and Envoy's Check then answer UNAVAILABLE, never from an unconfirmable
+//! cache).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
@@ -14,6 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest,
+    attribute_context::{HttpRequest, Request as HttpAttributes},
+};
 use helpers::*;
 use keyplane::proto as pb;
 use tokio::net::{TcpListener, TcpStream};
@@ -91,6 +98,38 @@ async fn postgres_going_away() {
     let settings = test_settings(proxied.as_str());
     let app = spawn_with(db, settings).await;
     let workspace = app.create_workspace("before").await;
+    // A key hot in the verification cache: once the database is gone, so is the
+    // invalidation feed, and keyplane must not answer from memory what it cannot confirm.
+    let (_, secret) = app.create_key(&workspace.id, &[]).await;
+    let mut envoy = AuthorizationClient::with_interceptor(app.channel.clone(), {
+        let token = token(Some(app.tenant), &["keyplane.api_keys:verify"]);
+        move |mut request: tonic::Request<()>| {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+            Ok(request)
+        }
+    });
+    let check = |secret: &str| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(HttpAttributes {
+                http: Some(HttpRequest {
+                    headers: [("x-api-key".to_owned(), secret.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    for _ in 0..2 {
+        assert_eq!(app.verify(&secret, &[]).await.code(), pb::VerifyCode::Valid);
+        let allowed = envoy
+            .check(check(&secret))
+            .await
+            .expect("check")
+            .into_inner();
+        assert_eq!(allowed.status.map(|s| s.code), Some(0), "allowed while up");
+    }
 
     proxy.stop().await;
     let took = wait_for_health(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
@@ -110,6 +149,21 @@ async fn postgres_going_away() {
             .create_workspace(pb::CreateWorkspaceRequest::default())
             .await;
         assert_err(create, Code::Unavailable, "DATABASE_UNAVAILABLE");
+        let verify = app
+            .as_admin()
+            .keys
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: secret.clone(),
+                required_scopes: vec![],
+            })
+            .await;
+        assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");
+        // Envoy gets an error, which its status_on_error turns into a deny: never an allow.
+        let refused = envoy.check(check(&secret)).await;
+        assert_eq!(
+            refused.expect_err("no answer without the database").code(),
+            Code::Unavailable
+        );
     }
 
     proxy.resume();
@@ -124,6 +178,7 @@ async fn postgres_going_away() {
         .expect("works again without a restart");
     assert_eq!(got.into_inner().workspace.unwrap(), workspace);
     app.create_workspace("after").await;
+    assert_eq!(app.verify(&secret, &[]).await.code(), pb::VerifyCode::Valid);
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyplane");
