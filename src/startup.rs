@@ -28,7 +28,7 @@ use crate::grpc::KeyplaneApi;
 use crate::grpc::auth_layer::AuthLayer;
 use crate::grpc::health::{self, DrainingHealth};
 use crate::grpc::idle::IdleTimeout;
-use crate::grpc::rpc_metrics::RpcMetricsLayer;
+use crate::grpc::observe::ObserveLayer;
 use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, scope_service_server::ScopeServiceServer,
@@ -188,8 +188,9 @@ impl Application {
             // Pings keep healthy idle connections readable well within the idle timeout.
             .http2_keepalive_interval(Some(self.settings.idle_timeout / 4))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-            // Outermost first: time the call, fix up the size-limit status, then authorize.
-            .layer(RpcMetricsLayer::new())
+            // Outermost first: observe the call (request id, error log, latency), fix up
+            // the size-limit status, then authorize.
+            .layer(ObserveLayer::new())
             .layer(MapResponseLayer::new(size_limit::resource_exhausted))
             .layer(AuthLayer::new(self.auth.clone()))
             .add_service(HealthServer::new(DrainingHealth::new(

@@ -1,7 +1,7 @@
 //! The one place where errors become `tonic::Status`: a `google.rpc.Status` with
 //! `ErrorInfo` (domain `keyplane.dev`, UPPER_SNAKE_CASE reason, the values involved) and,
 //! for validation errors, `BadRequest` with one field violation per bad field.
-//! Internal causes go to the log with a request id; the client sees only the id.
+//! Internal causes go to the log with the call's request id; the client sees only the id.
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
@@ -44,7 +44,7 @@ fn meta<const N: usize>(pairs: [(&str, String); N]) -> HashMap<String, String> {
 
 /// An internal error: logged in full under a fresh request id, answered with only the id.
 fn internal(cause: &(dyn std::error::Error + 'static)) -> Status {
-    let request_id = uuid::Uuid::now_v7().to_string();
+    let request_id = super::observe::request_id().to_string();
     tracing::error!(%request_id, error = %ErrorChain(cause), "internal error");
     let mut details = ErrorDetails::with_error_info(
         "INTERNAL",

@@ -238,3 +238,39 @@ fn a_second_server_on_one_sqlite_file_is_refused() {
         app.create_workspace("still here").await;
     });
 }
+
+on_both_backends!(every_response_carries_its_request_id);
+
+/// Every response names its request id in `x-request-id` (the one the client sent, when it
+/// sent one); the server logs every error response with it, so an operator handed the id
+/// finds the line.
+async fn every_response_carries_its_request_id(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut workspaces = app.as_admin().workspaces;
+    let missing = || pb::GetWorkspaceRequest {
+        id: uuid::Uuid::now_v7().to_string(),
+    };
+    let failed = workspaces.get_workspace(missing()).await.unwrap_err();
+    let id = failed
+        .metadata()
+        .get("x-request-id")
+        .expect("an error response carries its request id")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(uuid::Uuid::try_parse(&id).is_ok(), "{id}");
+
+    let mut request = tonic::Request::new(missing());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-42".parse().unwrap());
+    let failed = workspaces.get_workspace(request).await.unwrap_err();
+    assert_eq!(failed.metadata().get("x-request-id").unwrap(), "trace-42");
+
+    let mut request = tonic::Request::new(pb::ListWorkspacesRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-43".parse().unwrap());
+    let listed = workspaces.list_workspaces(request).await.expect("list");
+    assert_eq!(listed.metadata().get("x-request-id").unwrap(), "trace-43");
+}
