@@ -42,7 +42,7 @@ pub struct TlsSettings {
 }
 
 /// The contents last loaded, to tell a real change from a touch.
-#[derive(PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 struct Contents {
     cert: Vec<u8>,
     key: Vec<u8>,
@@ -53,6 +53,9 @@ struct Contents {
 pub struct Tls {
     settings: TlsSettings,
     config: ArcSwap<ServerConfig>,
+    /// What `load` read: the watcher compares against it, so a change made between start
+    /// and the first check is not missed.
+    loaded: Contents,
 }
 
 impl Tls {
@@ -63,6 +66,7 @@ impl Tls {
         Ok(Arc::new(Self {
             settings,
             config: ArcSwap::from_pointee(config),
+            loaded: contents,
         }))
     }
 
@@ -74,7 +78,7 @@ impl Tls {
     /// Checks the files every `interval` until `stop`, swapping in what changed.
     pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         // What is serving now; a failed reload is not retried until the files change again.
-        let mut seen = read(&self.settings).ok();
+        let mut seen = Some(self.loaded.clone());
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
