@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
 use crate::auth::jwt::JwtSettings;
+use crate::tls::TlsSettings;
 
 /// Every default of `serve`, defined once: the flags show them in `--help`, and
 /// [`Settings::new`] starts from them.
@@ -152,6 +153,17 @@ pub struct ServeArgs {
     /// shorter `grpc-timeout` wins.
     #[arg(long, env = "KEYPLANE_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT.into())]
     pub request_timeout: humantime::Duration,
+    /// PEM certificate chain for TLS on the gRPC port (needs --tls-key); plaintext when
+    /// unset. Re-read when the file changes.
+    #[arg(long, env = "KEYPLANE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert. Re-read when the file changes.
+    #[arg(long, env = "KEYPLANE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): every client must present a certificate they signed (mTLS).
+    /// Needs --tls-cert. Re-read when the file changes.
+    #[arg(long, env = "KEYPLANE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -208,6 +220,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub cache_capacity: u64,
+    /// TLS on the gRPC port; plaintext when `None`.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Settings {
@@ -224,6 +238,7 @@ impl Settings {
             idle_timeout: defaults::IDLE_TIMEOUT,
             request_timeout: defaults::REQUEST_TIMEOUT,
             cache_capacity: defaults::CACHE_CAPACITY,
+            tls: None,
         }
     }
 }
@@ -241,6 +256,15 @@ impl From<ServeArgs> for Settings {
             idle_timeout: args.idle_timeout.into(),
             request_timeout: args.request_timeout.into(),
             cache_capacity: args.cache_capacity,
+            // clap requires both or neither of the certificate and key.
+            tls: match (args.tls_cert, args.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsSettings {
+                    cert,
+                    key,
+                    client_ca: args.tls_client_ca,
+                }),
+                _ => None,
+            },
         }
     }
 }

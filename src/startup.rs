@@ -38,6 +38,7 @@ use crate::storage::feed::{self, FeedState};
 use crate::storage::usage::UsageRecorder;
 use crate::storage::{self, Migrator, MigratorTrait, Store};
 use crate::telemetry::redact_url;
+use crate::tls::{self, Tls};
 use crate::verification::KeyVerifier;
 use crate::verification::cache::VerificationCache;
 
@@ -59,6 +60,8 @@ pub struct Application {
     auth: Authenticator,
     usage: Arc<UsageRecorder>,
     health: HealthReporter,
+    /// TLS on the gRPC port, when configured.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Application {
@@ -71,6 +74,13 @@ impl Application {
             );
         }
         let jwt = JwtVerifier::from_settings(&settings.jwt).context("invalid JWT configuration")?;
+        // Before touching the database: a bad certificate is a configuration error.
+        let tls = settings
+            .tls
+            .clone()
+            .map(Tls::load)
+            .transpose()
+            .context("invalid TLS configuration")?;
         let url = settings.database_url.expose_secret();
         let sqlite_claim =
             storage::claim_sqlite(url).context("cannot claim the SQLite database")?;
@@ -129,7 +139,7 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let local_addr = listener.local_addr()?;
-        tracing::info!(%local_addr, database = store.backend(), "keyplane ready");
+        tracing::info!(%local_addr, database = store.backend(), tls = tls.is_some(), "keyplane ready");
         Ok(Self {
             listener,
             local_addr,
@@ -141,6 +151,7 @@ impl Application {
             auth,
             usage,
             health,
+            tls,
         })
     }
 
@@ -223,8 +234,19 @@ impl Application {
                 IdleTimeout::new(stream, idle_timeout)
             })
         });
-        let serve =
-            router.serve_with_incoming_shutdown(incoming, draining.clone().cancelled_owned());
+        let stop_reload = CancellationToken::new();
+        let shutdown_signal = draining.clone().cancelled_owned();
+        // Boxed: the plaintext and the TLS server are different future types.
+        let serve: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match &self.tls {
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown_signal)),
+            Some(tls) => {
+                tokio::spawn(tls.clone().watch(tls::RELOAD_INTERVAL, stop_reload.clone()));
+                let incoming = tls::incoming(tls.clone(), incoming, idle_timeout);
+                Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown_signal))
+            }
+        };
         tokio::pin!(serve);
 
         let result = tokio::select! {
@@ -244,6 +266,7 @@ impl Application {
                 }
             }
         };
+        stop_reload.cancel();
         stop_usage.cancel();
         let _ = flusher.await;
         stop_feed.cancel();

@@ -1,0 +1,389 @@
+//! TLS and mutual TLS on the gRPC port: handshakes with the right and the wrong CA, client
+//! certificates, a certificate replaced on disk while a connection stays open, and the
+//! start errors of bad files. Certificates are made here with rcgen; SQLite only (TLS does
+//! not touch the database).
+// Tests fail by panicking; the no-unwrap rule is for the server's own code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use helpers::*;
+use keyplane::Application;
+use keyplane::proto as pb;
+use keyplane::tls::TlsSettings;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use uuid::Uuid;
+
+/// A certificate authority that signs server and client certificates.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// A certificate and its key, PEM: for localhost / 127.0.0.1, or a client.
+    fn issue(&self, purpose: ExtendedKeyUsagePurpose) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "keyplane test");
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn server(&self) -> (String, String) {
+        self.issue(ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    fn client(&self) -> (String, String) {
+        self.issue(ExtendedKeyUsagePurpose::ClientAuth)
+    }
+}
+
+/// The PEM files the server reads, in a directory of their own.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, pem: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    /// Server certificate and key files from `ca`, with `client_ca` for mTLS.
+    fn settings(&self, ca: &Ca, client_ca: Option<&Ca>) -> TlsSettings {
+        let (cert, key) = ca.server();
+        TlsSettings {
+            cert: self.write("server.pem", &cert),
+            key: self.write("server.key", &key),
+            client_ca: client_ca.map(|ca| self.write("client-ca.pem", &ca.pem)),
+        }
+    }
+}
+
+struct TlsServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<anyhow::Result<()>>,
+    _db: TestDb,
+}
+
+impl TlsServer {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+async fn build(tls: TlsSettings) -> (anyhow::Result<Application>, TestDb) {
+    capture_debug_logs();
+    let db = fresh_database(Backend::Sqlite).await;
+    let mut settings = test_settings(&db.url);
+    settings.tls = Some(tls);
+    (Application::build(settings).await, db)
+}
+
+async fn serve(tls: TlsSettings) -> TlsServer {
+    let (app, db) = build(tls).await;
+    let app = app.expect("build the application");
+    let addr = app.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TlsServer {
+        addr,
+        stop: Some(tx),
+        handle,
+        _db: db,
+    }
+}
+
+/// A connection that trusts `ca` and presents `identity` (certificate, key) if given.
+async fn connect(
+    addr: SocketAddr,
+    ca: &Ca,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca.pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+async fn health_check(channel: Channel) -> Result<ServingStatus, String> {
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|status| format!("{status:?}"))?;
+    Ok(reply.into_inner().status())
+}
+
+/// Connects and asks Health/Check; the error says where it failed. (Under TLS 1.3 a client
+/// certificate is judged after the client's handshake is done, so a refusal may only show
+/// on the first call.)
+async fn health_over(
+    addr: SocketAddr,
+    ca: &Ca,
+    identity: Option<&(String, String)>,
+) -> Result<ServingStatus, String> {
+    let channel = connect(addr, ca, identity)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    health_check(channel).await
+}
+
+#[test]
+fn tls_serves_health_and_authenticated_calls() {
+    run_test(async {
+        let ca = Ca::new("keyplane test CA");
+        let files = Files::new();
+        let server = serve(files.settings(&ca, None)).await;
+
+        let channel = connect(server.addr, &ca, None).await.expect("TLS connect");
+        assert_eq!(
+            health_check(channel.clone()).await.unwrap(),
+            ServingStatus::Serving
+        );
+        let admin = Cred::Bearer(token(Some(Uuid::now_v7()), &all_builtin()));
+        let created = Client::new(channel, &admin)
+            .workspaces
+            .create_workspace(pb::CreateWorkspaceRequest {
+                name: "over-tls".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("an authenticated call over TLS")
+            .into_inner();
+        assert_eq!(created.workspace.unwrap().name, "over-tls");
+
+        // A client that trusts another CA does not get a connection.
+        let stranger = Ca::new("another CA");
+        let refused = health_over(server.addr, &stranger, None).await;
+        assert!(refused.is_err(), "a wrong CA was accepted: {refused:?}");
+
+        // Nor does a plaintext client.
+        let plain = async {
+            let channel = Channel::from_shared(format!("http://{}", server.addr))
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            health_check(channel).await
+        };
+        let plain = tokio::time::timeout(Duration::from_secs(10), plain)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        assert!(plain.is_err(), "plaintext was served: {plain:?}");
+        server.stop().await;
+    });
+}
+
+#[test]
+fn mtls_requires_a_client_certificate_from_the_client_ca() {
+    run_test(async {
+        let server_ca = Ca::new("server CA");
+        let client_ca = Ca::new("client CA");
+        let files = Files::new();
+        let server = serve(files.settings(&server_ca, Some(&client_ca))).await;
+
+        let anonymous = health_over(server.addr, &server_ca, None).await;
+        assert!(
+            anonymous.is_err(),
+            "served without a certificate: {anonymous:?}"
+        );
+
+        let good = client_ca.client();
+        assert_eq!(
+            health_over(server.addr, &server_ca, Some(&good))
+                .await
+                .unwrap(),
+            ServingStatus::Serving
+        );
+
+        let foreign = Ca::new("someone else's CA").client();
+        let refused = health_over(server.addr, &server_ca, Some(&foreign)).await;
+        assert!(
+            refused.is_err(),
+            "a certificate from another CA was accepted: {refused:?}"
+        );
+        server.stop().await;
+    });
+}
+
+#[test]
+fn a_rotated_certificate_serves_new_connections_and_open_ones_keep_working() {
+    run_test(async {
+        let old_ca = Ca::new("old CA");
+        let new_ca = Ca::new("new CA");
+        let files = Files::new();
+        let settings = files.settings(&old_ca, None);
+        let server = serve(settings.clone()).await;
+
+        let open = connect(server.addr, &old_ca, None).await.unwrap();
+        assert_eq!(
+            health_check(open.clone()).await.unwrap(),
+            ServingStatus::Serving
+        );
+
+        // Replace the files in place, as a certificate manager does.
+        let (cert, key) = new_ca.server();
+        std::fs::write(&settings.key, key).unwrap();
+        std::fs::write(&settings.cert, cert).unwrap();
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if health_over(server.addr, &new_ca, None).await.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new certificate was never served"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // New handshakes get only the new certificate...
+        assert!(health_over(server.addr, &old_ca, None).await.is_err());
+        // ...while the connection opened before keeps its session (a reconnect would fail:
+        // that channel trusts only the old CA).
+        assert_eq!(health_check(open).await.unwrap(), ServingStatus::Serving);
+        server.stop().await;
+    });
+}
+
+#[test]
+fn a_bad_reload_keeps_the_current_certificate() {
+    run_test(async {
+        let ca = Ca::new("CA");
+        let files = Files::new();
+        let settings = files.settings(&ca, None);
+        let server = serve(settings.clone()).await;
+        std::fs::write(&settings.cert, "not a certificate").unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            health_over(server.addr, &ca, None).await.unwrap(),
+            ServingStatus::Serving
+        );
+        server.stop().await;
+    });
+}
+
+fn assert_start_error(result: anyhow::Result<Application>, file: &Path) {
+    let error = match result {
+        Ok(_) => panic!("the server started with a bad {}", file.display()),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        error.contains(&file.display().to_string()),
+        "the error does not name {}: {error}",
+        file.display()
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_stops_the_start() {
+    run_test(async {
+        let ca = Ca::new("CA");
+        let files = Files::new();
+        let mut settings = files.settings(&ca, None);
+        let (_, other_key) = ca.server();
+        settings.key = files.write("other.key", &other_key);
+        let (result, _db) = build(settings.clone()).await;
+        assert_start_error(result, &settings.key);
+    });
+}
+
+#[test]
+fn missing_files_stop_the_start() {
+    run_test(async {
+        let ca = Ca::new("CA");
+        let files = Files::new();
+        let good = files.settings(&ca, Some(&ca));
+
+        for settings in [
+            TlsSettings {
+                cert: files.path("missing-cert.pem"),
+                ..good.clone()
+            },
+            TlsSettings {
+                key: files.path("missing.key"),
+                ..good.clone()
+            },
+            TlsSettings {
+                client_ca: Some(files.path("missing-ca.pem")),
+                ..good.clone()
+            },
+        ] {
+            let missing = [&settings.cert, &settings.key]
+                .into_iter()
+                .chain(settings.client_ca.as_ref())
+                .find(|path| !path.exists())
+                .unwrap()
+                .clone();
+            let (result, _db) = build(settings).await;
+            assert_start_error(result, &missing);
+        }
+
+        // A file that is there but holds no certificate is named too.
+        let garbage = TlsSettings {
+            cert: files.write("garbage.pem", "hello"),
+            ..good.clone()
+        };
+        let (result, _db) = build(garbage.clone()).await;
+        assert_start_error(result, &garbage.cert);
+    });
+}
