@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement,
     sea_query::{CaseStatement, Expr, ExprTrait},
 };
 use uuid::Uuid;
@@ -426,9 +426,43 @@ impl Store {
         &self,
         batch: &[(TenantId, Uuid, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
-        // Four bind parameters per key, well under SQLite's limit of 32766 per statement.
-        const CHUNK: usize = 2000;
-        for chunk in batch.chunks(CHUNK) {
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            // A join with a VALUES list: linear in the keys, so 100,000 keys take a few
+            // statements; three bind parameters each, under PostgreSQL's 65,535.
+            for chunk in batch.chunks(10_000) {
+                let mut sql = String::from(
+                    "UPDATE api_keys AS k SET last_used_time = v.used FROM (VALUES ",
+                );
+                let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
+                for (i, (tenant, id, used)) in chunk.iter().enumerate() {
+                    let n = 3 * i;
+                    let sep = if i == 0 { "" } else { ", " };
+                    sql.push_str(&format!(
+                        "{sep}(${}::uuid, ${}::uuid, ${}::timestamptz)",
+                        n + 1,
+                        n + 2,
+                        n + 3
+                    ));
+                    values.extend([tenant.as_uuid().into(), (*id).into(), (*used).into()]);
+                }
+                sql.push_str(
+                    ") AS v(tenant_id, id, used) \
+                     WHERE k.tenant_id = v.tenant_id AND k.id = v.id \
+                     AND (k.last_used_time IS NULL OR k.last_used_time < v.used)",
+                );
+                self.db
+                    .execute_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        sql,
+                        values,
+                    ))
+                    .await?;
+            }
+            return Ok(());
+        }
+        // SQLite (one process, modest batches): a CASE per key, whose cost grows with the
+        // square of the chunk, so chunks stay small.
+        for chunk in batch.chunks(200) {
             let newer = |tenant: &TenantId, id: &Uuid, used: &DateTime<Utc>| {
                 api_key::Column::TenantId
                     .eq(tenant.as_uuid())
