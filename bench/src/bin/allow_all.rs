@@ -25,7 +25,9 @@ struct AllowAll;
 #[tonic::async_trait]
 impl Authorization for AllowAll {
     async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(CheckResponse::with_status(Status::ok("allowed"))))
+        Ok(Response::new(CheckResponse::with_status(Status::ok(
+            "allowed",
+        ))))
     }
 }
 

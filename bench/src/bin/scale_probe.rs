@@ -251,8 +251,8 @@ async fn flush(
     ids: &PathBuf,
     repeat: usize,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(ids)
-        .with_context(|| format!("cannot read {}", ids.display()))?;
+    let text =
+        std::fs::read_to_string(ids).with_context(|| format!("cannot read {}", ids.display()))?;
     let ids: Vec<Uuid> = text
         .lines()
         .filter(|line| !line.trim().is_empty())

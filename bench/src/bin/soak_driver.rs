@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bench::kp::api_key_service_client::ApiKeyServiceClient;
 use bench::kp::{
-    CreateApiKeyRequest, RevokeApiKeyRequest, RotateApiKeyRequest, VerifyApiKeyRequest,
-    VerifyCode,
+    CreateApiKeyRequest, RevokeApiKeyRequest, RotateApiKeyRequest, VerifyApiKeyRequest, VerifyCode,
 };
 use bench::{Bearer, connect, percentile};
 use clap::Parser;
