@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
             bearer.clone(),
         ));
     }
-    if !(args.rate > 0.0) {
+    if !args.rate.is_finite() || args.rate <= 0.0 {
         bail!("--rate must be positive");
     }
     let deadline = Duration::from_millis(args.deadline_ms);
