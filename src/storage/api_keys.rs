@@ -430,9 +430,8 @@ impl Store {
             // A join with a VALUES list: linear in the keys, so 100,000 keys take a few
             // statements; three bind parameters each, under PostgreSQL's 65,535.
             for chunk in batch.chunks(10_000) {
-                let mut sql = String::from(
-                    "UPDATE api_keys AS k SET last_used_time = v.used FROM (VALUES ",
-                );
+                let mut sql =
+                    String::from("UPDATE api_keys AS k SET last_used_time = v.used FROM (VALUES ");
                 let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
                 for (i, (tenant, id, used)) in chunk.iter().enumerate() {
                     let n = 3 * i;
