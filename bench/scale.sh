@@ -140,7 +140,6 @@ FLUSH_LINE=$("$BIN/scale_probe" flush --database-url "$DB_URL" --tenant "$TENANT
 echo "$FLUSH_LINE" >&2
 FLUSH_RUNS=$(field runs_ms "$FLUSH_LINE")
 FLUSH_MEDIAN=$(field median_ms "$FLUSH_LINE")
-FLUSH_STATEMENTS=$(field statements "$FLUSH_LINE")
 DB_SIZE=$(dbq "SELECT pg_size_pretty(pg_database_size(current_database()))")
 
 # ---------------------------------------------------------------- report
@@ -183,7 +182,7 @@ git -C "$ROOT" diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitte
   echo
   echo "## Usage flush at $(get large count) keys"
   echo
-  echo "\`Store::record_key_usage\` of $FLUSH_KEYS distinct keys ($FLUSH_STATEMENTS UPDATE statements of up to 2,000 keys): runs ${FLUSH_RUNS} ms, median $FLUSH_MEDIAN ms;"
+  echo "\`Store::record_key_usage\` of $FLUSH_KEYS distinct keys: runs ${FLUSH_RUNS} ms, median $FLUSH_MEDIAN ms;"
   awk -v m="$FLUSH_MEDIAN" -v i="$FLUSH_INTERVAL_MS" 'BEGIN { printf "%.0f%% of one %d ms flush interval (%s).\n", 100 * m / i, i, (m < i) ? "fits" : "**does not fit**" }'
 } >"$REPORT"
 log "results ($REPORT; raw outputs in $WORK)"
