@@ -44,7 +44,7 @@ fn meta<const N: usize>(pairs: [(&str, String); N]) -> HashMap<String, String> {
 
 /// An internal error: logged in full under a fresh request id, answered with only the id.
 fn internal(cause: &(dyn std::error::Error + 'static)) -> Status {
-    let request_id = super::observe::request_id().to_string();
+    let request_id = super::observe::new_request_id();
     tracing::error!(%request_id, error = %ErrorChain(cause), "internal error");
     let mut details = ErrorDetails::with_error_info(
         "INTERNAL",
@@ -52,11 +52,18 @@ fn internal(cause: &(dyn std::error::Error + 'static)) -> Status {
         meta([("request_id", request_id.clone())]),
     );
     details.set_request_info(request_id.clone(), "");
-    Status::with_error_details(
+    let mut status = Status::with_error_details(
         Code::Internal,
         format!("internal error (request id {request_id})"),
         details,
-    )
+    );
+    // The observing layer logs the failed call under this same id.
+    if let Ok(value) = request_id.parse() {
+        status
+            .metadata_mut()
+            .insert(super::observe::REQUEST_ID_HEADER, value);
+    }
+    status
 }
 
 /// Displays an error with its whole `source()` chain, for logs.

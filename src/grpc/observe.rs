@@ -1,10 +1,11 @@
-//! The outermost layer, which observes every call: it gives the call a request id (the
-//! client's `x-request-id` when it sent a sane one, else a fresh UUIDv7), returns it in the
-//! response's `x-request-id`, logs every error response with it (so a client quoting the id
-//! finds the log line), and times every known RPC into
-//! `keyplane_rpc_duration_seconds{method}`. The histograms are registered once, one per row
-//! of the [`rpc`](super::rpc) table, so a call records without building a metric key, and
-//! an unknown path cannot grow the label set.
+//! The outermost layer, which observes every call: it logs every error response with a
+//! request id and returns that id in the response's `x-request-id` (so a client quoting the
+//! id finds the log line), echoes a client's own `x-request-id` on every response, and times
+//! every known RPC into `keyplane_rpc_duration_seconds{method}`. The request id of an error
+//! is the one an internal error already carries, else the client's, else a fresh UUIDv7:
+//! made only when a call fails, so a successful verification pays nothing for it. The
+//! histograms are registered once, one per row of the [`rpc`](super::rpc) table, so a call
+//! records without building a metric key, and an unknown path cannot grow the label set.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use std::time::Instant;
 
 use http::HeaderValue;
 use metrics::Histogram;
-use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
 use super::rpc::{self, RPCS};
@@ -23,16 +23,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The longest client-sent request id kept; longer or odd ones are replaced.
 const MAX_CLIENT_ID: usize = 128;
 
-tokio::task_local! {
-    /// The request id of the call being served, for error details and logs.
-    static REQUEST_ID: Arc<str>;
-}
-
-/// The current call's request id; a fresh one outside a call.
-pub fn request_id() -> Arc<str> {
-    REQUEST_ID
-        .try_with(Arc::clone)
-        .unwrap_or_else(|_| uuid::Uuid::now_v7().to_string().into())
+/// A fresh request id.
+pub fn new_request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 #[derive(Clone)]
@@ -76,12 +69,12 @@ pub struct Observe<S> {
 }
 
 /// A client's request id, if it is short, visible ASCII: safe to log and to echo.
-fn client_id(request: &http::Request<impl Sized>) -> Option<Arc<str>> {
-    let value = request.headers().get(REQUEST_ID_HEADER)?.to_str().ok()?;
+fn client_id(request: &http::Request<impl Sized>) -> Option<HeaderValue> {
+    let value = request.headers().get(REQUEST_ID_HEADER)?;
     let sane = !value.is_empty()
         && value.len() <= MAX_CLIENT_ID
-        && value.bytes().all(|b| b.is_ascii_graphic());
-    sane.then(|| value.into())
+        && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
+    sane.then(|| value.clone())
 }
 
 impl<S, B, R> Service<http::Request<B>> for Observe<S>
@@ -98,27 +91,27 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let index = rpc::index(request.uri().path());
-        let id = client_id(&request).unwrap_or_else(|| uuid::Uuid::now_v7().to_string().into());
+        let client_id = client_id(&request);
         Observed {
-            inner: REQUEST_ID.scope(id.clone(), self.inner.call(request)),
+            inner: self.inner.call(request),
             started: Instant::now(),
             histogram: index.map(|i| self.histograms[i].clone()),
             method: index.map_or("unknown", |i| RPCS[i].path),
-            id,
+            client_id,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A call's future that, when it completes, records its duration, tags the response
-    /// with the request id and logs an error response.
-    pub struct Observed<F: Future> {
+    /// A call's future that, when it completes, records its duration and, for an error,
+    /// tags the response with a request id and logs it.
+    pub struct Observed<F> {
         #[pin]
-        inner: TaskLocalFuture<Arc<str>, F>,
+        inner: F,
         started: Instant,
         histogram: Option<Histogram>,
         method: &'static str,
-        id: Arc<str>,
+        client_id: Option<HeaderValue>,
     }
 }
 
@@ -135,23 +128,36 @@ where
             histogram.record(this.started.elapsed().as_secs_f64());
         }
         if let Ok(response) = &mut output {
-            // An error answered at once (trailers-only) carries its status in the headers.
             let headers = response.headers_mut();
-            if let Some(code) = headers.get("grpc-status").filter(|c| c.as_bytes() != b"0") {
-                let message = headers
-                    .get("grpc-message")
-                    .and_then(|m| m.to_str().ok())
-                    .unwrap_or_default();
+            // An error answered at once (trailers-only) carries its status in the headers.
+            let failed = headers
+                .get("grpc-status")
+                .is_some_and(|c| c.as_bytes() != b"0");
+            if failed {
+                // An internal error names its own id (in its message and details too).
+                let id = match (headers.get(REQUEST_ID_HEADER), this.client_id.take()) {
+                    (Some(own), _) => own.clone(),
+                    (None, Some(client)) => client,
+                    (None, None) => HeaderValue::try_from(new_request_id())
+                        .unwrap_or(HeaderValue::from_static("unknown")),
+                };
+                let text = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
                 tracing::info!(
-                    request_id = %this.id,
+                    request_id = id.to_str().unwrap_or_default(),
                     method = *this.method,
-                    code = %String::from_utf8_lossy(code.as_bytes()),
-                    message,
+                    code = text("grpc-status"),
+                    message = text("grpc-message"),
                     "call failed"
                 );
-            }
-            if let Ok(value) = HeaderValue::from_str(this.id) {
-                headers.insert(REQUEST_ID_HEADER, value);
+                headers.insert(REQUEST_ID_HEADER, id);
+            } else if let Some(client) = this.client_id.take() {
+                headers.insert(REQUEST_ID_HEADER, client);
             }
         }
         Poll::Ready(output)

@@ -239,12 +239,12 @@ fn a_second_server_on_one_sqlite_file_is_refused() {
     });
 }
 
-on_both_backends!(every_response_carries_its_request_id);
+on_both_backends!(every_error_carries_its_request_id);
 
-/// Every response names its request id in `x-request-id` (the one the client sent, when it
-/// sent one); the server logs every error response with it, so an operator handed the id
-/// finds the line.
-async fn every_response_carries_its_request_id(backend: Backend) {
+/// Every error response names its request id in `x-request-id` (the one the client sent,
+/// when it sent one) and the server logs it with that id, so an operator handed the id finds
+/// the line; a client's own id is echoed on success too.
+async fn every_error_carries_its_request_id(backend: Backend) {
     let app = spawn_app(backend).await;
     let mut workspaces = app.as_admin().workspaces;
     let missing = || pb::GetWorkspaceRequest {
