@@ -111,7 +111,7 @@ impl Application {
 
         // PostgreSQL may have other replicas writing: the cache answers only while the
         // invalidation feed is up. SQLite is one process: every write evicts locally.
-        let postgres = store.backend() == "postgres";
+        let postgres = store.is_shared();
         let feed = if postgres {
             FeedState::down()
         } else {

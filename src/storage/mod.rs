@@ -246,6 +246,11 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("setting {name} vanished")))
     }
 
+    /// Whether other replicas may share this database (PostgreSQL); SQLite is one process.
+    pub fn is_shared(&self) -> bool {
+        self.db.get_database_backend() == sea_orm::DbBackend::Postgres
+    }
+
     /// The database backend's name, for logs.
     pub fn backend(&self) -> &'static str {
         match self.db.get_database_backend() {

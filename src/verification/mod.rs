@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::domain::key::ApiKeySecret;
+use crate::domain::key::{ApiKeySecret, KeyDigest};
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
 use crate::domain::{TenantAccess, TenantId};
@@ -89,10 +89,7 @@ impl KeyVerifier {
         })
     }
 
-    async fn find(
-        &self,
-        digest: &crate::domain::key::KeyDigest,
-    ) -> Result<Option<Arc<ApiKey>>, StoreError> {
+    async fn find(&self, digest: &KeyDigest) -> Result<Option<Arc<ApiKey>>, StoreError> {
         let key = self
             .store
             .find_api_key_by_digest(TenantAccess::Any, digest)
