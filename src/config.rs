@@ -24,6 +24,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     pub const CACHE_CAPACITY: u64 = 100_000;
+    pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 60 * 60);
 }
 
 /// A flag value that must never be printed back: clap parses it straight into a secret.
@@ -50,6 +51,25 @@ pub enum Command {
     Token(TokenArgs),
     /// Apply or inspect database migrations.
     Migrate(MigrateArgs),
+    /// Inspect the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check a tenant's audit hash chain; names the first broken event and exits non-zero
+    /// when an event was edited, inserted or deleted.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditVerifyArgs {
+    /// The tenant whose chain to check.
+    #[arg(long)]
+    pub tenant: uuid::Uuid,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,6 +173,10 @@ pub struct ServeArgs {
     /// shorter `grpc-timeout` wins.
     #[arg(long, env = "KEYPLANE_REQUEST_TIMEOUT", default_value_t = defaults::REQUEST_TIMEOUT.into())]
     pub request_timeout: humantime::Duration,
+    /// How long audit events are kept; older ones are pruned in the background, in small
+    /// batches, and the retained chain stays checkable. 0 keeps them forever.
+    #[arg(long, env = "KEYPLANE_AUDIT_RETENTION", default_value_t = defaults::AUDIT_RETENTION.into())]
+    pub audit_retention: humantime::Duration,
     /// PEM certificate chain for TLS on the gRPC port (needs --tls-key); plaintext when
     /// unset. Re-read when the file changes.
     #[arg(long, env = "KEYPLANE_TLS_CERT", requires = "tls_key")]
@@ -220,6 +244,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub cache_capacity: u64,
+    /// Zero: never prune.
+    pub audit_retention: Duration,
     /// TLS on the gRPC port; plaintext when `None`.
     pub tls: Option<TlsSettings>,
 }
@@ -238,6 +264,7 @@ impl Settings {
             idle_timeout: defaults::IDLE_TIMEOUT,
             request_timeout: defaults::REQUEST_TIMEOUT,
             cache_capacity: defaults::CACHE_CAPACITY,
+            audit_retention: defaults::AUDIT_RETENTION,
             tls: None,
         }
     }
@@ -256,6 +283,7 @@ impl From<ServeArgs> for Settings {
             idle_timeout: args.idle_timeout.into(),
             request_timeout: args.request_timeout.into(),
             cache_capacity: args.cache_capacity,
+            audit_retention: args.audit_retention.into(),
             // clap requires both or neither of the certificate and key.
             tls: match (args.tls_cert, args.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsSettings {

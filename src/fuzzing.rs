@@ -74,7 +74,7 @@ pub fn page_token(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(Some(id)) = codec().decode(text, &list()) {
+    if let Ok(Some(id)) = codec().decode::<uuid::Uuid>(text, &list()) {
         assert_eq!(codec().encode(id, &list()), text);
     }
 }
@@ -161,12 +161,12 @@ pub fn request(data: &[u8]) {
         9 => {
             let r = decode!(pb::ListWorkspacesRequest);
             let _ = PageSize::parse(r.page_size);
-            let _ = codec().decode(&r.page_token, &list());
+            let _ = codec().decode::<uuid::Uuid>(&r.page_token, &list());
         }
         10 => {
             let r = decode!(pb::ListScopesRequest);
             let _ = convert::parse_id("workspace_id", &r.workspace_id);
-            let _ = codec().decode(&r.page_token, &list());
+            let _ = codec().decode::<uuid::Uuid>(&r.page_token, &list());
         }
         _ => {
             let r = decode!(pb::ListApiKeysRequest);

@@ -31,8 +31,8 @@ use crate::grpc::idle::IdleTimeout;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
 use crate::proto::{
-    api_key_service_server::ApiKeyServiceServer, scope_service_server::ScopeServiceServer,
-    workspace_service_server::WorkspaceServiceServer,
+    api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
+    scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
 };
 use crate::storage::feed::{self, FeedState};
 use crate::storage::usage::UsageRecorder;
@@ -179,6 +179,15 @@ impl Application {
         let usage_stop = stop_usage.clone();
         let flusher =
             tokio::spawn(async move { usage.run(usage_store, flush_interval, usage_stop).await });
+        let stop_pruning = CancellationToken::new();
+        // Zero retention keeps the audit log forever.
+        let pruner = (!self.settings.audit_retention.is_zero()).then(|| {
+            tokio::spawn(storage::audit::prune_forever(
+                self.store.clone(),
+                self.settings.audit_retention,
+                stop_pruning.clone(),
+            ))
+        });
         let stop_feed = CancellationToken::new();
         let feed = self.feed.clone().map(|(state, cache)| {
             tokio::spawn(feed::run(
@@ -220,6 +229,10 @@ impl Application {
             )
             .add_service(
                 ApiKeyServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                AuditServiceServer::new(self.api.clone())
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
             .add_service(
@@ -267,6 +280,10 @@ impl Application {
             }
         };
         stop_reload.cancel();
+        stop_pruning.cancel();
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
+        }
         stop_usage.cancel();
         let _ = flusher.await;
         stop_feed.cancel();

@@ -4,6 +4,7 @@ pub use sea_orm_migration;
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_init;
+mod m20261125_000002_audit_log;
 
 /// Runs all keyplane schema migrations in order.
 pub struct Migrator;
@@ -11,6 +12,27 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261123_000001_init::Migration)]
+        vec![
+            Box::new(m20261123_000001_init::Migration),
+            Box::new(m20261125_000002_audit_log::Migration),
+        ]
     }
+}
+
+/// Builds `CREATE [UNIQUE] INDEX name ON table (cols...)`.
+fn index<T, C>(name: &str, table: T, cols: C, unique: bool) -> IndexCreateStatement
+where
+    T: IntoIden,
+    C: IntoIterator,
+    C::Item: IntoIden,
+{
+    let mut idx = Index::create();
+    idx.name(name).table(table);
+    for col in cols {
+        idx.col(col.into_iden());
+    }
+    if unique {
+        idx.unique();
+    }
+    idx.take()
 }

@@ -5,6 +5,8 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::index;
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
@@ -82,24 +84,6 @@ enum Settings {
     Table,
     Name,
     Value,
-}
-
-/// Builds `CREATE [UNIQUE] INDEX name ON table (cols...)`.
-fn index<T, C>(name: &str, table: T, cols: C, unique: bool) -> IndexCreateStatement
-where
-    T: IntoIden,
-    C: IntoIterator,
-    C::Item: IntoIden,
-{
-    let mut idx = Index::create();
-    idx.name(name).table(table);
-    for col in cols {
-        idx.col(col.into_iden());
-    }
-    if unique {
-        idx.unique();
-    }
-    idx.take()
 }
 
 #[async_trait::async_trait]

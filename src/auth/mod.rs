@@ -7,6 +7,7 @@ mod token_cache;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::domain::audit::{Actor, ActorKind};
 use crate::domain::records::VerifyCode;
 use crate::domain::scope::{BuiltinScope, ScopeString};
 use crate::domain::{TenantAccess, TenantId};
@@ -50,6 +51,9 @@ pub struct Caller {
     /// token: a call copies no strings.
     pub subject: Arc<str>,
     pub access: TenantAccess,
+    /// How it authenticated, for the audit log (a platform token keeps its kind when
+    /// `x-tenant-id` narrows it to one tenant).
+    pub kind: ActorKind,
     /// Granted scope strings as presented (only built-in ones matter to keyplane's API).
     pub scopes: Arc<[String]>,
 }
@@ -70,6 +74,19 @@ impl Caller {
         match self.access {
             TenantAccess::One(tenant) => Ok(tenant),
             TenantAccess::Any => Err(AuthError::TenantRequired),
+        }
+    }
+
+    /// Who acts, as the audit log records it.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            subject: self.subject.clone(),
+            kind: self.kind,
+            // An admin key's subject is its id.
+            api_key_id: match self.kind {
+                ActorKind::ApiKey => self.subject.parse().ok(),
+                ActorKind::TenantToken | ActorKind::PlatformToken => None,
+            },
         }
     }
 
@@ -171,6 +188,11 @@ impl Authenticator {
             subject: identity.subject.clone(),
             // No tenant claim: a platform token, which may act for any tenant.
             access: identity.tenant.map_or(TenantAccess::Any, TenantAccess::One),
+            kind: if identity.tenant.is_some() {
+                ActorKind::TenantToken
+            } else {
+                ActorKind::PlatformToken
+            },
             scopes: identity.scopes.clone(),
         })
     }
@@ -184,6 +206,7 @@ impl Authenticator {
             (VerifyCode::Valid, Some(key)) => Ok(Caller {
                 subject: key.id.to_string().into(),
                 access: TenantAccess::One(key.tenant_id),
+                kind: ActorKind::ApiKey,
                 scopes: key
                     .builtin_scopes()
                     .map(|b| b.as_str().to_owned())

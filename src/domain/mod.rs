@@ -1,5 +1,6 @@
 //! Domain layer: validated newtypes, scope matching, the key format and the records the
 //! service works with. Nothing here knows about gRPC or SQL.
+pub mod audit;
 pub mod key;
 pub mod page;
 pub mod records;

@@ -1,8 +1,9 @@
 //! Keyset pagination (AIP-158): page sizes, pages, and opaque, tamper-evident page tokens.
 //!
-//! A token carries the id of the last row returned plus a truncated HMAC over that id and
-//! the list's [`ListFingerprint`], so an edited or forged token, or one replayed on another
-//! list, for another tenant or with other filters, is refused.
+//! A token carries the cursor of the last row returned (its id, or for the audit log its
+//! sequence) plus a truncated HMAC over that cursor and the list's [`ListFingerprint`], so
+//! an edited or forged token, or one replayed on another list, for another tenant or with
+//! other filters, is refused.
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -55,6 +56,35 @@ pub enum ListKind {
     Workspaces = 1,
     Scopes = 2,
     ApiKeys = 3,
+    AuditEvents = 4,
+}
+
+/// What a page token holds: the last row's position in its list's order, as 16 bytes.
+pub trait Cursor: Sized {
+    fn to_bytes(&self) -> [u8; 16];
+    fn from_bytes(bytes: [u8; 16]) -> Option<Self>;
+}
+
+/// Lists ordered by id.
+impl Cursor for Uuid {
+    fn to_bytes(&self) -> [u8; 16] {
+        *self.as_bytes()
+    }
+
+    fn from_bytes(bytes: [u8; 16]) -> Option<Self> {
+        Some(Uuid::from_bytes(bytes))
+    }
+}
+
+/// Lists ordered by a sequence number (the audit log, by its chain sequence).
+impl Cursor for i64 {
+    fn to_bytes(&self) -> [u8; 16] {
+        i128::from(*self).to_be_bytes()
+    }
+
+    fn from_bytes(bytes: [u8; 16]) -> Option<Self> {
+        i64::try_from(i128::from_be_bytes(bytes)).ok()
+    }
 }
 
 /// Everything that shapes a list, as explicit bytes a page token is bound to: a format
@@ -117,19 +147,20 @@ impl PageTokenCodec {
         Self { key }
     }
 
-    pub fn encode(&self, last_id: Uuid, list: &ListFingerprint) -> String {
+    pub fn encode(&self, last: impl Cursor, list: &ListFingerprint) -> String {
+        let cursor = last.to_bytes();
         let mut raw = Vec::with_capacity(16 + MAC_LEN);
-        raw.extend_from_slice(last_id.as_bytes());
-        raw.extend_from_slice(&self.mac(last_id, list).finalize().into_bytes()[..MAC_LEN]);
+        raw.extend_from_slice(&cursor);
+        raw.extend_from_slice(&self.mac(&cursor, list).finalize().into_bytes()[..MAC_LEN]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
     /// The cursor of a page token; `None` for an empty token (the first page).
-    pub fn decode(
+    pub fn decode<C: Cursor>(
         &self,
         token: &str,
         list: &ListFingerprint,
-    ) -> Result<Option<Uuid>, BadPageToken> {
+    ) -> Result<Option<C>, BadPageToken> {
         if token.is_empty() {
             return Ok(None);
         }
@@ -141,18 +172,18 @@ impl PageTokenCodec {
         if raw.len() != 16 + MAC_LEN {
             return Err(BadPageToken);
         }
-        let id = Uuid::from_slice(&raw[..16]).map_err(|_| BadPageToken)?;
-        self.mac(id, list)
+        let cursor: [u8; 16] = raw[..16].try_into().map_err(|_| BadPageToken)?;
+        self.mac(&cursor, list)
             .verify_truncated_left(&raw[16..])
             .map_err(|_| BadPageToken)?;
-        Ok(Some(id))
+        C::from_bytes(cursor).map(Some).ok_or(BadPageToken)
     }
 
-    fn mac(&self, id: Uuid, list: &ListFingerprint) -> Hmac<Sha256> {
+    fn mac(&self, cursor: &[u8; 16], list: &ListFingerprint) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac =
             <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        mac.update(id.as_bytes());
+        mac.update(cursor);
         mac.update(list.as_bytes());
         mac
     }
@@ -176,25 +207,42 @@ mod tests {
     }
 
     #[test]
+    fn sequence_cursors_round_trip_and_stay_apart_from_ids() {
+        let codec = PageTokenCodec::new([7; 32]);
+        let list = ListFingerprint::new(ListKind::AuditEvents, tenant(1));
+        for sequence in [1_i64, 42, i64::MAX] {
+            let token = codec.encode(sequence, &list);
+            assert_eq!(codec.decode(&token, &list), Ok(Some(sequence)));
+        }
+        // A workspace token is not an audit token, even with the same bytes.
+        let workspaces = ListFingerprint::new(ListKind::Workspaces, tenant(1));
+        let token = codec.encode(Uuid::from_u128(42), &workspaces);
+        assert_eq!(codec.decode::<i64>(&token, &list), Err(BadPageToken));
+    }
+
+    #[test]
     fn tokens_round_trip_and_detect_tampering() {
         let codec = PageTokenCodec::new([7; 32]);
         let id = Uuid::now_v7();
         let list = ListFingerprint::new(ListKind::Workspaces, tenant(1));
         let token = codec.encode(id, &list);
         assert_eq!(codec.decode(&token, &list), Ok(Some(id)));
-        assert_eq!(codec.decode("", &list), Ok(None));
+        assert_eq!(codec.decode::<Uuid>("", &list), Ok(None));
         let other_tenant = ListFingerprint::new(ListKind::Workspaces, tenant(2));
-        assert_eq!(codec.decode(&token, &other_tenant), Err(BadPageToken));
-        let other_list = ListFingerprint::new(ListKind::Scopes, tenant(1));
-        assert_eq!(codec.decode(&token, &other_list), Err(BadPageToken));
         assert_eq!(
-            PageTokenCodec::new([8; 32]).decode(&token, &list),
+            codec.decode::<Uuid>(&token, &other_tenant),
+            Err(BadPageToken)
+        );
+        let other_list = ListFingerprint::new(ListKind::Scopes, tenant(1));
+        assert_eq!(codec.decode::<Uuid>(&token, &other_list), Err(BadPageToken));
+        assert_eq!(
+            PageTokenCodec::new([8; 32]).decode::<Uuid>(&token, &list),
             Err(BadPageToken)
         );
         let mut edited = token.clone().into_bytes();
         edited[3] = if edited[3] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            codec.decode(std::str::from_utf8(&edited).unwrap(), &list),
+            codec.decode::<Uuid>(std::str::from_utf8(&edited).unwrap(), &list),
             Err(BadPageToken)
         );
     }
@@ -236,7 +284,7 @@ mod tests {
         #[test]
         fn arbitrary_tokens_never_panic(token in ".{0,100}") {
             let list = ListFingerprint::new(ListKind::ApiKeys, tenant(1));
-            let _ = PageTokenCodec::new([1; 32]).decode(&token, &list);
+            let _ = PageTokenCodec::new([1; 32]).decode::<Uuid>(&token, &list);
         }
     }
 }

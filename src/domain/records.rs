@@ -9,7 +9,7 @@ use super::TenantId;
 use super::key::{KeyDigest, KeyPrefix, masked_key};
 use super::rules::{GracePeriod, Retirement, RuleViolation};
 use super::scope::{self, BuiltinScope, ScopeString};
-use super::update::{Patch, Revisioned, set};
+use super::update::{Patch, Revisioned, named, set};
 
 /// Labels or metadata, kept sorted so responses and etags are stable.
 pub type StringMap = BTreeMap<String, String>;
@@ -66,6 +66,22 @@ pub struct NewWorkspace {
     pub request_id: Option<Uuid>,
 }
 
+impl NewWorkspace {
+    /// The fields the request set, for the audit log (the name always: it has a default).
+    pub fn fields(&self) -> Vec<&'static str> {
+        named([
+            ("name", true),
+            ("description", !self.description.is_empty()),
+            ("company", self.company.is_some()),
+            ("is_private", self.is_private),
+            ("is_personal", self.is_personal),
+            ("owner_id", true),
+            ("default_key_prefix", true),
+            ("labels", !self.labels.is_empty()),
+        ])
+    }
+}
+
 /// The fields an update changes; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct WorkspacePatch {
@@ -94,6 +110,19 @@ impl Patch for WorkspacePatch {
         }
         set(&mut w.labels, &self.labels);
         Ok(())
+    }
+
+    fn fields(&self) -> Vec<&'static str> {
+        named([
+            ("name", self.name.is_some()),
+            ("description", self.description.is_some()),
+            ("company", self.company.is_some()),
+            ("is_private", self.is_private.is_some()),
+            ("is_personal", self.is_personal.is_some()),
+            ("owner_id", self.owner_id.is_some()),
+            ("default_key_prefix", self.default_key_prefix.is_some()),
+            ("labels", self.labels.is_some()),
+        ])
     }
 }
 
@@ -159,6 +188,20 @@ pub struct NewScope {
     pub request_id: Option<Uuid>,
 }
 
+impl NewScope {
+    /// The fields the request set, for the audit log.
+    pub fn fields(&self) -> Vec<&'static str> {
+        named([
+            ("workspace_id", self.workspace_id.is_some()),
+            ("resource", true),
+            ("action", true),
+            ("name", true),
+            ("description", !self.description.is_empty()),
+            ("category", true),
+        ])
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ScopePatch {
     pub name: Option<String>,
@@ -182,6 +225,14 @@ impl Patch for ScopePatch {
         set(&mut s.description, &self.description);
         set(&mut s.category, &self.category);
         Ok(())
+    }
+
+    fn fields(&self) -> Vec<&'static str> {
+        named([
+            ("name", self.name.is_some()),
+            ("description", self.description.is_some()),
+            ("category", self.category.is_some()),
+        ])
     }
 }
 
@@ -313,6 +364,22 @@ pub struct NewApiKey {
     pub request_id: Option<Uuid>,
 }
 
+impl NewApiKey {
+    /// The fields the request set, for the audit log (never the secret: it has no name
+    /// here).
+    pub fn fields(&self) -> Vec<&'static str> {
+        named([
+            ("workspace_id", true),
+            ("name", !self.name.is_empty()),
+            ("prefix", true),
+            ("scopes", !self.scopes.is_empty()),
+            ("owner_id", self.owner_id.is_some()),
+            ("metadata", !self.metadata.is_empty()),
+            ("expire_time", self.expire_time.is_some()),
+        ])
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeyPatch {
     pub name: Option<String>,
@@ -337,6 +404,17 @@ impl Patch for ApiKeyPatch {
         set(&mut k.expire_time, &self.expire_time);
         set(&mut k.disabled, &self.disabled);
         Ok(())
+    }
+
+    fn fields(&self) -> Vec<&'static str> {
+        named([
+            ("name", self.name.is_some()),
+            ("scopes", self.scopes.is_some()),
+            ("owner_id", self.owner_id.is_some()),
+            ("metadata", self.metadata.is_some()),
+            ("expire_time", self.expire_time.is_some()),
+            ("disabled", self.disabled.is_some()),
+        ])
     }
 }
 

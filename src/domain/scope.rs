@@ -135,10 +135,12 @@ pub enum BuiltinScope {
     ApiKeysRead,
     ApiKeysWrite,
     ApiKeysVerify,
+    AuditRead,
 }
 
 impl BuiltinScope {
-    pub const ALL: [BuiltinScope; 7] = [
+    /// Their order fixes their ids ([`BuiltinScope::id`]): add new ones at the end.
+    pub const ALL: [BuiltinScope; 8] = [
         BuiltinScope::WorkspacesRead,
         BuiltinScope::WorkspacesWrite,
         BuiltinScope::ScopesRead,
@@ -146,6 +148,7 @@ impl BuiltinScope {
         BuiltinScope::ApiKeysRead,
         BuiltinScope::ApiKeysWrite,
         BuiltinScope::ApiKeysVerify,
+        BuiltinScope::AuditRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +160,7 @@ impl BuiltinScope {
             BuiltinScope::ApiKeysRead => "keyplane.api_keys:read",
             BuiltinScope::ApiKeysWrite => "keyplane.api_keys:write",
             BuiltinScope::ApiKeysVerify => "keyplane.api_keys:verify",
+            BuiltinScope::AuditRead => "keyplane.audit:read",
         }
     }
 
@@ -202,6 +206,7 @@ impl BuiltinScope {
             BuiltinScope::ApiKeysRead => "Read API keys",
             BuiltinScope::ApiKeysWrite => "Create, change, rotate, revoke and delete API keys",
             BuiltinScope::ApiKeysVerify => "Verify API keys",
+            BuiltinScope::AuditRead => "Read the audit log",
         }
     }
 }

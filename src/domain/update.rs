@@ -21,6 +21,9 @@ pub trait Patch {
 
     /// Applies the changes to the current state, or refuses them by a domain rule.
     fn apply(&self, current: &mut Self::Target) -> Result<(), RuleViolation>;
+
+    /// The names of the fields it changes, for the audit log.
+    fn fields(&self) -> Vec<&'static str>;
 }
 
 /// A resource with a revision counter that every write increments; its etag derives from it.
@@ -38,4 +41,12 @@ pub(super) fn set<T: Clone>(field: &mut T, value: &Option<T>) {
     if let Some(v) = value {
         field.clone_from(v);
     }
+}
+
+/// The names whose flag is set: the fields a patch or a create request carries.
+pub fn named<const N: usize>(fields: [(&'static str, bool); N]) -> Vec<&'static str> {
+    fields
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
 }

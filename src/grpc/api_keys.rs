@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::convert::{self, Patchable, RequestCheck};
-use super::{KeyplaneApi, caller};
+use super::{KeyplaneApi, acting, caller};
 use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
@@ -156,11 +156,10 @@ impl ApiKeyService for KeyplaneApi {
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let tenant = caller.tenant()?;
+        let (caller, acting) = acting(&request)?;
         let new = parse_create(request.into_inner(), Utc::now())?;
         caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
-        let (key, secret) = self.store.create_api_key(tenant, new).await?;
+        let (key, secret) = self.store.create_api_key(&acting, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
             api_key: Some(key.into()),
             secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
@@ -215,13 +214,12 @@ impl ApiKeyService for KeyplaneApi {
         &self,
         request: Request<pb::UpdateApiKeyRequest>,
     ) -> Result<Response<pb::UpdateApiKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let tenant = caller.tenant()?;
+        let (caller, acting) = acting(&request)?;
         let update = parse_update(request.into_inner(), Utc::now())?;
         if let Some(scopes) = &update.patch.scopes {
             caller.may_grant(scopes.iter().map(|s| s.as_str()))?;
         }
-        let key = self.store.update(tenant, update).await?;
+        let key = self.store.update(&acting, update).await?;
         Ok(Response::new(pb::UpdateApiKeyResponse {
             api_key: Some(key.into()),
         }))
@@ -231,9 +229,9 @@ impl ApiKeyService for KeyplaneApi {
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
-        let key = self.store.revoke_api_key(tenant, id).await?;
+        let key = self.store.revoke_api_key(&acting, id).await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
             api_key: Some(key.into()),
         }))
@@ -243,14 +241,13 @@ impl ApiKeyService for KeyplaneApi {
         &self,
         request: Request<pb::RotateApiKeyRequest>,
     ) -> Result<Response<pb::RotateApiKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let tenant = caller.tenant()?;
+        let (caller, acting) = acting(&request)?;
         let (id, grace) = parse_rotate(request.into_inner())?;
         // Rotation hands out a fresh secret with the same scopes: the caller must be able to
         // grant them.
-        let current = self.store.get_api_key(tenant, id).await?;
+        let current = self.store.get_api_key(acting.tenant, id).await?;
         caller.may_grant(current.scopes.iter().map(String::as_str))?;
-        let rotated = self.store.rotate_api_key(tenant, id, grace).await?;
+        let rotated = self.store.rotate_api_key(&acting, id, grace).await?;
         Ok(Response::new(pb::RotateApiKeyResponse {
             api_key: Some(rotated.key.into()),
             secret: rotated.secret.expose().to_owned(),
@@ -261,9 +258,9 @@ impl ApiKeyService for KeyplaneApi {
         &self,
         request: Request<pb::DeleteApiKeyRequest>,
     ) -> Result<Response<pb::DeleteApiKeyResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let id = convert::parse_id("id", &request.get_ref().id)?;
-        self.store.delete_api_key(tenant, id).await?;
+        self.store.delete_api_key(&acting, id).await?;
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
     }
 

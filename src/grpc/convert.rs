@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use prost_types::{FieldMask, Timestamp};
 use uuid::Uuid;
 
-use crate::domain::page::{ListFingerprint, PageSize, PageTokenCodec};
+use crate::domain::page::{Cursor, ListFingerprint, PageSize, PageTokenCodec};
 use crate::domain::parse_uuid;
 use crate::domain::records::{self, ApiKey, Scope, VerifyCode, Workspace};
 use crate::domain::scope::ScopeString;
@@ -222,13 +222,13 @@ pub fn request_id(v: &mut Validator, text: &str) -> Option<Uuid> {
 }
 
 /// Page size and cursor of a list request.
-pub fn page(
+pub fn page<C: Cursor>(
     v: &mut Validator,
     codec: &PageTokenCodec,
     size: i32,
     token: &str,
     list: &ListFingerprint,
-) -> (u64, Option<Uuid>) {
+) -> (u64, Option<C>) {
     let size = v
         .check("page_size", PageSize::parse(size))
         .map_or(0, |s| s.get());

@@ -14,11 +14,14 @@ use tonic_health::server::{HealthReporter, HealthService};
 use crate::storage::Store;
 
 /// The names reported: the whole server (`""`) and each keyplane service.
-pub const SERVICE_NAMES: [&str; 4] = [
+pub const SERVICE_NAMES: [&str; 6] = [
     "",
     "keyplane.v1.WorkspaceService",
     "keyplane.v1.ScopeService",
     "keyplane.v1.ApiKeyService",
+    "keyplane.v1.AuditService",
+    // What Envoy's gRPC health check of its ext_authz cluster names.
+    "envoy.service.auth.v3.Authorization",
 ];
 
 pub struct DrainingHealth {

@@ -1,6 +1,7 @@
 //! Transport: thin gRPC handlers over the domain and storage layers, the authentication
 //! layer in front of them, health and reflection.
 pub mod api_keys;
+pub mod audit;
 pub mod auth_layer;
 pub mod convert;
 pub mod error;
@@ -17,14 +18,15 @@ use std::sync::Arc;
 
 use metrics::Counter;
 use tonic::Request;
-use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::domain::page::{ListFingerprint, Page, PageTokenCodec};
+use crate::domain::audit::Acting;
+use crate::domain::page::{Cursor, ListFingerprint, Page, PageTokenCodec};
 use crate::domain::records::VerifyCode;
 use crate::storage::Store;
 use crate::verification::KeyVerifier;
 use error::ApiError;
+use observe::RequestId;
 
 /// Implements every keyplane service; cheap to clone.
 #[derive(Clone)]
@@ -48,14 +50,14 @@ impl KeyplaneApi {
     }
 
     /// The token for the page after this one; empty at the end.
-    fn next_token<T>(
+    fn next_token<T, C: Cursor>(
         &self,
         page: &Page<T>,
-        id: impl Fn(&T) -> Uuid,
+        cursor: impl Fn(&T) -> C,
         list: &ListFingerprint,
     ) -> String {
         match (page.more, page.items.last()) {
-            (true, Some(last)) => self.pages.encode(id(last), list),
+            (true, Some(last)) => self.pages.encode(cursor(last), list),
             _ => String::new(),
         }
     }
@@ -75,6 +77,21 @@ impl CodeCounters {
     fn count(&self, code: VerifyCode) {
         self.0[code as usize].increment(1);
     }
+}
+
+/// The caller and the context of its write: its tenant, who it is, and the request id the
+/// observe layer gave the call (the audit event and the log lines share it).
+fn acting<T>(request: &Request<T>) -> Result<(Caller, Acting), tonic::Status> {
+    let caller = caller(request)?;
+    let acting = Acting {
+        tenant: caller.tenant()?,
+        actor: caller.actor(),
+        request_id: request
+            .extensions()
+            .get::<RequestId>()
+            .map_or_else(|| observe::new_request_id().into(), |id| id.0.clone()),
+    };
+    Ok((caller, acting))
 }
 
 /// The caller the auth layer attached to the request.

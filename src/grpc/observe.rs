@@ -2,8 +2,10 @@
 //! request id and returns that id in the response's `x-request-id` (so a client quoting the
 //! id finds the log line), echoes a client's own `x-request-id` on every response, and times
 //! every known RPC into `keyplane_rpc_duration_seconds{method}`. The request id of an error
-//! is the one an internal error already carries, else the client's, else a fresh UUIDv7:
-//! made only when a call fails, so a successful verification pays nothing for it. The
+//! is the one an internal error already carries, else the client's, else a fresh UUIDv7.
+//! A write gets its id up front (the client's or a fresh one, handed to the handler as a
+//! [`RequestId`] for its audit event, and returned on success too); other calls get one
+//! only when they fail, so a successful verification pays nothing for it. The
 //! histograms are registered once, one per row of the [`rpc`](super::rpc) table, so a call
 //! records without building a metric key, and an unknown path cannot grow the label set.
 use std::future::Future;
@@ -22,6 +24,10 @@ use super::rpc::{self, RPCS};
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The longest client-sent request id kept; longer or odd ones are replaced.
 const MAX_CLIENT_ID: usize = 128;
+
+/// The request id of a write, for its audit event.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
 
 /// A fresh request id.
 pub fn new_request_id() -> String {
@@ -68,6 +74,10 @@ pub struct Observe<S> {
     histograms: Arc<[Histogram]>,
 }
 
+fn fresh_header() -> HeaderValue {
+    HeaderValue::try_from(new_request_id()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
 /// A client's request id, if it is short, visible ASCII: safe to log and to echo.
 fn client_id(request: &http::Request<impl Sized>) -> Option<HeaderValue> {
     let value = request.headers().get(REQUEST_ID_HEADER)?;
@@ -89,15 +99,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let index = rpc::index(request.uri().path());
-        let client_id = client_id(&request);
+        let mut request_id = client_id(&request);
+        if index.is_some_and(|i| RPCS[i].mutates()) {
+            let id = request_id.get_or_insert_with(fresh_header);
+            let text = id.to_str().unwrap_or_default();
+            request.extensions_mut().insert(RequestId(text.into()));
+        }
         Observed {
             inner: self.inner.call(request),
             started: Instant::now(),
             histogram: index.map(|i| self.histograms[i].clone()),
             method: index.map_or("unknown", |i| RPCS[i].path),
-            client_id,
+            request_id,
         }
     }
 }
@@ -111,7 +126,8 @@ pin_project_lite::pin_project! {
         started: Instant,
         histogram: Option<Histogram>,
         method: &'static str,
-        client_id: Option<HeaderValue>,
+        // The client's id, or a write's own.
+        request_id: Option<HeaderValue>,
     }
 }
 
@@ -135,11 +151,10 @@ where
                 .is_some_and(|c| c.as_bytes() != b"0");
             if failed {
                 // An internal error names its own id (in its message and details too).
-                let id = match (headers.get(REQUEST_ID_HEADER), this.client_id.take()) {
+                let id = match (headers.get(REQUEST_ID_HEADER), this.request_id.take()) {
                     (Some(own), _) => own.clone(),
-                    (None, Some(client)) => client,
-                    (None, None) => HeaderValue::try_from(new_request_id())
-                        .unwrap_or(HeaderValue::from_static("unknown")),
+                    (None, Some(known)) => known,
+                    (None, None) => fresh_header(),
                 };
                 let text = |name: &str| {
                     headers
@@ -156,8 +171,8 @@ where
                     "call failed"
                 );
                 headers.insert(REQUEST_ID_HEADER, id);
-            } else if let Some(client) = this.client_id.take() {
-                headers.insert(REQUEST_ID_HEADER, client);
+            } else if let Some(known) = this.request_id.take() {
+                headers.insert(REQUEST_ID_HEADER, known);
             }
         }
         Poll::Ready(output)

@@ -21,6 +21,17 @@ pub struct Rpc {
     pub access: Access,
 }
 
+impl Rpc {
+    /// Whether it changes something: the calls the audit log records, which get a request
+    /// id even when the client sent none.
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self.access,
+            Access::Scope(WorkspacesWrite | ScopesWrite | ApiKeysWrite)
+        )
+    }
+}
+
 const fn rpc(path: &'static str, access: Access) -> Rpc {
     Rpc { path, access }
 }
@@ -72,6 +83,7 @@ pub const RPCS: &[Rpc] = &[
     needs("/keyplane.v1.ApiKeyService/RotateApiKey", ApiKeysWrite),
     needs("/keyplane.v1.ApiKeyService/DeleteApiKey", ApiKeysWrite),
     needs("/keyplane.v1.ApiKeyService/VerifyApiKey", ApiKeysVerify),
+    needs("/keyplane.v1.AuditService/ListAuditEvents", AuditRead),
     // Envoy's external authorization: a verification asked by the proxy.
     needs("/envoy.service.auth.v3.Authorization/Check", ApiKeysVerify),
 ];

@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, Patchable, RequestCheck};
 use super::error::ApiError;
-use super::{KeyplaneApi, caller};
+use super::{KeyplaneApi, acting, caller};
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewScope, ScopePatch};
 use crate::domain::rules::{DEFAULT_SCOPE_CATEGORY, RuleViolation};
@@ -151,9 +151,9 @@ impl ScopeService for KeyplaneApi {
         &self,
         request: Request<pb::CreateScopeRequest>,
     ) -> Result<Response<pb::CreateScopeResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let new = parse_create(request.into_inner())?;
-        let scope = self.store.create_scope(tenant, new).await?;
+        let scope = self.store.create_scope(&acting, new).await?;
         Ok(Response::new(pb::CreateScopeResponse {
             scope: Some(scope.into()),
         }))
@@ -199,9 +199,9 @@ impl ScopeService for KeyplaneApi {
         &self,
         request: Request<pb::UpdateScopeRequest>,
     ) -> Result<Response<pb::UpdateScopeResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let update = parse_update(request.into_inner())?;
-        let scope = self.store.update(tenant, update).await?;
+        let scope = self.store.update(&acting, update).await?;
         Ok(Response::new(pb::UpdateScopeResponse {
             scope: Some(scope.into()),
         }))
@@ -211,10 +211,10 @@ impl ScopeService for KeyplaneApi {
         &self,
         request: Request<pb::DeleteScopeRequest>,
     ) -> Result<Response<pb::DeleteScopeResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let r = request.into_inner();
         let id = convert::parse_id("id", &r.id)?;
-        let removed = self.store.delete_scope(tenant, id, r.force).await?;
+        let removed = self.store.delete_scope(&acting, id, r.force).await?;
         Ok(Response::new(pb::DeleteScopeResponse {
             removed_grant_count: removed as i64,
         }))

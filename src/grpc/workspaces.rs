@@ -3,7 +3,7 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, Patchable};
-use super::{KeyplaneApi, caller};
+use super::{KeyplaneApi, acting, caller};
 use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewWorkspace, WorkspacePatch};
@@ -151,10 +151,9 @@ impl WorkspaceService for KeyplaneApi {
         &self,
         request: Request<pb::CreateWorkspaceRequest>,
     ) -> Result<Response<pb::CreateWorkspaceResponse>, Status> {
-        let caller = caller(&request)?;
-        let tenant = caller.tenant()?;
+        let (caller, acting) = acting(&request)?;
         let new = parse_create(request.into_inner(), &caller.subject)?;
-        let workspace = self.store.create_workspace(tenant, new).await?;
+        let workspace = self.store.create_workspace(&acting, new).await?;
         Ok(Response::new(pb::CreateWorkspaceResponse {
             workspace: Some(workspace.into()),
         }))
@@ -194,9 +193,9 @@ impl WorkspaceService for KeyplaneApi {
         &self,
         request: Request<pb::UpdateWorkspaceRequest>,
     ) -> Result<Response<pb::UpdateWorkspaceResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let update = parse_update(request.into_inner())?;
-        let workspace = self.store.update(tenant, update).await?;
+        let workspace = self.store.update(&acting, update).await?;
         Ok(Response::new(pb::UpdateWorkspaceResponse {
             workspace: Some(workspace.into()),
         }))
@@ -206,10 +205,10 @@ impl WorkspaceService for KeyplaneApi {
         &self,
         request: Request<pb::DeleteWorkspaceRequest>,
     ) -> Result<Response<pb::DeleteWorkspaceResponse>, Status> {
-        let tenant = caller(&request)?.tenant()?;
+        let (_, acting) = acting(&request)?;
         let r = request.into_inner();
         let id = convert::parse_id("id", &r.id)?;
-        let revoked = self.store.delete_workspace(tenant, id, r.force).await?;
+        let revoked = self.store.delete_workspace(&acting, id, r.force).await?;
         Ok(Response::new(pb::DeleteWorkspaceResponse {
             revoked_key_count: revoked as i64,
         }))

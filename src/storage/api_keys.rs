@@ -16,6 +16,7 @@ use super::invalidation::Eviction;
 use super::update::Stored;
 use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
+use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
 use crate::domain::page::Page;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
@@ -172,14 +173,16 @@ impl Store {
     /// the same request id returns the first key without it.
     pub async fn create_api_key(
         &self,
-        tenant: TenantId,
+        acting: &Acting,
         new: NewApiKey,
     ) -> Result<(ApiKey, Option<ApiKeySecret>), StoreError> {
+        let tenant = acting.tenant;
         if let Some(request_id) = new.request_id
             && let Some(existing) = self.api_key_by_request(tenant, request_id).await?
         {
             return Ok((existing, None));
         }
+        let fields = new.fields();
         let txn = self.begin_write().await?;
         let workspace = require_workspace(&txn, tenant, new.workspace_id).await?;
         let prefix = match new.prefix {
@@ -226,7 +229,9 @@ impl Store {
         }
         insert_grants(&txn, model.id, &grants).await?;
         // A verification of this secret may have been cached as unknown (negative entry).
-        self.commit(txn, Eviction::key(secret.digest())).await?;
+        let change = Change::new(AuditAction::ApiKeyCreate, model.id, fields);
+        self.commit(txn, acting, change, Eviction::key(secret.digest()))
+            .await?;
         let mut scopes: Vec<String> = grants.into_iter().map(|(s, _)| s).collect();
         scopes.sort();
         Ok((from_model(model, scopes)?, Some(secret)))
@@ -279,10 +284,11 @@ impl Store {
     }
 
     /// Revokes a key; revoking a revoked key changes nothing.
-    pub async fn revoke_api_key(&self, tenant: TenantId, id: Uuid) -> Result<ApiKey, StoreError> {
+    pub async fn revoke_api_key(&self, acting: &Acting, id: Uuid) -> Result<ApiKey, StoreError> {
+        let tenant = acting.tenant;
         let txn = self.begin_write().await?;
         let now = db_now();
-        api_key::Entity::update_many()
+        let revoked = api_key::Entity::update_many()
             .col_expr(api_key::Column::RevokeTime, Expr::value(now))
             .col_expr(api_key::Column::UpdateTime, Expr::value(now))
             .col_expr(
@@ -293,11 +299,18 @@ impl Store {
             .filter(api_key::Column::Id.eq(id))
             .filter(api_key::Column::RevokeTime.is_null())
             .exec(&txn)
-            .await?;
+            .await?
+            .rows_affected;
         let key = find_key(&txn, tenant, id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
-        self.commit(txn, Eviction::key(key.digest)).await?;
+        if revoked == 0 {
+            // Already revoked: nothing changed, so nothing to log or evict.
+            return Ok(key);
+        }
+        let change = Change::new(AuditAction::ApiKeyRevoke, id, vec!["revoke_time"]);
+        self.commit(txn, acting, change, Eviction::key(key.digest))
+            .await?;
         Ok(key)
     }
 
@@ -305,10 +318,11 @@ impl Store {
     /// it may and what becomes of the old key.
     pub async fn rotate_api_key(
         &self,
-        tenant: TenantId,
+        acting: &Acting,
         id: Uuid,
         grace: GracePeriod,
     ) -> Result<Rotated, StoreError> {
+        let tenant = acting.tenant;
         let txn = self.begin_write().await?;
         let model = api_key::Entity::by_id(tenant, id)
             .one(&txn)
@@ -330,11 +344,15 @@ impl Store {
                 api_key::Column::Revision,
                 Expr::col(api_key::Column::Revision).add(1),
             );
-        let retire = match retirement {
-            Retirement::RevokeNow => retire.col_expr(api_key::Column::RevokeTime, Expr::value(now)),
-            Retirement::ExpireAt(until) => {
-                retire.col_expr(api_key::Column::ExpireTime, Expr::value(until))
-            }
+        let (retire, retired_field) = match retirement {
+            Retirement::RevokeNow => (
+                retire.col_expr(api_key::Column::RevokeTime, Expr::value(now)),
+                "revoke_time",
+            ),
+            Retirement::ExpireAt(until) => (
+                retire.col_expr(api_key::Column::ExpireTime, Expr::value(until)),
+                "expire_time",
+            ),
         };
         // The compare-and-set on `replaced_by`: of concurrent rotations, one wins.
         let result = retire
@@ -372,15 +390,21 @@ impl Store {
             .map(|g| (g.scope, g.scope_id))
             .collect();
         insert_grants(&txn, successor_id, &grants).await?;
-        self.commit(txn, Eviction::keys(vec![old.digest, secret.digest()]))
-            .await?;
+        let change = Change::new(
+            AuditAction::ApiKeyRotate,
+            id,
+            vec!["successor_id", retired_field],
+        );
+        let eviction = Eviction::keys(vec![old.digest, secret.digest()]);
+        self.commit(txn, acting, change, eviction).await?;
         Ok(Rotated {
             key: from_model(successor, old.scopes)?,
             secret,
         })
     }
 
-    pub async fn delete_api_key(&self, tenant: TenantId, id: Uuid) -> Result<(), StoreError> {
+    pub async fn delete_api_key(&self, acting: &Acting, id: Uuid) -> Result<(), StoreError> {
+        let tenant = acting.tenant;
         let txn = self.begin_write().await?;
         let key = api_key::Entity::by_id(tenant, id)
             .one(&txn)
@@ -391,8 +415,9 @@ impl Store {
             .filter(api_key::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        self.commit(txn, Eviction::key(digest_of(key.id, key.key_digest)?))
-            .await
+        let change = Change::new(AuditAction::ApiKeyDelete, id, Vec::new());
+        let eviction = Eviction::key(digest_of(key.id, key.key_digest)?);
+        self.commit(txn, acting, change, eviction).await
     }
 
     /// The key with this digest, if the caller may see its tenant: one query (the key and
@@ -495,6 +520,7 @@ impl Stored for ApiKey {
     type Patch = ApiKeyPatch;
     type Table = api_key::Entity;
     const KIND: &'static str = "api key";
+    const UPDATED: AuditAction = AuditAction::ApiKeyUpdate;
 
     async fn load(
         txn: &DatabaseTransaction,

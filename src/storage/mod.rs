@@ -3,6 +3,7 @@
 pub mod entity;
 
 mod api_keys;
+pub mod audit;
 pub mod feed;
 pub mod invalidation;
 mod scopes;
@@ -19,8 +20,10 @@ use sea_orm::{
 };
 
 pub use api_keys::{ApiKeyFilter, Rotated};
+pub use audit::{AuditFilter, ChainReport};
 pub use migration::{Migrator, sea_orm_migration::MigratorTrait};
 
+use crate::domain::audit::{Acting, Change};
 use crate::domain::rules::RuleViolation;
 use invalidation::{Eviction, EvictionSink};
 
@@ -186,15 +189,19 @@ impl Store {
         &self.db
     }
 
-    /// Ends every write: the eviction goes to the other replicas with the commit (NOTIFY in
-    /// the transaction) and to this replica's cache before the caller can answer. This
-    /// replica evicts even when the commit reports an error: the write may have landed,
-    /// and evicting too much is only slower.
+    /// Ends every write: its audit event joins the tenant's chain in the same transaction,
+    /// and the eviction goes to the other replicas with the commit (NOTIFY in the
+    /// transaction) and to this replica's cache before the caller can answer. This replica
+    /// evicts even when the commit reports an error: the write may have landed, and
+    /// evicting too much is only slower.
     pub(crate) async fn commit(
         &self,
         txn: DatabaseTransaction,
+        acting: &Acting,
+        change: Change,
         eviction: Eviction,
     ) -> Result<(), StoreError> {
+        audit::append(&txn, acting, &change).await?;
         invalidation::notify(&txn, &eviction).await?;
         let committed = txn.commit().await;
         if let Some(sink) = &self.evictions {

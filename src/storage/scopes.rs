@@ -15,6 +15,7 @@ use super::update::Stored;
 use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation};
 use crate::domain::TenantId;
+use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::page::Page;
 use crate::domain::records::{NewScope, Scope, ScopePatch};
 use crate::domain::scope::{BuiltinScope, ScopeString};
@@ -61,15 +62,18 @@ fn usable_in(workspace_id: Uuid) -> Condition {
 }
 
 impl Store {
-    pub async fn create_scope(&self, tenant: TenantId, new: NewScope) -> Result<Scope, StoreError> {
+    pub async fn create_scope(&self, acting: &Acting, new: NewScope) -> Result<Scope, StoreError> {
+        let tenant = acting.tenant;
         if let Some(request_id) = new.request_id
             && let Some(existing) = self.scope_by_request(tenant, request_id).await?
         {
             return Ok(existing);
         }
+        let txn = self.begin_write().await?;
         if let Some(ws) = new.workspace_id {
-            require_workspace(&self.db, tenant, ws).await?;
+            require_workspace(&txn, tenant, ws).await?;
         }
+        let fields = new.fields();
         let now = db_now();
         let model = scope::Model {
             id: Uuid::now_v7(),
@@ -88,11 +92,16 @@ impl Store {
         };
         let active: scope::ActiveModel = model.clone().into();
         match scope::Entity::insert(active)
-            .exec_without_returning(&self.db)
+            .exec_without_returning(&txn)
             .await
         {
-            Ok(_) => from_model(model),
+            Ok(_) => {
+                let change = Change::new(AuditAction::ScopeCreate, model.id, fields);
+                self.commit(txn, acting, change, Eviction::None).await?;
+                from_model(model)
+            }
             Err(e) if is_unique_violation(&e) => {
+                drop(txn);
                 if let Some(request_id) = new.request_id
                     && let Some(existing) = self.scope_by_request(tenant, request_id).await?
                 {
@@ -172,10 +181,11 @@ impl Store {
     /// Deletes a custom scope. Returns how many keys lost it (only with `force`).
     pub async fn delete_scope(
         &self,
-        tenant: TenantId,
+        acting: &Acting,
         id: Uuid,
         force: bool,
     ) -> Result<u64, StoreError> {
+        let tenant = acting.tenant;
         let txn = self.begin_write().await?;
         let found = find_scope(&txn, tenant, id)
             .await?
@@ -212,7 +222,8 @@ impl Store {
             .exec(&txn)
             .await?;
         let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
-        self.commit(txn, eviction).await?;
+        let change = Change::new(AuditAction::ScopeDelete, id, Vec::new());
+        self.commit(txn, acting, change, eviction).await?;
         Ok(grants)
     }
 
@@ -267,6 +278,7 @@ impl Stored for Scope {
     type Patch = ScopePatch;
     type Table = scope::Entity;
     const KIND: &'static str = "scope";
+    const UPDATED: AuditAction = AuditAction::ScopeUpdate;
 
     async fn load(
         txn: &DatabaseTransaction,

@@ -2,7 +2,7 @@
 //! transaction, let the domain apply the patch (and its rules), check the client's etag,
 //! and write with a compare-and-set on the revision. Anything that must happen with every
 //! update belongs in [`Store::update`]; what must happen with every write (the cache
-//! eviction, later an audit event) belongs in [`Store::commit`], which ends them all.
+//! eviction, the audit event) belongs in [`Store::commit`], which ends them all.
 use std::future::Future;
 
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter};
@@ -12,6 +12,7 @@ use super::entity::TenantOwned;
 use super::invalidation::Eviction;
 use super::{Store, StoreError, db_now};
 use crate::domain::TenantId;
+use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::update::{Patch, Revisioned, Update};
 
 /// How often an update without an etag retries when a concurrent update won the race.
@@ -25,6 +26,8 @@ pub trait Stored: Revisioned + Send + Sync + Sized {
     type Table: TenantOwned<ActiveModel: Send>;
     /// Its name in NOT_FOUND errors.
     const KIND: &'static str;
+    /// What the audit log calls an update of it.
+    const UPDATED: AuditAction;
 
     /// The current state, read inside the update's transaction.
     fn load(
@@ -75,13 +78,14 @@ impl Store {
     /// one the update is retried on a fresh read, a few times.
     pub async fn update<P>(
         &self,
-        tenant: TenantId,
+        acting: &Acting,
         update: Update<P>,
     ) -> Result<P::Target, StoreError>
     where
         P: Patch + Sync,
         P::Target: Stored<Patch = P>,
     {
+        let tenant = acting.tenant;
         for _ in 0..UPDATE_ATTEMPTS {
             let txn = self.begin_write().await?;
             let mut current = P::Target::load(&txn, tenant, update.id)
@@ -95,7 +99,8 @@ impl Store {
             current.touch(db_now());
             if compare_and_set(&txn, tenant, &current, read_revision).await? {
                 current.save_related(&txn, tenant, &update.patch).await?;
-                self.commit(txn, current.eviction()).await?;
+                let change = Change::new(P::Target::UPDATED, current.id(), update.patch.fields());
+                self.commit(txn, acting, change, current.eviction()).await?;
                 return Ok(current);
             }
             if update.expected_revision.is_some() {

@@ -11,6 +11,7 @@ use super::invalidation::Eviction;
 use super::update::Stored;
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
 use crate::domain::TenantId;
+use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::page::Page;
 use crate::domain::records::{NewWorkspace, Workspace, WorkspacePatch};
 
@@ -49,14 +50,16 @@ fn from_model(m: workspace::Model) -> Result<Workspace, StoreError> {
 impl Store {
     pub async fn create_workspace(
         &self,
-        tenant: TenantId,
+        acting: &Acting,
         new: NewWorkspace,
     ) -> Result<Workspace, StoreError> {
+        let tenant = acting.tenant;
         if let Some(request_id) = new.request_id
             && let Some(existing) = self.workspace_by_request(tenant, request_id).await?
         {
             return Ok(existing);
         }
+        let fields = new.fields();
         let now = db_now();
         let model = workspace::Model {
             id: Uuid::now_v7(),
@@ -75,21 +78,27 @@ impl Store {
             create_time: now,
             update_time: now,
         };
+        let txn = self.begin_write().await?;
         let active: workspace::ActiveModel = model.clone().into();
         match workspace::Entity::insert(active)
-            .exec_without_returning(&self.db)
+            .exec_without_returning(&txn)
             .await
         {
-            Ok(_) => from_model(model),
+            Ok(_) => {}
             // A concurrent retry with the same request id inserted first: return its result.
             Err(e) if is_unique_violation(&e) && new.request_id.is_some() => {
+                drop(txn);
                 let request_id = new.request_id.unwrap_or_default();
-                self.workspace_by_request(tenant, request_id)
+                return self
+                    .workspace_by_request(tenant, request_id)
                     .await?
-                    .ok_or(StoreError::Database(e))
+                    .ok_or(StoreError::Database(e));
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        let change = Change::new(AuditAction::WorkspaceCreate, model.id, fields);
+        self.commit(txn, acting, change, Eviction::None).await?;
+        from_model(model)
     }
 
     async fn workspace_by_request(
@@ -132,10 +141,11 @@ impl Store {
     /// non-revoked keys `force` took with it.
     pub async fn delete_workspace(
         &self,
-        tenant: TenantId,
+        acting: &Acting,
         id: Uuid,
         force: bool,
     ) -> Result<u64, StoreError> {
+        let tenant = acting.tenant;
         let txn = self.begin_write().await?;
         require_workspace(&txn, tenant, id).await?;
         let keys = touched_keys(
@@ -153,7 +163,8 @@ impl Store {
             .exec(&txn)
             .await?;
         let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
-        self.commit(txn, eviction).await?;
+        let change = Change::new(AuditAction::WorkspaceDelete, id, Vec::new());
+        self.commit(txn, acting, change, eviction).await?;
         Ok(live_keys)
     }
 }
@@ -162,6 +173,7 @@ impl Stored for Workspace {
     type Patch = WorkspacePatch;
     type Table = workspace::Entity;
     const KIND: &'static str = "workspace";
+    const UPDATED: AuditAction = AuditAction::WorkspaceUpdate;
 
     async fn load(
         txn: &DatabaseTransaction,

@@ -16,7 +16,8 @@ use keyplane::config::Settings;
 use keyplane::domain::scope::BuiltinScope;
 use keyplane::proto::{
     self as pb, api_key_service_client::ApiKeyServiceClient,
-    scope_service_client::ScopeServiceClient, workspace_service_client::WorkspaceServiceClient,
+    audit_service_client::AuditServiceClient, scope_service_client::ScopeServiceClient,
+    workspace_service_client::WorkspaceServiceClient,
 };
 use prost_types::{FieldMask, Timestamp};
 use sea_orm::ConnectionTrait;
@@ -413,12 +414,13 @@ impl Interceptor for Auth {
 /// A channel whose requests carry a credential.
 pub type Authed = InterceptedService<Channel, Auth>;
 
-/// The generated clients of the three services, all calling as one credential.
+/// The generated clients of keyplane's services, all calling as one credential.
 #[derive(Clone)]
 pub struct Client {
     pub workspaces: WorkspaceServiceClient<Authed>,
     pub scopes: ScopeServiceClient<Authed>,
     pub keys: ApiKeyServiceClient<Authed>,
+    pub audit: AuditServiceClient<Authed>,
     channel: Channel,
     auth: Auth,
 }
@@ -439,6 +441,7 @@ impl Client {
             workspaces: WorkspaceServiceClient::with_interceptor(channel.clone(), auth.clone()),
             scopes: ScopeServiceClient::with_interceptor(channel.clone(), auth.clone()),
             keys: ApiKeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             channel,
             auth,
         }
@@ -507,6 +510,9 @@ resource_of!(
     pb::UpdateApiKeyResponse => api_key: pb::ApiKey,
     pb::RevokeApiKeyResponse => api_key: pb::ApiKey,
 );
+
+/// How many built-in scopes every tenant sees.
+pub const BUILTINS: usize = BuiltinScope::ALL.len();
 
 pub fn all_builtin() -> Vec<&'static str> {
     BuiltinScope::ALL.iter().map(|b| b.as_str()).collect()
@@ -771,11 +777,61 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         // Fails early, with the test's own leaks only; `run_test` checks again once the
         // server has stopped.
-        let leaks = take_leaks(self.test_id);
+        let mut leaks = take_leaks(self.test_id);
+        if !std::thread::panicking() && !self.db.url.is_empty() {
+            leaks.extend(audit_leaks(&self.db.url));
+        }
         if !leaks.is_empty() && !std::thread::panicking() {
-            panic!("secrets in the logs:\n{}", leaks.join("\n"));
+            panic!(
+                "secrets in the logs or the audit log:\n{}",
+                leaks.join("\n")
+            );
         }
     }
+}
+
+/// What a test's audit rows must never hold: a secret or a JWT anywhere in a row, or a
+/// changed field that is not a bare field name (a value would be). Checked when every
+/// test's app goes away.
+pub fn audit_leaks(url: &str) -> Vec<String> {
+    use keyplane::storage::entity::audit_event;
+    use sea_orm::EntityTrait;
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return Vec::new();
+    };
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return Vec::new();
+    }
+    let rows = tokio::task::block_in_place(|| {
+        handle.block_on(async {
+            let db = sea_orm::Database::connect(url).await?;
+            let rows = audit_event::Entity::find().all(&db).await;
+            let _ = db.close().await;
+            rows
+        })
+    });
+    let rows = match rows {
+        Ok(rows) => rows,
+        // A test that cut or stopped its database has nothing to read here.
+        Err(e) => {
+            eprintln!("audit rows not scanned for secrets ({url}): {e}");
+            return Vec::new();
+        }
+    };
+    let mut leaks = Vec::new();
+    for row in rows {
+        let text = format!("{row:?}");
+        if let Some(leak) = find_secret(&text) {
+            leaks.push(format!("{leak} in audit event {}", row.id));
+        }
+        let fields: Vec<String> = serde_json::from_value(row.changed_fields.clone()).unwrap();
+        for field in fields {
+            if field.is_empty() || !field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                leaks.push(format!("changed field {field:?} in audit event {}", row.id));
+            }
+        }
+    }
+    leaks
 }
 
 /// Polls the overall health until it is `wanted`; returns how long that took. Fails the

@@ -369,7 +369,11 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(scopes.scopes.len(), 7, "the built-ins only: {scopes:?}");
+    assert_eq!(
+        scopes.scopes.len(),
+        BUILTINS,
+        "the built-ins only: {scopes:?}"
+    );
     assert!(scopes.scopes.iter().all(|s| s.builtin));
     let customs = app
         .client(&b)

@@ -66,3 +66,39 @@ fn run_test_fails_a_test_whose_runtime_logged_a_secret() {
     // A test that leaks nothing passes.
     run_test(async { tracing::info!("nothing secret here") });
 }
+
+#[test]
+fn the_audit_scanner_flags_a_secret_or_a_value_in_an_audit_row() {
+    use keyplane::storage::entity::audit_event;
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    run_test(async {
+        let app = spawn_app(Backend::Sqlite).await;
+        app.create_workspace("w").await;
+        assert!(audit_leaks(&app.db.url).is_empty(), "a clean log");
+        let db = sea_orm::Database::connect(&app.db.url).await.unwrap();
+        let row = audit_event::Entity::find().one(&db).await.unwrap().unwrap();
+        let secret = a_secret();
+        let planted = audit_event::ActiveModel {
+            id: Set(row.id),
+            request_id: Set(format!("leaked {secret}")),
+            changed_fields: Set(serde_json::json!(["name", "name=Project Atlas"])),
+            ..Default::default()
+        };
+        audit_event::Entity::update(planted)
+            .exec(&db)
+            .await
+            .unwrap();
+        let leaks = audit_leaks(&app.db.url);
+        assert_eq!(leaks.len(), 2, "{leaks:?}");
+        assert!(leaks[0].contains("an API key ending"), "{leaks:?}");
+        assert!(leaks[1].contains("name=Project Atlas"), "{leaks:?}");
+        // Put it back, or dropping the app would fail this test.
+        let clean = audit_event::ActiveModel {
+            id: Set(row.id),
+            request_id: Set(row.request_id.clone()),
+            changed_fields: Set(row.changed_fields.clone()),
+            ..Default::default()
+        };
+        audit_event::Entity::update(clean).exec(&db).await.unwrap();
+    });
+}

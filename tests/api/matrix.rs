@@ -322,6 +322,19 @@ pub fn rows() -> Vec<Row> {
             names_a_resource: false,
         },
         Row {
+            path: "/keyplane.v1.AuditService/ListAuditEvents",
+            scope: "keyplane.audit:read",
+            request: |f| {
+                pb::ListAuditEventsRequest {
+                    resource_id: f.key.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            // A filter, not a lookup: another tenant lists its own (empty) log.
+            names_a_resource: false,
+        },
+        Row {
             path: "/envoy.service.auth.v3.Authorization/Check",
             scope: "keyplane.api_keys:verify",
             request: |f| check_request(&f.secret, "matrix:read").encode_to_vec(),

@@ -2,6 +2,8 @@
 
 pub mod api_key;
 pub mod api_key_scope;
+pub mod audit_chain;
+pub mod audit_event;
 pub mod scope;
 pub mod setting;
 pub mod workspace;

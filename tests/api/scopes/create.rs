@@ -438,7 +438,11 @@ async fn reserved_namespace_and_builtins_cannot_be_created(backend: Backend) {
         .await
         .inner()
         .unwrap();
-    assert_eq!(listed.scopes.len(), 7, "only the built-ins: {listed:?}");
+    assert_eq!(
+        listed.scopes.len(),
+        BUILTINS,
+        "only the built-ins: {listed:?}"
+    );
     assert!(listed.scopes.iter().all(|s| s.builtin));
 }
 

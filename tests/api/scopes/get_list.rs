@@ -69,7 +69,7 @@ async fn get_returns_custom_and_builtin_scopes(backend: Backend) {
     );
     // Next to the built-in ids, but not one of them.
     assert_err(
-        app.get_scope(&builtin_id(8)).await,
+        app.get_scope(&builtin_id(BUILTINS + 1)).await,
         Code::NotFound,
         "NOT_FOUND",
     );
@@ -109,16 +109,20 @@ async fn list_puts_builtins_first_then_customs_in_creation_order(backend: Backen
         .inner()
         .unwrap();
     assert!(page.next_page_token.is_empty(), "everything fits a page");
-    assert_eq!(page.scopes.len(), 11);
-    let expected_builtin_ids: Vec<String> = (1..=7).map(builtin_id).collect();
-    assert_eq!(ids(&page.scopes[..7]), expected_builtin_ids);
-    assert_eq!(representations(&page.scopes[..7]), all_builtin());
+    assert_eq!(page.scopes.len(), BUILTINS + 4);
+    let expected_builtin_ids: Vec<String> = (1..=BUILTINS).map(builtin_id).collect();
+    assert_eq!(ids(&page.scopes[..BUILTINS]), expected_builtin_ids);
+    assert_eq!(representations(&page.scopes[..BUILTINS]), all_builtin());
     assert!(
-        page.scopes[..7]
+        page.scopes[..BUILTINS]
             .iter()
             .all(|s| s.builtin && s.tenant_id.is_empty())
     );
-    assert_eq!(&page.scopes[7..], &created[..], "customs in creation order");
+    assert_eq!(
+        &page.scopes[BUILTINS..],
+        &created[..],
+        "customs in creation order"
+    );
 
     let customs = app
         .as_admin()
@@ -164,7 +168,7 @@ async fn list_puts_builtins_first_then_customs_in_creation_order(backend: Backen
         .await
         .inner()
         .unwrap();
-    assert_eq!(huge.scopes.len(), 11);
+    assert_eq!(huge.scopes.len(), BUILTINS + 4);
 }
 
 async fn list_filters_by_workspace(backend: Backend) {
@@ -179,14 +183,14 @@ async fn list_filters_by_workspace(backend: Backend) {
     let own1b = app.create_scope("shared:read", &w1.id).await;
 
     let (in_w1, _) = list_all(&app, 0, &w1.id, false).await;
-    assert_eq!(representations(&in_w1[..7]), all_builtin());
+    assert_eq!(representations(&in_w1[..BUILTINS]), all_builtin());
     assert_eq!(
-        ids(&in_w1[7..]),
+        ids(&in_w1[BUILTINS..]),
         ids(&[wide1.clone(), own1.clone(), wide2.clone(), own1b.clone()]),
         "built-ins, tenant-wide and w1's own, not w2's"
     );
     let (in_w1_custom, _) = list_all(&app, 0, &w1.id, true).await;
-    assert_eq!(in_w1_custom, in_w1[7..].to_vec());
+    assert_eq!(in_w1_custom, in_w1[BUILTINS..].to_vec());
 
     let (in_w2, _) = list_all(&app, 0, &w2.id, true).await;
     assert_eq!(
@@ -237,7 +241,7 @@ async fn list_pages_across_the_builtin_boundary(backend: Backend) {
     for i in 0..5 {
         custom_ids.push(app.create_scope(&format!("r{i}:read"), "").await.id);
     }
-    let mut expected: Vec<String> = (1..=7).map(builtin_id).collect();
+    let mut expected: Vec<String> = (1..=BUILTINS).map(builtin_id).collect();
     expected.extend(custom_ids.iter().cloned());
 
     for size in [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13] {
@@ -249,7 +253,7 @@ async fn list_pages_across_the_builtin_boundary(backend: Backend) {
         );
         assert_eq!(
             pages,
-            12usize.div_ceil(size as usize).max(1),
+            (BUILTINS + 5).div_ceil(size as usize).max(1),
             "page_size {size}"
         );
     }
@@ -259,12 +263,12 @@ async fn list_pages_across_the_builtin_boundary(backend: Backend) {
         assert_eq!(pages, 5usize.div_ceil(size as usize), "page_size {size}");
     }
 
-    // The boundary itself: a page of 7 is exactly the built-ins, and still has a next page.
+    // The boundary itself: a page of as many as there are is exactly the built-ins, and still has a next page.
     let first = app
         .as_admin()
         .scopes
         .list_scopes(pb::ListScopesRequest {
-            page_size: 7,
+            page_size: BUILTINS as i32,
             ..Default::default()
         })
         .await
@@ -276,7 +280,7 @@ async fn list_pages_across_the_builtin_boundary(backend: Backend) {
         .as_admin()
         .scopes
         .list_scopes(pb::ListScopesRequest {
-            page_size: 7,
+            page_size: BUILTINS as i32,
             page_token: first.next_page_token,
             ..Default::default()
         })
@@ -291,7 +295,8 @@ async fn list_pages_across_the_builtin_boundary(backend: Backend) {
         .as_admin()
         .scopes
         .list_scopes(pb::ListScopesRequest {
-            page_size: 9,
+            // The built-ins and two customs.
+            page_size: BUILTINS as i32 + 2,
             ..Default::default()
         })
         .await
@@ -302,7 +307,7 @@ async fn list_pages_across_the_builtin_boundary(backend: Backend) {
         .as_admin()
         .scopes
         .list_scopes(pb::ListScopesRequest {
-            page_size: 9,
+            page_size: BUILTINS as i32 + 2,
             page_token: start.next_page_token,
             ..Default::default()
         })
@@ -338,10 +343,11 @@ async fn list_page_size_defaults_to_50(backend: Backend) {
         .await
         .inner()
         .unwrap();
-    assert_eq!(
-        representations(&second.scopes),
-        ["bulk43:read", "bulk44:read"]
-    );
+    // 45 customs after the built-ins: the second page holds those the first had no room for.
+    let rest: Vec<String> = (50 - BUILTINS..45)
+        .map(|i| format!("bulk{i:02}:read"))
+        .collect();
+    assert_eq!(representations(&second.scopes), rest);
     assert!(second.next_page_token.is_empty());
     let big = app
         .as_admin()
@@ -353,7 +359,7 @@ async fn list_page_size_defaults_to_50(backend: Backend) {
         .await
         .inner()
         .unwrap();
-    assert_eq!(big.scopes.len(), 52);
+    assert_eq!(big.scopes.len(), BUILTINS + 45);
     assert!(big.next_page_token.is_empty());
 }
 
