@@ -5,6 +5,7 @@ pub mod entity;
 mod api_keys;
 pub mod feed;
 pub mod invalidation;
+pub mod schema;
 mod scopes;
 mod update;
 pub mod usage;
