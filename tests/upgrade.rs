@@ -1,5 +1,6 @@
 //! Upgrades: this release on a schema a newer release migrated (it serves without
-//! migrating, on both backends), and a rolling upgrade from the previous release on one
+//! migrating, on both backends), replicas starting together on a database still to migrate
+//! (they take turns), and a rolling upgrade from the previous release on one
 //! PostgreSQL database, each release a real process: keys written on either verify on the
 //! other, revocations and disables cross versions within a second (their `NOTIFY`s agree),
 //! the old replica restarts on the migrated schema, and the new one carries on alone.
@@ -107,6 +108,30 @@ on_both_backends!(
     a_newer_schema_is_served_without_migrating,
     a_schema_from_another_line_of_releases_stops_the_start,
 );
+
+/// Several replicas of a new release may start at once on a database still to migrate:
+/// they take turns (an advisory lock) instead of racing on the same `CREATE TABLE`.
+#[test]
+fn replicas_starting_together_on_postgres_migrate_once() {
+    if postgres_url().is_none() {
+        announce_skip(
+            "upgrade::replicas_starting_together_on_postgres_migrate_once",
+            "KEYPLANE_TEST_POSTGRES_URL is not set: replicas share PostgreSQL",
+        );
+        return;
+    }
+    run_test(async {
+        let db = fresh_database(Backend::Postgres).await;
+        let starts = (0..4).map(|_| keyplane::Application::build(test_settings(&db.url)));
+        for started in futures::future::join_all(starts).await {
+            started.expect("every replica starts");
+        }
+        let conn = keyplane::storage::connect(&db.url).await.unwrap();
+        let state = schema::inspect(&conn).await.unwrap();
+        assert!(state.pending.is_empty() && !state.is_newer(), "{state:?}");
+        let _ = conn.close().await;
+    });
+}
 
 #[test]
 fn migrate_status_and_up_and_serve_on_a_newer_schema() {
