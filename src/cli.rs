@@ -15,7 +15,7 @@ use crate::config::{
 use crate::domain::TenantId;
 use crate::domain::scope::BuiltinScope;
 use crate::startup::{Application, shutdown_signal};
-use crate::storage::{self, Migrator, MigratorTrait};
+use crate::storage::{self, schema};
 use crate::telemetry;
 
 /// Where `serve --dev` keeps its generated HS256 secret: next to the default SQLite file.
@@ -195,15 +195,20 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open {}", telemetry::redact_url(url)))?;
     match args.action {
         MigrateAction::Up => {
-            Migrator::up(&db, None).await?;
-            println!("migrations applied");
+            let schema = schema::migrate_on_start(&db).await?;
+            if schema.is_newer() {
+                // Nothing of this release is missing: not a failure, but say why nothing ran.
+                eprintln!("{}", schema.newer_warning());
+            }
+            if schema.applied_now.is_empty() {
+                println!("no migration to apply");
+            } else {
+                println!("migrations applied: {}", schema.applied_now.join(", "));
+            }
         }
         MigrateAction::Status => {
-            for m in Migrator::get_applied_migrations(&db).await? {
-                println!("applied  {}", m.name());
-            }
-            for m in Migrator::get_pending_migrations(&db).await? {
-                println!("pending  {}", m.name());
+            for line in schema::inspect(&db).await?.status_lines() {
+                println!("{line}");
             }
         }
     }

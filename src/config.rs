@@ -217,7 +217,7 @@ pub enum MigrateAction {
     /// Apply pending migrations.
     #[default]
     Up,
-    /// List applied and pending migrations.
+    /// List applied and pending migrations, and those applied by a newer release.
     Status,
 }
 

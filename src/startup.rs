@@ -36,7 +36,7 @@ use crate::proto::{
 };
 use crate::storage::feed::{self, FeedState};
 use crate::storage::usage::UsageRecorder;
-use crate::storage::{self, Migrator, MigratorTrait, Store};
+use crate::storage::{self, Store};
 use crate::telemetry::redact_url;
 use crate::tls::{self, Tls};
 use crate::verification::KeyVerifier;
@@ -87,10 +87,18 @@ impl Application {
         let db = storage::connect(url)
             .await
             .with_context(|| format!("cannot open the database {}", redact_url(url)))?;
+        // A schema newer than this release (a rolling upgrade in progress) is served as it
+        // is; --no-migrate only looks, and never stops the start over what it sees.
         if settings.migrate {
-            Migrator::up(&db, None)
+            storage::schema::migrate_on_start(&db)
                 .await
-                .context("cannot apply migrations")?;
+                .context("cannot apply migrations")?
+                .log_on_start(true);
+        } else {
+            match storage::schema::inspect(&db).await {
+                Ok(schema) => schema.log_on_start(false),
+                Err(e) => tracing::warn!(error = %e, "cannot read the applied migrations"),
+            }
         }
         let store = Store::new(db);
 

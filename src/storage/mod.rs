@@ -6,6 +6,7 @@ mod api_keys;
 pub mod audit;
 pub mod feed;
 pub mod invalidation;
+pub mod schema;
 mod scopes;
 mod update;
 pub mod usage;
