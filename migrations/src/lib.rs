@@ -4,6 +4,7 @@ pub use sea_orm_migration;
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_init;
+mod m20261125_000003_api_keys_fillfactor;
 
 /// Runs all keyplane schema migrations in order.
 pub struct Migrator;
@@ -11,6 +12,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261123_000001_init::Migration)]
+        vec![
+            Box::new(m20261123_000001_init::Migration),
+            Box::new(m20261125_000003_api_keys_fillfactor::Migration),
+        ]
     }
 }
