@@ -452,33 +452,28 @@ impl Store {
         batch: &[(TenantId, Uuid, DateTime<Utc>)],
     ) -> Result<(), StoreError> {
         if self.db.get_database_backend() == DbBackend::Postgres {
-            // A join with a VALUES list: linear in the keys, so 100,000 keys take a few
-            // statements; three bind parameters each, under PostgreSQL's 65,535.
-            for chunk in batch.chunks(10_000) {
-                let mut sql =
-                    String::from("UPDATE api_keys AS k SET last_used_time = v.used FROM (VALUES ");
-                let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
-                for (i, (tenant, id, used)) in chunk.iter().enumerate() {
-                    let n = 3 * i;
-                    let sep = if i == 0 { "" } else { ", " };
-                    sql.push_str(&format!(
-                        "{sep}(${}::uuid, ${}::uuid, ${}::timestamptz)",
-                        n + 1,
-                        n + 2,
-                        n + 3
-                    ));
-                    values.extend([tenant.as_uuid().into(), (*id).into(), (*used).into()]);
-                }
-                sql.push_str(
-                    ") AS v(tenant_id, id, used) \
-                     WHERE k.tenant_id = v.tenant_id AND k.id = v.id \
-                     AND (k.last_used_time IS NULL OR k.last_used_time < v.used)",
-                );
+            // The keys as three arrays joined through UNNEST: three bind parameters instead
+            // of 30,000, and one statement text whatever the chunk's length.
+            // Sorted by id, the nested loop over the arrays walks the `(tenant_id, id)`
+            // indexes in order and locks rows in the same order on every replica. Chunks
+            // bound how long one statement holds its row locks. Each row update stays
+            // cheap (HOT, no index writes) thanks to the fill factor the migration
+            // `m20261125_000003_api_keys_fillfactor` leaves free.
+            let mut sorted: Vec<_> = batch.iter().collect();
+            sorted.sort_unstable_by_key(|(_, id, _)| *id);
+            for chunk in sorted.chunks(10_000) {
+                let tenants: Vec<Uuid> = chunk.iter().map(|(t, _, _)| t.as_uuid()).collect();
+                let ids: Vec<Uuid> = chunk.iter().map(|(_, id, _)| *id).collect();
+                let used: Vec<DateTime<Utc>> = chunk.iter().map(|(_, _, at)| *at).collect();
                 self.db
                     .execute_raw(Statement::from_sql_and_values(
                         DbBackend::Postgres,
-                        sql,
-                        values,
+                        "UPDATE api_keys AS k SET last_used_time = u.used \
+                         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) \
+                         AS u(tenant_id, id, used) \
+                         WHERE k.tenant_id = u.tenant_id AND k.id = u.id \
+                         AND (k.last_used_time IS NULL OR k.last_used_time < u.used)",
+                        [tenants.into(), ids.into(), used.into()],
                     ))
                     .await?;
             }
