@@ -1061,11 +1061,21 @@ pub enum Step {
 pub struct Hold {
     generation: u64,
     units: u64,
+    /// The lease's deadline: the units belong to a window or period that may end then.
+    deadline: Option<Mono>,
 }
 
 impl Hold {
     pub fn units(&self) -> u64 {
         self.units
+    }
+
+    /// Whether the units may still be spent at `now`. A request admits only if all its
+    /// holds still may, checked once it holds them all: a request that waited (for another
+    /// budget's reservation) across the end of a window must not spend that window's units
+    /// in the next one. If one may not, put them all back and start over.
+    pub fn usable_at(&self, now: Mono) -> bool {
+        self.deadline.is_none_or(|d| now < d)
     }
 }
 
@@ -1208,6 +1218,7 @@ impl Budget {
             return Step::Held(Hold {
                 generation: self.generation,
                 units: 0,
+                deadline: None,
             });
         }
         if let Terms::Rate { limit, .. } = *terms {
@@ -1225,6 +1236,7 @@ impl Budget {
             return Step::Held(Hold {
                 generation: lease.generation,
                 units: cost.get(),
+                deadline: lease.deadline,
             });
         }
         let need = cost.get() - self.held();
@@ -2392,6 +2404,33 @@ mod tests {
     }
 
     #[test]
+    fn a_hold_taken_before_a_window_ends_is_not_spent_after_it() {
+        let mut b = Budget::new();
+        let terms = rate(1000, 10_000);
+        reserve(b.step(cost(1), &terms, Fleet::of(1), at_ms(9_000)));
+        b.granted(window_grant(10, 990, 0, at_ms(9_000)), at_ms(9_000));
+        // Taken at 9.9 s; the lease may end from 9.998001 s.
+        let hold = held(b.step(cost(2), &terms, Fleet::of(1), at_ms(9_900)));
+        assert!(hold.usable_at(at_ms(9_998)));
+        // The request waited on another budget past that instant: it must start over.
+        assert!(!hold.usable_at(at_ms(9_999)));
+        b.put_back(hold, at_ms(9_999));
+        assert_eq!(b.take_lost(), 2);
+        // And the rest of the lease goes at the next look.
+        let free = held(b.step(Cost::FREE, &terms, Fleet::of(1), at_ms(20_000)));
+        assert_eq!(b.take_lost(), 8);
+        assert!(free.usable_at(at_ms(u64::MAX / 1000)));
+        let mut c = Budget::new();
+        reserve(c.step(cost(1), &credits(5, 1, 1), Fleet::of(1), at_ms(0)));
+        c.granted(credit_grant(5, 0, 1, 1, at_ms(0)), at_ms(0));
+        let credit = held(c.step(cost(1), &credits(5, 1, 1), Fleet::of(1), at_ms(1)));
+        assert!(
+            credit.usable_at(at_ms(u64::MAX / 1000)),
+            "no refill: no deadline"
+        );
+    }
+
+    #[test]
     fn put_back_returns_units_only_to_the_same_lease() {
         let mut b = Budget::new();
         let terms = rate(1000, 10_000);
@@ -2889,6 +2928,7 @@ mod tests {
         statements: u64,
         waits: u64,
         requests: u64,
+        restarts: u64,
     }
 
     impl Sim {
@@ -2914,6 +2954,7 @@ mod tests {
                 statements: 0,
                 waits: 0,
                 requests: 0,
+                restarts: 0,
             }
         }
 
@@ -2972,6 +3013,17 @@ mod tests {
         /// One verification of `cost` on replica `r`, checking `terms` in order.
         fn verify(&mut self, r: usize, cost: Cost, terms: &[Terms]) -> Verdict {
             self.requests += 1;
+            loop {
+                if let Some(verdict) = self.attempt(r, cost, terms) {
+                    return verdict;
+                }
+                self.restarts += 1;
+            }
+        }
+
+        /// One pass over the budgets; `None` when a hold expired before the request could
+        /// be admitted (everything was put back: start over).
+        fn attempt(&mut self, r: usize, cost: Cost, terms: &[Terms]) -> Option<Verdict> {
             let mut holds = Vec::new();
             for (i, term) in terms.iter().enumerate() {
                 let mut statement_ms = None;
@@ -2994,7 +3046,7 @@ mod tests {
                                     self.db.give_back(j, back);
                                 }
                             }
-                            return Verdict::Refused(i);
+                            return Some(Verdict::Refused(i));
                         }
                         Step::Reserve(ask) => statement_ms = Some(self.reserve(r, i, ask, term)),
                         Step::WaitUntil(until) => {
@@ -3010,6 +3062,13 @@ mod tests {
                     }
                 }
             }
+            let now = self.mono(r);
+            if holds.iter().any(|(_, h)| !h.usable_at(now)) {
+                for (j, h) in holds {
+                    self.replicas[r].budgets[j].put_back(h, now);
+                }
+                return None;
+            }
             for (i, h) in holds {
                 match terms[i] {
                     Terms::Rate { period, .. } => {
@@ -3019,7 +3078,7 @@ mod tests {
                     Terms::Credits(_) => self.spent += h.units(),
                 }
             }
-            Verdict::Admitted
+            Some(Verdict::Admitted)
         }
 
         /// What a replica does in the background: prefetch and give back.
