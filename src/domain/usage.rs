@@ -1281,7 +1281,9 @@ impl Budget {
         })
     }
 
-    /// The database granted `grant` for `ask`.
+    /// The database granted `grant` (for a request's reservation or a prefetch). Units of
+    /// the lease's window or epoch join it; units of a newer one replace it (the old units
+    /// are over); units of an older one, or that can no longer be spent, are lost.
     pub fn granted(&mut self, grant: Grant, now: Mono) {
         self.in_flight = false;
         self.note(&grant);
@@ -1320,7 +1322,9 @@ impl Budget {
         }
     }
 
-    /// The database refused `ask` (`answer` carries what it said).
+    /// The database refused `ask` (`answer` carries what it said). The refusal is
+    /// remembered: for a rate limit until its window can end, for credits for at most
+    /// [`CREDIT_REFUSAL_TTL`] (see the design's "denials are remembered briefly").
     pub fn refused(&mut self, ask: Ask, answer: Grant, terms: &Terms, now: Mono) {
         self.in_flight = false;
         self.note(&answer);
