@@ -565,6 +565,8 @@ impl CreditPatch {
 pub struct CreditDelta(i64);
 
 impl CreditDelta {
+    pub const ONE: CreditDelta = CreditDelta(1);
+
     pub fn parse(raw: i64) -> Result<Self, UsageError> {
         if raw == 0 || raw.unsigned_abs() > CREDITS_MAX {
             return Err(UsageError::Delta);
@@ -598,6 +600,7 @@ pub struct Cost(u64);
 impl Cost {
     pub const DEFAULT: Cost = Cost(1);
     pub const FREE: Cost = Cost(0);
+    pub const MAX: Cost = Cost(COST_MAX);
 
     pub fn new(units: u64) -> Result<Self, UsageError> {
         if units > COST_MAX {
@@ -709,6 +712,81 @@ impl BudgetId {
         h.update([3]);
         h.update(usage_id.as_bytes());
         Self(h.finalize().into())
+    }
+}
+
+/// The budgets a key draws from, computed once when the key is read (the hot path never
+/// hashes): one per rate limit, in the key's order, and its credit account's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budgets {
+    pub rate: Vec<BudgetId>,
+    pub credits: BudgetId,
+}
+
+impl Budgets {
+    /// The budgets of a key of `tenant` with this usage id, owner and limits. A shared
+    /// limit on a key without an owner (which writes refuse) falls back to the key's own
+    /// budget rather than to none: never unmetered.
+    pub fn of(tenant: TenantId, usage_id: Uuid, owner: Option<&str>, limits: &RateLimits) -> Self {
+        Self {
+            rate: limits
+                .iter()
+                .map(|l| {
+                    l.budget(tenant, usage_id, owner).unwrap_or_else(|| {
+                        BudgetId::rate(tenant, Subject::Key(usage_id), &l.name, l.period)
+                    })
+                })
+                .collect(),
+            credits: BudgetId::credits(tenant, usage_id),
+        }
+    }
+}
+
+/// A key's credit account as read with the key (never cached as an answer: verification
+/// draws from leases, see [`Budget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Credits {
+    /// Credits no replica has reserved, as stored.
+    pub balance: u64,
+    pub refill: Option<Refill>,
+    pub epoch: u64,
+    pub version: u64,
+    /// When the next refill falls due (database clock).
+    pub next_refill_ms: Option<i64>,
+}
+
+impl Credits {
+    /// What verification passes to the account's [`Budget`].
+    pub fn terms(&self) -> Terms {
+        Terms::Credits(CreditTerms {
+            balance: self.balance,
+            epoch: self.epoch,
+            version: self.version,
+            next_refill_ms: self.next_refill_ms,
+        })
+    }
+
+    /// Whether a refill fell due by `now_ms` that no reservation has applied yet (they are
+    /// applied lazily, by the next take statement).
+    fn refill_due(&self, now_ms: i64) -> Option<(Refill, i64)> {
+        let refill = self.refill?;
+        let due = self.next_refill_ms?;
+        (due <= now_ms).then_some((refill, due))
+    }
+
+    /// The balance as of `now_ms`: a due refill counts even before a reservation applies
+    /// it, so reads never show the balance of a period that is over.
+    pub fn balance_at(&self, now_ms: i64) -> u64 {
+        self.refill_due(now_ms)
+            .map_or(self.balance, |(refill, _)| refill.amount())
+    }
+
+    /// The next refill after `now_ms`, likewise.
+    pub fn next_refill_at(&self, now_ms: i64) -> Option<i64> {
+        match self.refill_due(now_ms) {
+            Some((refill, due)) => Some(refill.next_after(due, now_ms)),
+            None => self.next_refill_ms,
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
 use crate::domain::update::Update;
+use crate::domain::usage::{self, Cost, CreditDelta, CreditLimit};
 use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
 use crate::storage::ApiKeyFilter;
@@ -45,6 +46,21 @@ pub fn parse_create(
         .as_ref()
         .and_then(|t| v.future_time("expire_time", t, now));
     let request_id = convert::request_id(&mut v, &r.request_id);
+    let rate_limits = usage::rate_limits(
+        &mut v,
+        "rate_limits",
+        &convert::rate_limit_inputs(&r.rate_limits),
+    );
+    if let Some(limits) = &rate_limits {
+        limits.check_owner(&mut v, "rate_limits", owner_id.as_deref());
+    }
+    let remaining = r
+        .remaining_uses
+        .and_then(|n| v.check("remaining_uses", usage::remaining_uses(n)));
+    let refill = r
+        .refill
+        .as_ref()
+        .and_then(|f| convert::refill(&mut v, "refill", f));
     v.finish(|| NewApiKey {
         workspace_id: workspace_id.unwrap_or_default(),
         name,
@@ -54,6 +70,8 @@ pub fn parse_create(
         metadata,
         expire_time,
         request_id,
+        rate_limits: rate_limits.unwrap_or_default(),
+        credits: CreditLimit::on_create(remaining, refill),
     })
 }
 
@@ -67,6 +85,9 @@ impl Patchable for pb::ApiKey {
         "metadata",
         "expire_time",
         "disabled",
+        "rate_limits",
+        "remaining_uses",
+        "refill",
     ];
     const OUTPUT_ONLY: &'static [&'static str] = &[
         "id",
@@ -94,6 +115,9 @@ impl Patchable for pb::ApiKey {
             "metadata" => !self.metadata.is_empty(),
             "expire_time" => self.expire_time.is_some(),
             "disabled" => self.disabled,
+            "rate_limits" => !self.rate_limits.is_empty(),
+            "remaining_uses" => self.remaining_uses.is_some(),
+            "refill" => self.refill.is_some(),
             _ => false,
         }
     }
@@ -116,6 +140,28 @@ impl Patchable for pb::ApiKey {
                 )
             }
             "disabled" => patch.disabled = Some(self.disabled),
+            // Empty: no rate limits. Invalid: the violations end the request.
+            "rate_limits" => {
+                patch.rate_limits = usage::rate_limits(
+                    v,
+                    "api_key.rate_limits",
+                    &convert::rate_limit_inputs(&self.rate_limits),
+                )
+            }
+            // Named in the mask but absent: unlimited.
+            "remaining_uses" => {
+                patch.credits.remaining = Some(
+                    self.remaining_uses
+                        .and_then(|n| v.check("api_key.remaining_uses", usage::remaining_uses(n))),
+                )
+            }
+            "refill" => {
+                patch.credits.refill = Some(
+                    self.refill
+                        .as_ref()
+                        .and_then(|f| convert::refill(v, "api_key.refill", f)),
+                )
+            }
             _ => {}
         }
     }
@@ -141,6 +187,24 @@ pub fn parse_rotate(r: pb::RotateApiKeyRequest) -> Result<(Uuid, GracePeriod), V
         .and_then(GracePeriod::new);
     let grace = v.check("grace_period", grace);
     v.finish(|| (id.unwrap_or_default(), grace.unwrap_or(GracePeriod::NONE)))
+}
+
+/// Parses and validates an adjustment: the id and a delta that is not 0 and at most 10^15
+/// either way.
+pub fn parse_adjust(
+    r: &pb::AdjustApiKeyCreditsRequest,
+) -> Result<(Uuid, CreditDelta), ValidationError> {
+    let mut v = Validator::new();
+    let id = v.id("id", &r.id);
+    let delta = v.check("delta", CreditDelta::parse(r.delta));
+    v.finish(|| (id.unwrap_or_default(), delta.unwrap_or(CreditDelta::ONE)))
+}
+
+/// A verification's cost: absent is 1; 0 to 1000.
+pub fn parse_cost(cost: Option<i32>) -> Result<Cost, ValidationError> {
+    let mut v = Validator::new();
+    let cost = v.check("cost", Cost::parse(cost.map(i64::from)));
+    v.finish(|| cost.unwrap_or_default())
 }
 
 /// The scopes a verification requires.
@@ -264,6 +328,21 @@ impl ApiKeyService for KeyplaneApi {
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
     }
 
+    async fn adjust_api_key_credits(
+        &self,
+        request: Request<pb::AdjustApiKeyCreditsRequest>,
+    ) -> Result<Response<pb::AdjustApiKeyCreditsResponse>, Status> {
+        let (_, acting) = acting(&request)?;
+        let (id, delta) = parse_adjust(request.get_ref())?;
+        let key = self
+            .store
+            .adjust_api_key_credits(&acting, id, delta)
+            .await?;
+        Ok(Response::new(pb::AdjustApiKeyCreditsResponse {
+            api_key: Some(key.into()),
+        }))
+    }
+
     async fn verify_api_key(
         &self,
         request: Request<pb::VerifyApiKeyRequest>,
@@ -271,9 +350,10 @@ impl ApiKeyService for KeyplaneApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let required = parse_required_scopes(&r.required_scopes)?;
+        let cost = parse_cost(r.cost)?;
         let outcome = self
             .verifier
-            .verify(caller.access, &r.key, &required)
+            .verify(caller.access, &r.key, &required, cost)
             .await?;
         self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();
@@ -291,6 +371,17 @@ impl ApiKeyService for KeyplaneApi {
                 .unwrap_or_default(),
             api_key,
             missing_scopes: outcome.missing,
+            rate_limits: outcome
+                .key
+                .as_deref()
+                .zip(outcome.usage.as_ref())
+                .map(|(key, usage)| convert::limit_states(key, usage))
+                .unwrap_or_default(),
+            remaining_uses: outcome
+                .usage
+                .as_ref()
+                .and_then(|u| u.credits)
+                .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)),
         }))
     }
 }

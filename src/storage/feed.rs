@@ -83,6 +83,17 @@ impl FeedState {
     }
 }
 
+/// Told about the feed's life and the other replicas' heartbeats it hears: how usage
+/// controls count the replicas sharing the database.
+pub trait Heartbeats: Send + Sync {
+    /// The feed is listening: heartbeats heard from now on are real.
+    fn feed_up(&self);
+    /// The feed is lost: nothing heard before can be trusted.
+    fn feed_down(&self);
+    /// Another replica's heartbeat, by its replica id.
+    fn heard(&self, replica: &str);
+}
+
 /// What the listening task reports.
 enum Heard {
     Payload(String),
@@ -95,6 +106,7 @@ pub async fn run(
     db: DatabaseConnection,
     sink: Arc<dyn EvictionSink>,
     state: Arc<FeedState>,
+    heartbeats: Arc<dyn Heartbeats>,
     stop: CancellationToken,
 ) {
     // Tells this replica's heartbeats from the others'.
@@ -102,7 +114,7 @@ pub async fn run(
     let mut backoff = BACKOFF.0;
     loop {
         let ended = tokio::select! {
-            ended = listen_once(&url, &db, sink.as_ref(), &state, &me) => ended,
+            ended = listen_once(&url, &db, sink.as_ref(), &state, heartbeats.as_ref(), &me) => ended,
             _ = stop.cancelled() => return,
         };
         state.set(false);
@@ -130,6 +142,7 @@ async fn listen_once(
     db: &DatabaseConnection,
     sink: &dyn EvictionSink,
     state: &FeedState,
+    heartbeats: &dyn Heartbeats,
     me: &str,
 ) -> Result<String, String> {
     let mut listener = PgListener::connect(url)
@@ -142,6 +155,7 @@ async fn listen_once(
     // Listening from here on: flush what may have changed unseen, then answer again.
     sink.evict(&Eviction::All);
     state.set(true);
+    heartbeats.feed_up();
 
     let (tx, mut heard) = mpsc::channel(1024);
     let listening = tokio::spawn(async move {
@@ -165,7 +179,9 @@ async fn listen_once(
         tokio::select! {
             message = heard.recv() => match message {
                 Some(Heard::Payload(payload)) if payload == ping => last_heard_self = Instant::now(),
-                Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {}
+                Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {
+                    heartbeats.heard(payload.trim_start_matches("ping:"));
+                }
                 Some(Heard::Payload(payload)) => {
                     metrics::counter!("keyplane_invalidations_received_total").increment(1);
                     sink.evict(&Eviction::from_payload(&payload));
@@ -192,6 +208,7 @@ async fn listen_once(
     };
     // Down before anything else: from here on the cache must not answer.
     state.set(false);
+    heartbeats.feed_down();
     listening.abort();
     Ok(reason)
 }

@@ -4,6 +4,7 @@ pub mod entity;
 
 mod api_keys;
 pub mod audit;
+pub mod budgets;
 pub mod feed;
 pub mod invalidation;
 pub mod schema;
