@@ -364,6 +364,27 @@ pub struct RateLimitInput {
     pub shared_by_owner: bool,
 }
 
+/// A shared limit needs an owner: one violation per shared entry of a request (whatever
+/// else is wrong with it) when the key will have none.
+pub fn check_shared_owner(
+    v: &mut Validator,
+    field: &str,
+    inputs: &[RateLimitInput],
+    owner: Option<&str>,
+) {
+    if owner.is_some_and(|o| !o.is_empty()) {
+        return;
+    }
+    for (i, input) in inputs.iter().enumerate() {
+        if input.shared_by_owner {
+            v.add(
+                format!("{field}[{i}].shared_by_owner"),
+                UsageError::SharedWithoutOwner.to_string(),
+            );
+        }
+    }
+}
+
 /// Validates a request's rate limits: one violation per bad field, named like
 /// `api_key.rate_limits[2].period`; a repeated name is reported on the later entry.
 pub fn rate_limits(
@@ -1535,6 +1556,14 @@ impl Budget {
                 }
             }
         }
+    }
+
+    /// The units this replica holds of `tag` (a window or epoch) that may still be spent:
+    /// what a read of the stored balance on this replica adds, to show what it can spend.
+    pub fn held_in(&self, tag: Tag, now: Mono) -> u64 {
+        self.lease
+            .filter(|l| l.tag == tag && l.live(now))
+            .map_or(0, |l| l.units)
     }
 
     /// The database's clock now, at the lowest it can be (`wall_ms` if never read).

@@ -7,7 +7,7 @@ use super::convert::{self, Patchable, RequestCheck};
 use super::{KeyplaneApi, acting, caller};
 use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
-use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
+use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
 use crate::domain::update::Update;
@@ -46,14 +46,9 @@ pub fn parse_create(
         .as_ref()
         .and_then(|t| v.future_time("expire_time", t, now));
     let request_id = convert::request_id(&mut v, &r.request_id);
-    let rate_limits = usage::rate_limits(
-        &mut v,
-        "rate_limits",
-        &convert::rate_limit_inputs(&r.rate_limits),
-    );
-    if let Some(limits) = &rate_limits {
-        limits.check_owner(&mut v, "rate_limits", owner_id.as_deref());
-    }
+    let limit_inputs = convert::rate_limit_inputs(&r.rate_limits);
+    let rate_limits = usage::rate_limits(&mut v, "rate_limits", &limit_inputs);
+    usage::check_shared_owner(&mut v, "rate_limits", &limit_inputs, owner_id.as_deref());
     let remaining = r
         .remaining_uses
         .and_then(|n| v.check("remaining_uses", usage::remaining_uses(n)));
@@ -214,6 +209,24 @@ pub fn parse_required_scopes(scopes: &[String]) -> Result<Vec<ScopeString>, Vali
     v.finish(|| required)
 }
 
+impl KeyplaneApi {
+    /// A key read from the database as a message. Its `remaining_uses` is the stored
+    /// balance no replica has reserved, plus what this replica holds and may still spend:
+    /// exact on one replica, and never above the truth with several (the others' leases are
+    /// not counted).
+    fn api_key(&self, key: ApiKey) -> pb::ApiKey {
+        let held = self.verifier.held_credits(&key);
+        let mut message = pb::ApiKey::from(key);
+        if held > 0 {
+            message.remaining_uses = message.remaining_uses.map(|r| {
+                r.saturating_add(i64::try_from(held).unwrap_or(i64::MAX))
+                    .min(i64::try_from(usage::CREDITS_MAX).unwrap_or(i64::MAX))
+            });
+        }
+        message
+    }
+}
+
 #[tonic::async_trait]
 impl ApiKeyService for KeyplaneApi {
     async fn create_api_key(
@@ -225,7 +238,7 @@ impl ApiKeyService for KeyplaneApi {
         caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
         let (key, secret) = self.store.create_api_key(&acting, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
             secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
         }))
     }
@@ -238,7 +251,7 @@ impl ApiKeyService for KeyplaneApi {
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let key = self.store.get_api_key(tenant, id).await?;
         Ok(Response::new(pb::GetApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -269,7 +282,7 @@ impl ApiKeyService for KeyplaneApi {
             .await?;
         let next_page_token = self.next_token(&page, |k| k.id, &list);
         Ok(Response::new(pb::ListApiKeysResponse {
-            api_keys: page.items.into_iter().map(Into::into).collect(),
+            api_keys: page.items.into_iter().map(|k| self.api_key(k)).collect(),
             next_page_token,
         }))
     }
@@ -285,7 +298,7 @@ impl ApiKeyService for KeyplaneApi {
         }
         let key = self.store.update(&acting, update).await?;
         Ok(Response::new(pb::UpdateApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -297,7 +310,7 @@ impl ApiKeyService for KeyplaneApi {
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let key = self.store.revoke_api_key(&acting, id).await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -313,7 +326,7 @@ impl ApiKeyService for KeyplaneApi {
         caller.may_grant(current.scopes.iter().map(String::as_str))?;
         let rotated = self.store.rotate_api_key(&acting, id, grace).await?;
         Ok(Response::new(pb::RotateApiKeyResponse {
-            api_key: Some(rotated.key.into()),
+            api_key: Some(self.api_key(rotated.key)),
             secret: rotated.secret.expose().to_owned(),
         }))
     }
@@ -339,7 +352,7 @@ impl ApiKeyService for KeyplaneApi {
             .adjust_api_key_credits(&acting, id, delta)
             .await?;
         Ok(Response::new(pb::AdjustApiKeyCreditsResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -357,7 +370,14 @@ impl ApiKeyService for KeyplaneApi {
             .await?;
         self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();
-        let api_key: Option<pb::ApiKey> = outcome.key.as_deref().map(Into::into);
+        let mut api_key: Option<pb::ApiKey> = outcome.key.as_deref().map(Into::into);
+        // The cached key's balance is as old as the cache entry: the estimate is fresher.
+        if let (Some(key), Some(credits)) = (
+            api_key.as_mut(),
+            outcome.usage.as_ref().and_then(|u| u.credits),
+        ) {
+            key.remaining_uses = Some(i64::try_from(credits.remaining).unwrap_or(i64::MAX));
+        }
         Ok(Response::new(pb::VerifyApiKeyResponse {
             valid: outcome.code == VerifyCode::Valid,
             code: code.into(),

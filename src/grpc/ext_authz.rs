@@ -813,4 +813,121 @@ mod tests {
         assert!(body["message"].as_str().unwrap().contains("erp:write"));
         assert!(respond(outcome, &input).dynamic_metadata.is_none());
     }
+
+    fn report(limits: &[(u64, u64, bool)], credits: Option<(u64, Option<u64>)>) -> UsageReport {
+        use crate::verification::meter::{CreditReport, LimitReport};
+        let db_now_ms = 1_800_000_000_000;
+        UsageReport {
+            limits: limits
+                .iter()
+                .enumerate()
+                .map(|(i, (limit, remaining, exceeded))| LimitReport {
+                    state: LimitState {
+                        limit: *limit,
+                        remaining: *remaining,
+                        // 2.5 s, then 10.5 s away: rounded up to whole seconds.
+                        reset_ms: db_now_ms + 2_500 + 8_000 * i as i64,
+                        exceeded: *exceeded,
+                    },
+                    db_now_ms,
+                })
+                .collect(),
+            credits: credits.map(|(remaining, refill)| CreditReport {
+                remaining,
+                reset_ms: refill.map(|_| db_now_ms + 60_000),
+                refill_amount: refill,
+                db_now_ms,
+            }),
+        }
+    }
+
+    /// A verification of a key whose limits are named l0, l1 … as the report's.
+    fn with_usage(code: VerifyCode, usage: UsageReport) -> Verification {
+        use crate::domain::usage::{Period, RateLimit, RateLimitName, RateLimits};
+        let mut k = key(None);
+        k.rate_limits = RateLimits::new(
+            usage
+                .limits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let name = RateLimitName::parse(&format!("l{i}")).unwrap();
+                    let period = Period::rate_limit_ms(10_000).unwrap();
+                    RateLimit::new(name, l.state.limit, period, false).unwrap()
+                })
+                .collect(),
+        )
+        .unwrap();
+        Verification {
+            usage: Some(usage),
+            ..verified(code, Some(k), &[])
+        }
+    }
+
+    fn response_headers(ok: &OkHttpResponse) -> HashMap<String, String> {
+        ok.response_headers_to_add
+            .iter()
+            .map(|h| {
+                let h = h.header.as_ref().unwrap();
+                (h.key.clone(), h.value.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exhausted_usage_is_a_429_with_when_to_retry() {
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let limited = with_usage(
+            VerifyCode::RateLimited,
+            report(&[(100, 40, false), (10, 0, true)], Some((7, None))),
+        );
+        let (grpc, http, headers, body) = denied(&respond(Outcome::Verified(&limited), &input));
+        assert_eq!((grpc, http), (Code::ResourceExhausted as i32, 429));
+        assert_eq!(body["code"], "VERIFY_CODE_RATE_LIMITED");
+        assert!(
+            body["message"].as_str().unwrap().contains("\"l1\""),
+            "{body}"
+        );
+        assert_eq!(headers[RETRY_AFTER], "11");
+        assert_eq!(headers[RATELIMIT_RESET], "11");
+        assert_eq!(headers[RATELIMIT_LIMIT], "10");
+        assert_eq!(headers[RATELIMIT_REMAINING], "0");
+        assert!(!headers.contains_key("www-authenticate"));
+
+        let refill = with_usage(VerifyCode::UsageExceeded, report(&[], Some((2, Some(500)))));
+        let (_, http, headers, body) = denied(&respond(Outcome::Verified(&refill), &input));
+        assert_eq!(http, 429);
+        assert_eq!(body["code"], "VERIFY_CODE_USAGE_EXCEEDED");
+        assert_eq!(headers[RETRY_AFTER], "60");
+        assert_eq!(headers[RATELIMIT_LIMIT], "500");
+        assert_eq!(headers[RATELIMIT_REMAINING], "2");
+
+        let spent = with_usage(VerifyCode::UsageExceeded, report(&[], Some((0, None))));
+        let (_, _, headers, _) = denied(&respond(Outcome::Verified(&spent), &input));
+        assert_eq!(headers[RETRY_AFTER], "1");
+        assert_eq!(headers[RATELIMIT_LIMIT], "0");
+        assert_eq!(headers[RATELIMIT_REMAINING], "0");
+        assert_eq!(headers[RATELIMIT_RESET], "1");
+    }
+
+    #[test]
+    fn an_allow_tells_the_client_about_its_tightest_limit() {
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let fine = with_usage(
+            VerifyCode::Valid,
+            report(&[(100, 40, false), (10, 3, false)], None),
+        );
+        let response = respond(Outcome::Verified(&fine), &input);
+        let headers = response_headers(ok(&response));
+        assert_eq!(headers[RATELIMIT_LIMIT], "10");
+        assert_eq!(headers[RATELIMIT_REMAINING], "3");
+        assert_eq!(headers[RATELIMIT_RESET], "11");
+        assert!(!headers.contains_key(RETRY_AFTER));
+        // Not upstream: these are for the client.
+        assert!(!set_headers(ok(&response)).contains_key(RATELIMIT_LIMIT));
+
+        let plain = verified(VerifyCode::Valid, Some(key(None)), &[]);
+        let response = respond(Outcome::Verified(&plain), &input);
+        assert!(ok(&response).response_headers_to_add.is_empty());
+    }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use dashmap::DashMap;
 use metrics::Counter;
-use sea_orm::DbErr;
+use sea_orm::{ConnectionTrait, DbErr};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -391,6 +391,19 @@ impl Meter {
         }
     }
 
+    /// The credits of the key's account this replica holds, of the epoch the key was read
+    /// with, that may still be spent.
+    pub fn held_credits(&self, key: &ApiKey) -> u64 {
+        let Some(credits) = key.credits else {
+            return 0;
+        };
+        self.budgets.get(&key.budgets.credits).map_or(0, |slot| {
+            slot.lock()
+                .budget
+                .held_in(Tag::Epoch(credits.epoch), self.now())
+        })
+    }
+
     /// This replica's estimates after the decision, for the response.
     fn report(&self, key: &ApiKey, decision: Decision) -> UsageReport {
         let now = self.now();
@@ -569,38 +582,18 @@ async fn reserve(
     fleet: Fleet,
     origin: Instant,
 ) -> Result<Reserved, StoreError> {
-    enum Row {
-        Rate(RateRow),
-        Credits(Option<CreditRow>),
-    }
-    let conn = store.connection();
     let sent = mono(origin);
     let started = Instant::now();
     let taken = tokio::time::timeout(RESERVE_TIMEOUT, async {
-        match target {
-            Target::Rate {
-                tenant,
-                limit,
-                period,
-            } => budgets::take_rate(
-                conn,
-                RateAsk {
-                    budget: slot.id.0,
-                    tenant,
-                    period_ms: period.as_millis(),
-                    limit,
-                    need: ask.need,
-                    want: ask.want,
-                },
-            )
-            .await
-            .map(Row::Rate),
-            Target::Credits { account, .. } => {
-                budgets::take_credits(conn, account, ask.need, ask.want, fleet.credit_spread())
-                    .await
-                    .map(Row::Credits)
-            }
+        if store.is_shared() {
+            return take(store.connection(), slot.id, target, ask, fleet).await;
         }
+        // SQLite: the write lock up front (`BEGIN IMMEDIATE`), so that the statement waits
+        // its turn instead of failing when another writer committed since its read began.
+        let txn = store.begin_write().await?;
+        let row = take(&txn, slot.id, target, ask, fleet).await?;
+        txn.commit().await?;
+        Ok(row)
     })
     .await;
     let received = mono(origin);
@@ -654,12 +647,53 @@ async fn reserve(
     result
 }
 
-/// Returns units to the database. The units already left the lease; a statement whose
-/// outcome is unknown is never retried (returning twice would create units).
-async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
-    let conn = store.connection();
-    let kind = target.kind();
-    let result = match (target, back.tag) {
+/// What a take statement returned.
+enum Row {
+    Rate(RateRow),
+    /// `None`: the account is unlimited now.
+    Credits(Option<CreditRow>),
+}
+
+async fn take(
+    conn: &impl ConnectionTrait,
+    id: BudgetId,
+    target: Target,
+    ask: Ask,
+    fleet: Fleet,
+) -> Result<Row, StoreError> {
+    match target {
+        Target::Rate {
+            tenant,
+            limit,
+            period,
+        } => budgets::take_rate(
+            conn,
+            RateAsk {
+                budget: id.0,
+                tenant,
+                period_ms: period.as_millis(),
+                limit,
+                need: ask.need,
+                want: ask.want,
+            },
+        )
+        .await
+        .map(Row::Rate),
+        Target::Credits { account, .. } => {
+            budgets::take_credits(conn, account, ask.need, ask.want, fleet.credit_spread())
+                .await
+                .map(Row::Credits)
+        }
+    }
+}
+
+async fn give_back_statement(
+    conn: &impl ConnectionTrait,
+    id: BudgetId,
+    target: Target,
+    back: GiveBack,
+) -> Result<(), StoreError> {
+    match (target, back.tag) {
         (Target::Credits { account, .. }, Tag::Epoch(epoch)) => {
             budgets::give_back_credits(conn, account, back.units, epoch).await
         }
@@ -668,7 +702,22 @@ async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
         }
         // A tag of the other kind cannot happen; the units are lost, never misfiled.
         _ => Err(corrupt("a give-back of the other kind")),
-    };
+    }
+}
+
+/// Returns units to the database. The units already left the lease; a statement whose
+/// outcome is unknown is never retried (returning twice would create units).
+async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
+    let kind = target.kind();
+    let result = async {
+        if store.is_shared() {
+            return give_back_statement(store.connection(), id, target, back).await;
+        }
+        let txn = store.begin_write().await?;
+        give_back_statement(&txn, id, target, back).await?;
+        txn.commit().await.map_err(StoreError::from)
+    }
+    .await;
     let fate = if result.is_ok() { "given_back" } else { "lost" };
     metrics::counter!("keyplane_usage_units_total", "kind" => kind, "fate" => fate)
         .increment(back.units);

@@ -114,6 +114,11 @@ impl KeyVerifier {
         })
     }
 
+    /// The credits of this key's account that this replica holds and may still spend.
+    pub fn held_credits(&self, key: &ApiKey) -> u64 {
+        self.meter.held_credits(key)
+    }
+
     async fn find(&self, digest: &KeyDigest) -> Result<Option<Arc<ApiKey>>, StoreError> {
         let key = self
             .store
