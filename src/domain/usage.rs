@@ -1473,6 +1473,13 @@ impl Budget {
         });
     }
 
+    /// Drops a remembered refusal, so that the next step asks the database again: after
+    /// the other replicas were asked to return what they hold (a recall), the refusal may
+    /// no longer be the database's word.
+    pub fn forget_refusal(&mut self) {
+        self.refusal = None;
+    }
+
     /// The statement failed, or must be asked again ([`Answer::Again`]). If its outcome is
     /// unknown, whatever it took is lost: never retried blindly, never assumed.
     pub fn failed(&mut self) {

@@ -34,6 +34,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::invalidation::{CHANNEL, Eviction, EvictionSink};
 
+/// The channel of usage-control messages between replicas (a recall of unspent credits).
+/// Apart from the evictions' so that a release that does not know them never hears them
+/// (it would read an unknown eviction payload as "evict everything").
+pub const USAGE_CHANNEL: &str = "keyplane_usage";
+
 /// How often the feed proves to itself that it still delivers.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// How long a heartbeat may take to come back before the feed counts as down.
@@ -83,8 +88,8 @@ impl FeedState {
     }
 }
 
-/// Told about the feed's life and the other replicas' heartbeats it hears: how usage
-/// controls count the replicas sharing the database.
+/// Told about the feed's life, the other replicas' heartbeats it hears (how usage controls
+/// count the replicas sharing the database) and the usage messages on [`USAGE_CHANNEL`].
 pub trait Heartbeats: Send + Sync {
     /// The feed is listening: heartbeats heard from now on are real.
     fn feed_up(&self);
@@ -92,11 +97,14 @@ pub trait Heartbeats: Send + Sync {
     fn feed_down(&self);
     /// Another replica's heartbeat, by its replica id.
     fn heard(&self, replica: &str);
+    /// A message on [`USAGE_CHANNEL`], from any replica (this one included).
+    fn usage_message(&self, payload: &str);
 }
 
 /// What the listening task reports.
 enum Heard {
     Payload(String),
+    Usage(String),
     Lost(String),
 }
 
@@ -149,7 +157,7 @@ async fn listen_once(
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     listener
-        .listen(CHANNEL)
+        .listen_all([CHANNEL, USAGE_CHANNEL])
         .await
         .map_err(|e| format!("LISTEN failed: {e}"))?;
     // Listening from here on: flush what may have changed unseen, then answer again.
@@ -161,6 +169,7 @@ async fn listen_once(
     let listening = tokio::spawn(async move {
         loop {
             let message = match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == USAGE_CHANNEL => Heard::Usage(n.payload().to_owned()),
                 Ok(Some(n)) => Heard::Payload(n.payload().to_owned()),
                 Ok(None) => Heard::Lost("connection closed".into()),
                 Err(e) => Heard::Lost(format!("{e}")),
@@ -186,6 +195,7 @@ async fn listen_once(
                     metrics::counter!("keyplane_invalidations_received_total").increment(1);
                     sink.evict(&Eviction::from_payload(&payload));
                 }
+                Some(Heard::Usage(payload)) => heartbeats.usage_message(&payload),
                 Some(Heard::Lost(why)) => break format!("connection lost: {why}"),
                 None => break "listener stopped".to_owned(),
             },

@@ -23,11 +23,11 @@ use uuid::Uuid;
 use crate::domain::TenantId;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::usage::{
-    Answer, Ask, Budget, BudgetId, Cost, CreditRow, CreditTerms, Fleet, GiveBack, Hold, LimitState,
-    Mono, Peers, Period, RateRow, Step, Tag, Terms,
+    Answer, Ask, Budget, BudgetId, CREDIT_REFUSAL_TTL, Cost, CreditRow, CreditTerms, Fleet,
+    GiveBack, Hold, IDLE, LimitState, Mono, Peers, Period, RateRow, Refused, Step, Tag, Terms,
 };
 use crate::storage::budgets::{self, RateAsk};
-use crate::storage::feed::Heartbeats;
+use crate::storage::feed::{Heartbeats, USAGE_CHANNEL};
 use crate::storage::{Store, StoreError};
 
 /// How often the background task prefetches, gives back and retires.
@@ -40,6 +40,9 @@ const RESERVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A request asks again at most this often when the database answered for an older window
 /// (its clock stepped back) or its holds expired while it waited: then it is UNAVAILABLE.
 const ATTEMPTS: usize = 4;
+/// How long a request the database refused credits waits for the other replicas to return
+/// theirs (a recall) before asking again: a NOTIFY's delivery and a give-back statement.
+const RECALL_WAIT: Duration = Duration::from_millis(50);
 
 /// What a verification decided about usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +124,26 @@ impl Target {
 struct SlotState {
     budget: Budget,
     target: Target,
+    /// A recall is out: refused requests wait until then, and the first to wake asks the
+    /// database again.
+    recall: Option<Mono>,
+    /// When the last recall went out: at most one per [`CREDIT_REFUSAL_TTL`].
+    last_recall: Option<Mono>,
+    /// Since a recall was heard, the account is nearly spent: reserve exactly what each
+    /// request needs until then, so that no replica strands credits again.
+    frugal_until: Option<Mono>,
+}
+
+impl SlotState {
+    /// The fleet to size this budget's reservations by: unknown (exactly the need, no
+    /// prefetch) while frugal.
+    fn sizing(&self, fleet: Fleet, now: Mono) -> Fleet {
+        if self.frugal_until.is_some_and(|until| now < until) {
+            Fleet::UNKNOWN
+        } else {
+            fleet
+        }
+    }
 }
 
 /// One budget of this replica.
@@ -138,6 +161,9 @@ impl Slot {
             state: Mutex::new(SlotState {
                 budget: Budget::new(),
                 target,
+                recall: None,
+                last_recall: None,
+                frugal_until: None,
             }),
             reserved: Notify::new(),
         }
@@ -329,6 +355,7 @@ impl Meter {
         let slot = self.slot(id, target);
         let terms = target.terms();
         let mut agains = 0;
+        let mut waited_for_recall = false;
         loop {
             // Registered before stepping, so that a reservation ending in between still
             // wakes this request.
@@ -340,14 +367,28 @@ impl Meter {
             let step = {
                 let mut state = slot.lock();
                 state.target = target;
-                state.budget.step(cost, &terms, fleet, now)
+                // A recall's wait is over: what the other replicas returned is in the
+                // database now, so its earlier refusal is not its word any more.
+                if state.recall.is_some_and(|until| now >= until) {
+                    state.recall = None;
+                    state.budget.forget_refusal();
+                }
+                let sizing = state.sizing(fleet, now);
+                state.budget.step(cost, &terms, sizing, now)
             };
             match step {
                 Step::Held(hold) => {
                     holds.held.push((slot.clone(), hold));
                     return Ok(Drawn::Held);
                 }
-                Step::Refused(_) => {
+                Step::Refused(why) => {
+                    if !waited_for_recall
+                        && let Some(wait) = self.recall(&slot, target, why, fleet, now)
+                    {
+                        waited_for_recall = true;
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                     metrics::counter!("keyplane_usage_local_refusals_total", "kind" => target.kind())
                         .increment(1);
                     return Ok(Drawn::Refused);
@@ -388,6 +429,60 @@ impl Meter {
                     tokio::time::sleep(until.since(now)).await;
                 }
             }
+        }
+    }
+
+    /// Credits the database refused may sit unspent on other replicas (a lease taken for
+    /// traffic that then stopped). Before a request is answered USAGE_EXCEEDED, the other
+    /// replicas are asked to return what they hold of the account (a NOTIFY), and the
+    /// request waits [`RECALL_WAIT`] and asks the database again. At most one recall per
+    /// budget per [`CREDIT_REFUSAL_TTL`]; refused requests wait for the one that is out.
+    /// `None`: answer the refusal now.
+    fn recall(
+        &self,
+        slot: &Arc<Slot>,
+        target: Target,
+        why: Refused,
+        fleet: Fleet,
+        now: Mono,
+    ) -> Option<Duration> {
+        let alone = !self.shared || fleet.replicas() == Some(1);
+        if alone || why != Refused::Remembered || !matches!(target, Target::Credits { .. }) {
+            return None;
+        }
+        let mut state = slot.lock();
+        if let Some(until) = state.recall {
+            return Some(until.since(now));
+        }
+        if state
+            .last_recall
+            .is_some_and(|t| now.since(t) < CREDIT_REFUSAL_TTL)
+        {
+            return None;
+        }
+        state.recall = Some(now.after(RECALL_WAIT));
+        state.last_recall = Some(now);
+        drop(state);
+        tokio::spawn(send_recall(self.store.clone(), slot.id));
+        Some(RECALL_WAIT)
+    }
+
+    /// Another replica (or this one) recalls a budget: return what this replica holds of
+    /// it, so that the database can grant it to whoever was refused.
+    fn recalled(&self, id: BudgetId) {
+        let Some(slot) = self.budgets.get(&id).map(|s| s.clone()) else {
+            return;
+        };
+        let now = self.now();
+        let fleet = self.fleet(now);
+        let (target, back) = {
+            let mut state = slot.lock();
+            state.frugal_until = Some(now.after(IDLE));
+            (state.target, state.budget.give_back(now, fleet, true))
+        };
+        if let Some(back) = back {
+            metrics::counter!("keyplane_usage_recalls_total", "side" => "returned").increment(1);
+            tokio::spawn(give_back(self.store.clone(), id, target, back));
         }
     }
 
@@ -485,7 +580,8 @@ impl Meter {
                 let mut state = slot.lock();
                 let target = state.target;
                 let terms = target.terms();
-                let prefetch = state.budget.prefetch(&terms, fleet, now);
+                let sizing = state.sizing(fleet, now);
+                let prefetch = state.budget.prefetch(&terms, sizing, now);
                 let back = state.budget.give_back(now, fleet, false);
                 let lost = state.budget.take_lost();
                 (target, prefetch, back, lost, state.budget.is_retirable(now))
@@ -557,6 +653,50 @@ impl Heartbeats for Meter {
     fn heard(&self, replica: &str) {
         let now = self.now();
         self.peers().heard(replica, now);
+    }
+
+    fn usage_message(&self, payload: &str) {
+        if let Some(id) = payload.strip_prefix(RECALL).and_then(parse_budget) {
+            self.recalled(id);
+        }
+    }
+}
+
+/// The payload prefix of a recall on the usage channel; the budget id follows in hex.
+const RECALL: &str = "recall:";
+
+fn parse_budget(hex: &str) -> Option<BudgetId> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(BudgetId(id))
+}
+
+fn budget_hex(id: BudgetId) -> String {
+    id.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asks every replica to return what it holds of a budget (PostgreSQL only: SQLite is one
+/// process). Best effort: a recall that is lost only means a refusal stands.
+async fn send_recall(store: Store, id: BudgetId) {
+    metrics::counter!("keyplane_usage_recalls_total", "side" => "sent").increment(1);
+    let sent = store
+        .connection()
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [
+                USAGE_CHANNEL.into(),
+                format!("{RECALL}{}", budget_hex(id)).into(),
+            ],
+        ))
+        .await;
+    if let Err(err) = sent {
+        tracing::debug!(error = %err, "could not recall a usage budget");
     }
 }
 
@@ -891,6 +1031,14 @@ mod tests {
             decisions(&meter, &k, 1, 2).await,
             [Admitted, RateLimited(0)]
         );
+    }
+
+    #[test]
+    fn recalls_name_budgets_in_hex() {
+        let id = BudgetId::credits(TenantId::new(Uuid::now_v7()), Uuid::now_v7());
+        assert_eq!(parse_budget(&budget_hex(id)), Some(id));
+        assert_eq!(parse_budget("xy"), None);
+        assert_eq!(parse_budget(&"g".repeat(64)), None);
     }
 
     #[tokio::test]
