@@ -278,9 +278,12 @@ impl Application {
         };
         tokio::pin!(serve);
 
+        // When the grace period ends, once shutdown has begun.
+        let mut grace_ends = None;
         let result = tokio::select! {
             result = &mut serve => result.context("the server stopped"),
             _ = shutdown => {
+                grace_ends = Some(tokio::time::Instant::now() + self.settings.shutdown_grace);
                 tracing::info!("shutting down: reporting NOT_SERVING and draining");
                 stop_monitor.cancel();
                 let _ = monitor.await;
@@ -296,11 +299,16 @@ impl Application {
             }
         };
         stop_reload.cancel();
-        // In-flight calls are done: hand every usage lease back to the other replicas,
-        // within the grace (what does not make it is lost, as with a crash, never created).
+        // In-flight calls are done: hand every usage lease back to the other replicas, in
+        // what is left of the grace period (at least a moment: the statements take
+        // milliseconds). What does not make it is lost, as with a crash, never created.
         stop_meter.cancel();
         let _ = meter.await;
-        if tokio::time::timeout(self.settings.shutdown_grace, self.meter.give_back_all())
+        let left = grace_ends.map_or(self.settings.shutdown_grace, |end| {
+            end.saturating_duration_since(tokio::time::Instant::now())
+        });
+        let left = left.max(std::time::Duration::from_secs(1));
+        if tokio::time::timeout(left, self.meter.give_back_all())
             .await
             .is_err()
         {
