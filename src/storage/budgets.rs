@@ -469,7 +469,8 @@ pub(crate) mod tests {
                 .ok()
                 .filter(|u| !u.is_empty())?;
             let admin = connect(&admin_url).await.unwrap();
-            let name = format!("keyplane_unit_{}", Uuid::now_v7().simple());
+            // kp_test_: CI drops leftover test databases by that prefix.
+            let name = format!("kp_test_unit_{}", Uuid::now_v7().simple());
             admin
                 .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
                 .await
