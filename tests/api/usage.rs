@@ -175,15 +175,29 @@ async fn cost_zero_spends_nothing_and_a_failed_check_spends_nothing(backend: Bac
 
 async fn rate_limits_admit_their_limit_and_spend_no_credits_when_refusing(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) =
-        metered_key(&app, "", vec![limit("per-month", 3, LONG, false)], Some(10), None).await;
+    let (key, secret) = metered_key(
+        &app,
+        "",
+        vec![limit("per-month", 3, LONG, false)],
+        Some(10),
+        None,
+    )
+    .await;
     let seen = codes(&app, &secret, 6).await;
     assert_eq!(count(&seen, pb::VerifyCode::Valid), 3, "{seen:?}");
     assert_eq!(count(&seen, pb::VerifyCode::RateLimited), 3, "{seen:?}");
-    assert_eq!(&seen[..3], [pb::VerifyCode::Valid; 3], "the first three pass");
+    assert_eq!(
+        &seen[..3],
+        [pb::VerifyCode::Valid; 3],
+        "the first three pass"
+    );
     let refused = verify_cost(&app, &secret, None).await;
     assert_eq!(refused.code(), pb::VerifyCode::RateLimited);
-    assert_eq!(refused.remaining_uses, Some(7), "a RATE_LIMITED request spends no credits");
+    assert_eq!(
+        refused.remaining_uses,
+        Some(7),
+        "a RATE_LIMITED request spends no credits"
+    );
     let state = &refused.rate_limits[0];
     assert_eq!(state.name, "per-month");
     assert_eq!(state.limit, 3);
@@ -251,11 +265,18 @@ async fn adjusting_credits_during_spending_loses_no_increment(backend: Backend) 
         })
     });
     let (spent, adjusted) = tokio::join!(join_all(spends), join_all(adjusts));
-    assert!(adjusted.into_iter().all(|r| r.unwrap()), "every adjustment applied");
+    assert!(
+        adjusted.into_iter().all(|r| r.unwrap()),
+        "every adjustment applied"
+    );
     let mut codes: Vec<pb::VerifyCode> = spent.into_iter().map(|r| r.unwrap()).collect();
     // Whatever was not spent during the race is spent now.
     codes.extend(self::codes(&app, &secret, 250).await);
-    assert_eq!(count(&codes, pb::VerifyCode::Valid), 200, "100 + 10 × 10, exactly");
+    assert_eq!(
+        count(&codes, pb::VerifyCode::Valid),
+        200,
+        "100 + 10 × 10, exactly"
+    );
     assert_eq!(
         count(&codes, pb::VerifyCode::UsageExceeded),
         codes.len() - 200
@@ -360,16 +381,26 @@ async fn updates_set_and_clear_credits_and_limits(backend: Backend) {
         .unwrap()
         .audit_events;
     let fields: Vec<Vec<String>> = events.iter().map(|e| e.changed_fields.clone()).collect();
-    assert!(fields.contains(&vec!["rate_limits".to_owned()]), "{fields:?}");
-    assert!(fields.contains(&vec!["remaining_uses".to_owned()]), "{fields:?}");
+    assert!(
+        fields.contains(&vec!["rate_limits".to_owned()]),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&vec!["remaining_uses".to_owned()]),
+        "{fields:?}"
+    );
 }
 
-async fn rotation_carries_limits_and_credits_and_the_predecessor_stops_spending(
-    backend: Backend,
-) {
+async fn rotation_carries_limits_and_credits_and_the_predecessor_stops_spending(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) =
-        metered_key(&app, "", vec![limit("month", 100, LONG, false)], Some(10), None).await;
+    let (key, secret) = metered_key(
+        &app,
+        "",
+        vec![limit("month", 100, LONG, false)],
+        Some(10),
+        None,
+    )
+    .await;
     assert_eq!(
         count(&codes(&app, &secret, 3).await, pb::VerifyCode::Valid),
         3
@@ -388,7 +419,11 @@ async fn rotation_carries_limits_and_credits_and_the_predecessor_stops_spending(
     assert_eq!(successor.rate_limits, key.rate_limits, "limits carried");
     assert_eq!(successor.remaining_uses, Some(7), "credits carried");
     let old = verify_cost(&app, &secret, Some(1)).await;
-    assert_eq!(old.code(), pb::VerifyCode::UsageExceeded, "the predecessor stops spending");
+    assert_eq!(
+        old.code(),
+        pb::VerifyCode::UsageExceeded,
+        "the predecessor stops spending"
+    );
     let new = codes(&app, &rotated.secret, 8).await;
     assert_eq!(count(&new, pb::VerifyCode::Valid), 7, "{new:?}");
 }
@@ -407,7 +442,9 @@ async fn usage_settings_are_validated_field_by_field(backend: Backend) {
             .await
         }
     };
-    let nine = (0..9).map(|i| limit(&format!("l{i}"), 1, 60, false)).collect();
+    let nine = (0..9)
+        .map(|i| limit(&format!("l{i}"), 1, 60, false))
+        .collect();
     assert_invalid(
         create(pb::CreateApiKeyRequest {
             rate_limits: nine,
@@ -482,5 +519,9 @@ async fn refill_sets_the_balance_at_its_interval(backend: Backend) {
     tokio::time::sleep(Duration::from_secs(61)).await;
     let r = verify_cost(&app, &secret, None).await;
     assert_eq!(r.code(), pb::VerifyCode::Valid);
-    assert_eq!(r.remaining_uses, Some(4), "set to 5, then 1 spent: not 2 + 5");
+    assert_eq!(
+        r.remaining_uses,
+        Some(4),
+        "set to 5, then 1 spent: not 2 + 5"
+    );
 }
