@@ -208,7 +208,8 @@ SETUP_OUT=$("$BIN/setup" --addr "127.0.0.1:$KP_PORT" create --scope "$SCOPE") ||
   { cat "$WORK/keyplane.log" >&2; die "setup failed"; }
 WORKSPACE_ID=$(sed -n 's/^WORKSPACE_ID=//p' <<<"$SETUP_OUT")
 BENCH_KEY=$(sed -n 's/^KEY=//p' <<<"$SETUP_OUT")
-export BENCH_KEY
+BENCH_METERED_KEY=$(sed -n 's/^METERED_KEY=//p' <<<"$SETUP_OUT")
+export BENCH_KEY BENCH_METERED_KEY
 "$BIN/payloads" --scope "$SCOPE" --out "$WORK" >/dev/null
 
 probe() { # probe KIND PORT: 0 success, 3 UNIMPLEMENTED
@@ -237,6 +238,13 @@ log "VerifyApiKey: latency at $HALF req/s offered"
 LAT=$(latency verify "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin" "$HALF")
 read -r V_LAT_OFF V_LAT_CAR V_P50 V_P90 V_P99 V_MAX <<<"$LAT"
 probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
+
+# ---------------------------------------------------------------- VerifyApiKey, metered key
+log "VerifyApiKey of a key with a rate limit and credits: probe, ${DURATION}s throughput"
+"$BIN/setup" --addr "127.0.0.1:$KP_PORT" probe --kind verify --payload "$WORK/verify_metered.bin" >&2 ||
+  die "the metered VerifyApiKey probe did not answer VALID"
+METERED_RPS=$(throughput verify_metered "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
+echo "VerifyApiKey, metered key: $METERED_RPS req/s" >&2
 
 # ---------------------------------------------------------------- Check
 log "Check: probe"
@@ -399,6 +407,7 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 <=
 V_RATIO=$(ratio "$VERIFY_RPS" "$ECHO_RPS")
 C_RATIO=$(ratio "$CHECK_RPS" "$ECHO_RPS")
 V_OK=$(ge "$(awk -v a="$VERIFY_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.90)
+M_OK=$(ge "$(awk -v a="$METERED_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.80)
 if [ -n "$CHECK_RPS" ]; then
   C_OK=$(ge "$(awk -v a="$CHECK_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.85)
   C_VERDICT=$(met "$C_OK")
@@ -436,6 +445,7 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "|---|---:|---:|---|---|"
   echo "| echo (bare tonic, the ceiling) | $ECHO_RPS | 100% | | |"
   echo "| VerifyApiKey ($VERIFY_LABEL) | $VERIFY_RPS | $V_RATIO | ≥ 90% | $(met "$V_OK") |"
+  echo "| VerifyApiKey, key with a rate limit and credits | $METERED_RPS | $(ratio "$METERED_RPS" "$ECHO_RPS") | ≥ 80% | $(met "$M_OK") |"
   if [ -n "$CHECK_RPS" ]; then
     echo "| Check (Envoy ext_authz) | $CHECK_RPS | $C_RATIO | ≥ 85% | $C_VERDICT |"
   else

@@ -130,7 +130,7 @@ pub fn request(data: &[u8]) {
             }
         };
     }
-    match kind % 12 {
+    match kind % 13 {
         0 => drop(workspaces::parse_create(
             decode!(pb::CreateWorkspaceRequest),
             "fuzz",
@@ -152,6 +152,7 @@ pub fn request(data: &[u8]) {
         7 => {
             let r = decode!(pb::VerifyApiKeyRequest);
             let _ = api_keys::parse_required_scopes(&r.required_scopes);
+            let _ = api_keys::parse_cost(r.cost);
             let _ = ApiKeySecret::parse(&r.key);
         }
         8 => drop(convert::parse_id(
@@ -168,10 +169,13 @@ pub fn request(data: &[u8]) {
             let _ = convert::parse_id("workspace_id", &r.workspace_id);
             let _ = codec().decode::<uuid::Uuid>(&r.page_token, &list());
         }
-        _ => {
+        11 => {
             let r = decode!(pb::ListApiKeysRequest);
             let _ = convert::parse_id("workspace_id", &r.workspace_id);
             let _ = PageSize::parse(r.page_size);
         }
+        _ => drop(api_keys::parse_adjust(&decode!(
+            pb::AdjustApiKeyCreditsRequest
+        ))),
     }
 }

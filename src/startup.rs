@@ -41,6 +41,7 @@ use crate::telemetry::redact_url;
 use crate::tls::{self, Tls};
 use crate::verification::KeyVerifier;
 use crate::verification::cache::VerificationCache;
+use crate::verification::meter::Meter;
 
 /// Streams one HTTP/2 connection may open at once: enough for any real client, and a
 /// bound on what one connection can make the server hold.
@@ -59,6 +60,8 @@ pub struct Application {
     api: KeyplaneApi,
     auth: Authenticator,
     usage: Arc<UsageRecorder>,
+    /// Rate limits and credits: this replica's leases.
+    meter: Arc<Meter>,
     health: HealthReporter,
     /// TLS on the gRPC port, when configured.
     tls: Option<Arc<Tls>>,
@@ -131,7 +134,8 @@ impl Application {
         ));
         let store = store.with_evictions(cache.clone());
         let usage = Arc::new(UsageRecorder::default());
-        let verifier = KeyVerifier::new(store.clone(), cache.clone(), usage.clone());
+        let meter = Arc::new(Meter::new(store.clone()));
+        let verifier = KeyVerifier::new(store.clone(), cache.clone(), usage.clone(), meter.clone());
         let auth = Authenticator::new(jwt, verifier.clone());
         let api = KeyplaneApi::new(store.clone(), verifier, pages);
 
@@ -158,6 +162,7 @@ impl Application {
             api,
             auth,
             usage,
+            meter,
             health,
             tls,
         })
@@ -196,6 +201,8 @@ impl Application {
                 stop_pruning.clone(),
             ))
         });
+        let stop_meter = CancellationToken::new();
+        let meter = tokio::spawn(self.meter.clone().run(stop_meter.clone()));
         let stop_feed = CancellationToken::new();
         let feed = self.feed.clone().map(|(state, cache)| {
             tokio::spawn(feed::run(
@@ -203,6 +210,7 @@ impl Application {
                 self.store.connection().clone(),
                 cache,
                 state,
+                self.meter.clone(),
                 stop_feed.clone(),
             ))
         });
@@ -270,9 +278,12 @@ impl Application {
         };
         tokio::pin!(serve);
 
+        // When the grace period ends, once shutdown has begun.
+        let mut grace_ends = None;
         let result = tokio::select! {
             result = &mut serve => result.context("the server stopped"),
             _ = shutdown => {
+                grace_ends = Some(tokio::time::Instant::now() + self.settings.shutdown_grace);
                 tracing::info!("shutting down: reporting NOT_SERVING and draining");
                 stop_monitor.cancel();
                 let _ = monitor.await;
@@ -288,6 +299,21 @@ impl Application {
             }
         };
         stop_reload.cancel();
+        // In-flight calls are done: hand every usage lease back to the other replicas, in
+        // what is left of the grace period (at least a moment: the statements take
+        // milliseconds). What does not make it is lost, as with a crash, never created.
+        stop_meter.cancel();
+        let _ = meter.await;
+        let left = grace_ends.map_or(self.settings.shutdown_grace, |end| {
+            end.saturating_duration_since(tokio::time::Instant::now())
+        });
+        let left = left.max(std::time::Duration::from_secs(1));
+        if tokio::time::timeout(left, self.meter.give_back_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not give every usage lease back within the grace period");
+        }
         stop_pruning.cancel();
         if let Some(pruner) = pruner {
             let _ = pruner.await;

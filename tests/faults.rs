@@ -155,6 +155,7 @@ async fn postgres_going_away() {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: vec![],
+                cost: None,
             })
             .await;
         assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");

@@ -77,6 +77,7 @@ async fn postgres_stopped_mid_run() {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: "kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5".into(),
                 required_scopes: vec![],
+                cost: None,
             })
             .await;
         assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");

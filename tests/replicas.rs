@@ -53,6 +53,7 @@ async fn verify_on(
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.into(),
             required_scopes: strings(required),
+            cost: None,
         })
         .await
         .expect("verify")

@@ -383,6 +383,7 @@ async fn verify_on(replica: &Replica, cred: &Cred, secret: &str) -> pb::VerifyCo
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.into(),
             required_scopes: strings(&["crm:read"]),
+            cost: None,
         })
         .await
         .expect("verify")

@@ -69,6 +69,7 @@ pub fn verify_request(key: &str, scopes: &[String]) -> kp::VerifyApiKeyRequest {
     kp::VerifyApiKeyRequest {
         key: key.to_owned(),
         required_scopes: scopes.to_vec(),
+        cost: None,
     }
 }
 

@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_init;
 mod m20261125_000002_audit_log;
 mod m20261125_000003_api_keys_fillfactor;
+mod m20261125_000004_usage_controls;
 
 /// Runs all keyplane schema migrations in order.
 pub struct Migrator;
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_init::Migration),
             Box::new(m20261125_000002_audit_log::Migration),
             Box::new(m20261125_000003_api_keys_fillfactor::Migration),
+            Box::new(m20261125_000004_usage_controls::Migration),
         ]
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::domain::audit::{Actor, ActorKind};
 use crate::domain::records::VerifyCode;
 use crate::domain::scope::{BuiltinScope, ScopeString};
+use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
 use crate::storage::StoreError;
 use crate::verification::KeyVerifier;
@@ -200,7 +201,14 @@ impl Authenticator {
     async fn admin_key(&self, presented: &str) -> Result<Caller, AuthError> {
         let verification = self
             .keys
-            .verify(TenantAccess::Any, presented, &[] as &[ScopeString])
+            // keyplane's own API is not the metered service: checking an admin key spends
+            // nothing from its rate limits or credits.
+            .verify(
+                TenantAccess::Any,
+                presented,
+                &[] as &[ScopeString],
+                Cost::FREE,
+            )
             .await?;
         match (verification.code, verification.key) {
             (VerifyCode::Valid, Some(key)) => Ok(Caller {

@@ -109,10 +109,11 @@ pub enum AuditAction {
     ApiKeyRevoke,
     ApiKeyRotate,
     ApiKeyDelete,
+    ApiKeyAdjustCredits,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 11] = [
+    pub const ALL: [AuditAction; 12] = [
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
         AuditAction::WorkspaceDelete,
@@ -124,6 +125,7 @@ impl AuditAction {
         AuditAction::ApiKeyRevoke,
         AuditAction::ApiKeyRotate,
         AuditAction::ApiKeyDelete,
+        AuditAction::ApiKeyAdjustCredits,
     ];
 
     /// The stored name; part of the canonical bytes, so never change one.
@@ -140,6 +142,7 @@ impl AuditAction {
             AuditAction::ApiKeyRevoke => "api_key.revoke",
             AuditAction::ApiKeyRotate => "api_key.rotate",
             AuditAction::ApiKeyDelete => "api_key.delete",
+            AuditAction::ApiKeyAdjustCredits => "api_key.adjust_credits",
         }
     }
 
@@ -152,9 +155,8 @@ impl AuditAction {
         match self {
             WorkspaceCreate | WorkspaceUpdate | WorkspaceDelete => ResourceType::Workspace,
             ScopeCreate | ScopeUpdate | ScopeDelete => ResourceType::Scope,
-            ApiKeyCreate | ApiKeyUpdate | ApiKeyRevoke | ApiKeyRotate | ApiKeyDelete => {
-                ResourceType::ApiKey
-            }
+            ApiKeyCreate | ApiKeyUpdate | ApiKeyRevoke | ApiKeyRotate | ApiKeyDelete
+            | ApiKeyAdjustCredits => ResourceType::ApiKey,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod records;
 pub mod rules;
 pub mod scope;
 pub mod update;
+pub mod usage;
 pub mod validate;
 
 use std::fmt;

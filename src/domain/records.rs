@@ -10,6 +10,8 @@ use super::key::{KeyDigest, KeyPrefix, masked_key};
 use super::rules::{GracePeriod, Retirement, RuleViolation};
 use super::scope::{self, BuiltinScope, ScopeString};
 use super::update::{Patch, Revisioned, named, set};
+use super::usage::{Budgets, CreditLimit, CreditPatch, Credits, RateLimits};
+use super::validate::Validator;
 
 /// Labels or metadata, kept sorted so responses and etags are stable.
 pub type StringMap = BTreeMap<String, String>;
@@ -257,6 +259,16 @@ pub struct ApiKey {
     pub revision: i64,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
+    /// Checked in this order, before credits.
+    pub rate_limits: RateLimits,
+    /// The credit account; `None`: unlimited.
+    pub credits: Option<Credits>,
+    /// The credit account and key-budget subject: the key's own id, or its rotation
+    /// predecessor's usage id (see `domain::usage::usage_id`).
+    pub usage_id: Uuid,
+    /// The budgets the key draws from; [`ApiKey::bind_budgets`] keeps them in step with
+    /// the fields they derive from.
+    pub budgets: Budgets,
 }
 
 /// The outcome of checking a key, in the order the checks run.
@@ -269,11 +281,15 @@ pub enum VerifyCode {
     Expired,
     Disabled,
     InsufficientScopes,
+    /// A rate limit has no room for the request's cost.
+    RateLimited,
+    /// The credits are fewer than the request's cost.
+    UsageExceeded,
 }
 
 impl VerifyCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [VerifyCode; 7] = [
+    pub const ALL: [VerifyCode; 9] = [
         VerifyCode::Valid,
         VerifyCode::Malformed,
         VerifyCode::NotFound,
@@ -281,6 +297,8 @@ impl VerifyCode {
         VerifyCode::Expired,
         VerifyCode::Disabled,
         VerifyCode::InsufficientScopes,
+        VerifyCode::RateLimited,
+        VerifyCode::UsageExceeded,
     ];
 }
 
@@ -345,6 +363,22 @@ impl ApiKey {
         ))
     }
 
+    /// Whether verifying this key spends anything: rate limits or credits.
+    pub fn has_usage_controls(&self) -> bool {
+        !self.rate_limits.is_empty() || self.credits.is_some()
+    }
+
+    /// Recomputes the budget ids from the fields they derive from (tenant, usage id, owner,
+    /// limits): after a read, and after a patch.
+    pub fn bind_budgets(&mut self) {
+        self.budgets = Budgets::of(
+            self.tenant_id,
+            self.usage_id,
+            self.owner_id.as_deref(),
+            &self.rate_limits,
+        );
+    }
+
     /// The built-in scopes this key grants (what it may do as an admin key).
     pub fn builtin_scopes(&self) -> impl Iterator<Item = BuiltinScope> + '_ {
         self.scopes.iter().filter_map(|s| BuiltinScope::parse(s))
@@ -362,6 +396,9 @@ pub struct NewApiKey {
     pub metadata: StringMap,
     pub expire_time: Option<DateTime<Utc>>,
     pub request_id: Option<Uuid>,
+    pub rate_limits: RateLimits,
+    /// `None`: unlimited.
+    pub credits: Option<CreditLimit>,
 }
 
 impl NewApiKey {
@@ -376,6 +413,9 @@ impl NewApiKey {
             ("owner_id", self.owner_id.is_some()),
             ("metadata", !self.metadata.is_empty()),
             ("expire_time", self.expire_time.is_some()),
+            ("rate_limits", !self.rate_limits.is_empty()),
+            ("remaining_uses", self.credits.is_some()),
+            ("refill", self.credits.is_some_and(|c| c.refill.is_some())),
         ])
     }
 }
@@ -388,11 +428,17 @@ pub struct ApiKeyPatch {
     pub metadata: Option<StringMap>,
     pub expire_time: Option<Option<DateTime<Utc>>>,
     pub disabled: Option<bool>,
+    pub rate_limits: Option<RateLimits>,
+    /// `remaining_uses` and `refill`, written to the credit account by storage (which
+    /// knows the database clock the refill is scheduled on).
+    pub credits: CreditPatch,
 }
 
 impl Patch for ApiKeyPatch {
     type Target = ApiKey;
 
+    /// Everything but the credit account, which storage writes (and reads back) in the
+    /// same transaction; the rules about it are checked here, against the key as it is.
     fn apply(&self, k: &mut ApiKey) -> Result<(), RuleViolation> {
         set(&mut k.name, &self.name);
         if let Some(scopes) = &self.scopes {
@@ -403,6 +449,20 @@ impl Patch for ApiKeyPatch {
         set(&mut k.metadata, &self.metadata);
         set(&mut k.expire_time, &self.expire_time);
         set(&mut k.disabled, &self.disabled);
+        set(&mut k.rate_limits, &self.rate_limits);
+        let mut v = Validator::new();
+        // A shared limit needs an owner on the key as it will be.
+        if self.rate_limits.is_some() || self.owner_id.is_some() {
+            k.rate_limits
+                .check_owner(&mut v, "api_key.rate_limits", k.owner_id.as_deref());
+        }
+        let refill = k.credits.and_then(|c| c.refill);
+        v.check(
+            "api_key.refill",
+            self.credits.apply(k.credits.is_some(), refill),
+        );
+        v.finish(|| ()).map_err(RuleViolation::Invalid)?;
+        k.bind_budgets();
         Ok(())
     }
 
@@ -414,6 +474,9 @@ impl Patch for ApiKeyPatch {
             ("metadata", self.metadata.is_some()),
             ("expire_time", self.expire_time.is_some()),
             ("disabled", self.disabled.is_some()),
+            ("rate_limits", self.rate_limits.is_some()),
+            ("remaining_uses", self.credits.remaining.is_some()),
+            ("refill", self.credits.refill.is_some()),
         ])
     }
 }
@@ -465,6 +528,15 @@ mod tests {
             revision: 1,
             create_time: now,
             update_time: now,
+            rate_limits: RateLimits::default(),
+            credits: None,
+            usage_id: Uuid::nil(),
+            budgets: Budgets::of(
+                TenantId::new(Uuid::nil()),
+                Uuid::nil(),
+                None,
+                &RateLimits::default(),
+            ),
         }
     }
 

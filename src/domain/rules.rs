@@ -3,6 +3,7 @@
 use chrono::{DateTime, Duration, Utc};
 
 use super::scope::ScopeString;
+use super::validate::ValidationError;
 
 /// Why the domain refused a well-formed request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +22,12 @@ pub enum RuleViolation {
     BuiltinReadOnly,
     #[error("scope {0} is a built-in scope")]
     BuiltinExists(ScopeString),
+    /// Fields that are invalid given the stored state (a shared rate limit on a key
+    /// without an owner): reported like any invalid field.
+    #[error(transparent)]
+    Invalid(ValidationError),
+    #[error("the key has no remaining_uses to adjust: its credits are unlimited")]
+    CreditsUnlimited,
 }
 
 /// How long a rotated key keeps working: 0 (revoked at once) up to [`GracePeriod::MAX`].

@@ -7,10 +7,11 @@ use super::convert::{self, Patchable, RequestCheck};
 use super::{KeyplaneApi, acting, caller};
 use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
-use crate::domain::records::{ApiKeyPatch, NewApiKey, VerifyCode};
+use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
 use crate::domain::update::Update;
+use crate::domain::usage::{self, Cost, CreditDelta, CreditLimit};
 use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
 use crate::storage::ApiKeyFilter;
@@ -45,6 +46,16 @@ pub fn parse_create(
         .as_ref()
         .and_then(|t| v.future_time("expire_time", t, now));
     let request_id = convert::request_id(&mut v, &r.request_id);
+    let limit_inputs = convert::rate_limit_inputs(&r.rate_limits);
+    let rate_limits = usage::rate_limits(&mut v, "rate_limits", &limit_inputs);
+    usage::check_shared_owner(&mut v, "rate_limits", &limit_inputs, owner_id.as_deref());
+    let remaining = r
+        .remaining_uses
+        .and_then(|n| v.check("remaining_uses", usage::remaining_uses(n)));
+    let refill = r
+        .refill
+        .as_ref()
+        .and_then(|f| convert::refill(&mut v, "refill", f));
     v.finish(|| NewApiKey {
         workspace_id: workspace_id.unwrap_or_default(),
         name,
@@ -54,6 +65,8 @@ pub fn parse_create(
         metadata,
         expire_time,
         request_id,
+        rate_limits: rate_limits.unwrap_or_default(),
+        credits: CreditLimit::on_create(remaining, refill),
     })
 }
 
@@ -67,6 +80,9 @@ impl Patchable for pb::ApiKey {
         "metadata",
         "expire_time",
         "disabled",
+        "rate_limits",
+        "remaining_uses",
+        "refill",
     ];
     const OUTPUT_ONLY: &'static [&'static str] = &[
         "id",
@@ -94,6 +110,9 @@ impl Patchable for pb::ApiKey {
             "metadata" => !self.metadata.is_empty(),
             "expire_time" => self.expire_time.is_some(),
             "disabled" => self.disabled,
+            "rate_limits" => !self.rate_limits.is_empty(),
+            "remaining_uses" => self.remaining_uses.is_some(),
+            "refill" => self.refill.is_some(),
             _ => false,
         }
     }
@@ -116,6 +135,28 @@ impl Patchable for pb::ApiKey {
                 )
             }
             "disabled" => patch.disabled = Some(self.disabled),
+            // Empty: no rate limits. Invalid: the violations end the request.
+            "rate_limits" => {
+                patch.rate_limits = usage::rate_limits(
+                    v,
+                    "api_key.rate_limits",
+                    &convert::rate_limit_inputs(&self.rate_limits),
+                )
+            }
+            // Named in the mask but absent: unlimited.
+            "remaining_uses" => {
+                patch.credits.remaining = Some(
+                    self.remaining_uses
+                        .and_then(|n| v.check("api_key.remaining_uses", usage::remaining_uses(n))),
+                )
+            }
+            "refill" => {
+                patch.credits.refill = Some(
+                    self.refill
+                        .as_ref()
+                        .and_then(|f| convert::refill(v, "api_key.refill", f)),
+                )
+            }
             _ => {}
         }
     }
@@ -143,11 +184,47 @@ pub fn parse_rotate(r: pb::RotateApiKeyRequest) -> Result<(Uuid, GracePeriod), V
     v.finish(|| (id.unwrap_or_default(), grace.unwrap_or(GracePeriod::NONE)))
 }
 
+/// Parses and validates an adjustment: the id and a delta that is not 0 and at most 10^15
+/// either way.
+pub fn parse_adjust(
+    r: &pb::AdjustApiKeyCreditsRequest,
+) -> Result<(Uuid, CreditDelta), ValidationError> {
+    let mut v = Validator::new();
+    let id = v.id("id", &r.id);
+    let delta = v.check("delta", CreditDelta::parse(r.delta));
+    v.finish(|| (id.unwrap_or_default(), delta.unwrap_or(CreditDelta::ONE)))
+}
+
+/// A verification's cost: absent is 1; 0 to 1000.
+pub fn parse_cost(cost: Option<i32>) -> Result<Cost, ValidationError> {
+    let mut v = Validator::new();
+    let cost = v.check("cost", Cost::parse(cost.map(i64::from)));
+    v.finish(|| cost.unwrap_or_default())
+}
+
 /// The scopes a verification requires.
 pub fn parse_required_scopes(scopes: &[String]) -> Result<Vec<ScopeString>, ValidationError> {
     let mut v = Validator::new();
     let required = v.scopes("required_scopes", scopes);
     v.finish(|| required)
+}
+
+impl KeyplaneApi {
+    /// A key read from the database as a message. Its `remaining_uses` is the stored
+    /// balance no replica has reserved, plus what this replica holds and may still spend:
+    /// exact on one replica, and never above the truth with several (the others' leases are
+    /// not counted).
+    fn api_key(&self, key: ApiKey) -> pb::ApiKey {
+        let held = self.verifier.held_credits(&key);
+        let mut message = pb::ApiKey::from(key);
+        if held > 0 {
+            message.remaining_uses = message.remaining_uses.map(|r| {
+                r.saturating_add(i64::try_from(held).unwrap_or(i64::MAX))
+                    .min(i64::try_from(usage::CREDITS_MAX).unwrap_or(i64::MAX))
+            });
+        }
+        message
+    }
 }
 
 #[tonic::async_trait]
@@ -161,7 +238,7 @@ impl ApiKeyService for KeyplaneApi {
         caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
         let (key, secret) = self.store.create_api_key(&acting, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
             secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
         }))
     }
@@ -174,7 +251,7 @@ impl ApiKeyService for KeyplaneApi {
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let key = self.store.get_api_key(tenant, id).await?;
         Ok(Response::new(pb::GetApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -205,7 +282,7 @@ impl ApiKeyService for KeyplaneApi {
             .await?;
         let next_page_token = self.next_token(&page, |k| k.id, &list);
         Ok(Response::new(pb::ListApiKeysResponse {
-            api_keys: page.items.into_iter().map(Into::into).collect(),
+            api_keys: page.items.into_iter().map(|k| self.api_key(k)).collect(),
             next_page_token,
         }))
     }
@@ -221,7 +298,7 @@ impl ApiKeyService for KeyplaneApi {
         }
         let key = self.store.update(&acting, update).await?;
         Ok(Response::new(pb::UpdateApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -233,7 +310,7 @@ impl ApiKeyService for KeyplaneApi {
         let id = convert::parse_id("id", &request.get_ref().id)?;
         let key = self.store.revoke_api_key(&acting, id).await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
-            api_key: Some(key.into()),
+            api_key: Some(self.api_key(key)),
         }))
     }
 
@@ -249,7 +326,7 @@ impl ApiKeyService for KeyplaneApi {
         caller.may_grant(current.scopes.iter().map(String::as_str))?;
         let rotated = self.store.rotate_api_key(&acting, id, grace).await?;
         Ok(Response::new(pb::RotateApiKeyResponse {
-            api_key: Some(rotated.key.into()),
+            api_key: Some(self.api_key(rotated.key)),
             secret: rotated.secret.expose().to_owned(),
         }))
     }
@@ -264,6 +341,21 @@ impl ApiKeyService for KeyplaneApi {
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
     }
 
+    async fn adjust_api_key_credits(
+        &self,
+        request: Request<pb::AdjustApiKeyCreditsRequest>,
+    ) -> Result<Response<pb::AdjustApiKeyCreditsResponse>, Status> {
+        let (_, acting) = acting(&request)?;
+        let (id, delta) = parse_adjust(request.get_ref())?;
+        let key = self
+            .store
+            .adjust_api_key_credits(&acting, id, delta)
+            .await?;
+        Ok(Response::new(pb::AdjustApiKeyCreditsResponse {
+            api_key: Some(self.api_key(key)),
+        }))
+    }
+
     async fn verify_api_key(
         &self,
         request: Request<pb::VerifyApiKeyRequest>,
@@ -271,13 +363,21 @@ impl ApiKeyService for KeyplaneApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let required = parse_required_scopes(&r.required_scopes)?;
+        let cost = parse_cost(r.cost)?;
         let outcome = self
             .verifier
-            .verify(caller.access, &r.key, &required)
+            .verify(caller.access, &r.key, &required, cost)
             .await?;
         self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();
-        let api_key: Option<pb::ApiKey> = outcome.key.as_deref().map(Into::into);
+        let mut api_key: Option<pb::ApiKey> = outcome.key.as_deref().map(Into::into);
+        // The cached key's balance is as old as the cache entry: the estimate is fresher.
+        if let (Some(key), Some(credits)) = (
+            api_key.as_mut(),
+            outcome.usage.as_ref().and_then(|u| u.credits),
+        ) {
+            key.remaining_uses = Some(i64::try_from(credits.remaining).unwrap_or(i64::MAX));
+        }
         Ok(Response::new(pb::VerifyApiKeyResponse {
             valid: outcome.code == VerifyCode::Valid,
             code: code.into(),
@@ -291,6 +391,17 @@ impl ApiKeyService for KeyplaneApi {
                 .unwrap_or_default(),
             api_key,
             missing_scopes: outcome.missing,
+            rate_limits: outcome
+                .key
+                .as_deref()
+                .zip(outcome.usage.as_ref())
+                .map(|(key, usage)| convert::limit_states(key, usage))
+                .unwrap_or_default(),
+            remaining_uses: outcome
+                .usage
+                .as_ref()
+                .and_then(|u| u.credits)
+                .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)),
         }))
     }
 }

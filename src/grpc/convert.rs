@@ -2,7 +2,7 @@
 //! problem collected into one `BadRequest`), records are written back as messages.
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use prost_types::{FieldMask, Timestamp};
 use uuid::Uuid;
 
@@ -11,8 +11,10 @@ use crate::domain::parse_uuid;
 use crate::domain::records::{self, ApiKey, Scope, VerifyCode, Workspace};
 use crate::domain::scope::ScopeString;
 use crate::domain::update::Update;
+use crate::domain::usage::{self, RateLimitInput, RateLimits, Refill};
 use crate::domain::validate::{SCOPES_MAX, ValidationError, Validator};
 use crate::proto as pb;
+use crate::verification::meter::UsageReport;
 
 pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
     Timestamp {
@@ -27,6 +29,81 @@ pub fn from_timestamp(t: &Timestamp) -> Option<DateTime<Utc>> {
         return None;
     }
     DateTime::from_timestamp(t.seconds, t.nanos as u32)
+}
+
+pub fn duration(span: TimeDelta) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: span.num_seconds(),
+        nanos: span.subsec_nanos(),
+    }
+}
+
+/// A duration from a request, for validation: `None` when absent; a malformed one
+/// (nanoseconds out of range, or of the other sign than the seconds) reads as negative, so
+/// that the field's range check reports it.
+pub fn span(d: Option<&prost_types::Duration>) -> Option<TimeDelta> {
+    let d = d?;
+    let valid = (-999_999_999..=999_999_999).contains(&d.nanos)
+        && !(d.seconds > 0 && d.nanos < 0 || d.seconds < 0 && d.nanos > 0);
+    let parsed = valid
+        .then(|| TimeDelta::try_seconds(d.seconds))
+        .flatten()
+        .and_then(|secs| secs.checked_add(&TimeDelta::nanoseconds(d.nanos.into())));
+    Some(parsed.unwrap_or(TimeDelta::seconds(-1)))
+}
+
+/// A request's rate limits, before validation.
+pub fn rate_limit_inputs(limits: &[pb::RateLimit]) -> Vec<RateLimitInput> {
+    limits
+        .iter()
+        .map(|l| RateLimitInput {
+            name: l.name.clone(),
+            limit: l.limit,
+            period: span(l.period.as_ref()),
+            shared_by_owner: l.shared_by_owner,
+        })
+        .collect()
+}
+
+/// A request's refill, validated (`field.amount`, `field.interval`).
+pub fn refill(v: &mut Validator, field: &str, refill: &pb::Refill) -> Option<Refill> {
+    usage::refill(v, field, refill.amount, span(refill.interval.as_ref()))
+}
+
+fn rate_limits(limits: &RateLimits) -> Vec<pb::RateLimit> {
+    limits
+        .iter()
+        .map(|l| pb::RateLimit {
+            name: l.name().as_str().to_owned(),
+            limit: i64::try_from(l.limit()).unwrap_or(i64::MAX),
+            period: Some(duration(l.period().as_time_delta())),
+            shared_by_owner: l.shared_by_owner(),
+        })
+        .collect()
+}
+
+/// A time on the database clock, in milliseconds since the Unix epoch.
+pub fn timestamp_ms(ms: i64) -> Timestamp {
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// The rate limits of a verification's response: each of the key's, by name, with this
+/// replica's estimate.
+pub fn limit_states(key: &ApiKey, usage: &UsageReport) -> Vec<pb::RateLimitState> {
+    key.rate_limits
+        .iter()
+        .zip(&usage.limits)
+        .map(|(limit, report)| pb::RateLimitState {
+            name: limit.name().as_str().to_owned(),
+            limit: i64::try_from(report.state.limit).unwrap_or(i64::MAX),
+            remaining: i64::try_from(report.state.remaining).unwrap_or(i64::MAX),
+            reset_time: Some(timestamp_ms(report.state.reset_ms)),
+            exceeded: report.state.exceeded,
+        })
+        .collect()
 }
 
 /// A request's labels or metadata, sorted so responses and storage are stable.
@@ -101,6 +178,15 @@ impl From<&ApiKey> for pb::ApiKey {
             update_time: Some(timestamp(k.update_time)),
             etag: records::etag(k.revision),
             successor_id: k.successor_id.map(|id| id.to_string()).unwrap_or_default(),
+            rate_limits: rate_limits(&k.rate_limits),
+            // The balance no replica has reserved, counting a refill that fell due.
+            remaining_uses: k.credits.map(|c| {
+                i64::try_from(c.balance_at(Utc::now().timestamp_millis())).unwrap_or(i64::MAX)
+            }),
+            refill: k.credits.and_then(|c| c.refill).map(|r| pb::Refill {
+                amount: i64::try_from(r.amount()).unwrap_or(i64::MAX),
+                interval: Some(duration(r.interval().as_time_delta())),
+            }),
         }
     }
 }
@@ -121,6 +207,8 @@ impl From<VerifyCode> for pb::VerifyCode {
             VerifyCode::Expired => pb::VerifyCode::Expired,
             VerifyCode::Disabled => pb::VerifyCode::Disabled,
             VerifyCode::InsufficientScopes => pb::VerifyCode::InsufficientScopes,
+            VerifyCode::RateLimited => pb::VerifyCode::RateLimited,
+            VerifyCode::UsageExceeded => pb::VerifyCode::UsageExceeded,
         }
     }
 }

@@ -188,6 +188,10 @@ impl From<RuleViolation> for Status {
     fn from(rule: RuleViolation) -> Self {
         let message = rule.to_string();
         let (code, reason, metadata) = match rule {
+            RuleViolation::Invalid(invalid) => return invalid.into(),
+            RuleViolation::CreditsUnlimited => {
+                (Code::FailedPrecondition, "CREDITS_UNLIMITED", meta([]))
+            }
             RuleViolation::KeyRevoked => (Code::FailedPrecondition, "KEY_REVOKED", meta([])),
             RuleViolation::KeyExpired => (Code::FailedPrecondition, "KEY_EXPIRED", meta([])),
             RuleViolation::AlreadyRotated => {

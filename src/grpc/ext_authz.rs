@@ -19,9 +19,11 @@ use crate::auth::bearer_token;
 use crate::domain::key::ApiKeySecret;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
+use crate::domain::usage::{Cost, LimitState, headline, seconds_until};
 use crate::domain::validate::{ValidationError, Validator};
 use crate::proto as pb;
 use crate::verification::Verification;
+use crate::verification::meter::UsageReport;
 
 /// The route setting (`context_extensions`) naming the scopes a request needs.
 pub const REQUIRED_SCOPES: &str = "required_scopes";
@@ -68,9 +70,16 @@ pub struct CheckInput {
     /// Client-sent `x-keyplane-*` header names, to remove on allow unless keyplane sets them.
     pub client_keyplane_headers: Vec<String>,
     pub required: Vec<ScopeString>,
-    /// What the request costs. Only parsed and validated for now: there are no rate limits
-    /// or credits to charge it to yet.
+    /// What the request costs (`context_extensions["cost"]`), charged exactly as
+    /// `VerifyApiKeyRequest.cost`.
     pub cost: u32,
+}
+
+impl CheckInput {
+    pub fn cost(&self) -> Cost {
+        // parse_check bounds it; a cost it could not bound charges the most, never nothing.
+        Cost::new(u64::from(self.cost)).unwrap_or(Cost::MAX)
+    }
 }
 
 impl std::fmt::Debug for CheckInput {
@@ -237,7 +246,73 @@ fn metadata(key: &ApiKey) -> Struct {
     }
 }
 
-fn allow(key: &ApiKey, input: &CheckInput) -> CheckResponse {
+/// The `x-ratelimit-*` headers (and `retry-after`) of a response, in delta seconds.
+pub const RETRY_AFTER: &str = "retry-after";
+pub const RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
+pub const RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
+pub const RATELIMIT_RESET: &str = "x-ratelimit-reset";
+
+/// The client-facing headers of an allowed request: the rate limit with the fewest units
+/// left (ties: the earliest reset), so a client can slow down before it is refused.
+fn rate_headers(usage: Option<&UsageReport>) -> Vec<HeaderValueOption> {
+    let Some(usage) = usage else {
+        return Vec::new();
+    };
+    let states: Vec<LimitState> = usage.limits.iter().map(|l| l.state).collect();
+    let Some(report) = headline(&states).and_then(|i| usage.limits.get(i)) else {
+        return Vec::new();
+    };
+    vec![
+        header(RATELIMIT_LIMIT, report.state.limit.to_string()),
+        header(RATELIMIT_REMAINING, report.state.remaining.to_string()),
+        header(
+            RATELIMIT_RESET,
+            seconds_until(report.state.reset_ms, report.db_now_ms).to_string(),
+        ),
+    ]
+}
+
+/// The headers of a 429: when to retry and what ran out. Every 429 carries all four.
+/// Credits without a refill come back only by an adjustment (or when another replica
+/// returns an idle lease): the limit reads 0 and the retry is the shortest, 1 second —
+/// no sooner than this replica asks the database again.
+fn exhausted_headers(verification: &Verification) -> Vec<HeaderValueOption> {
+    let usage = verification.usage.as_ref();
+    let (limit, remaining, reset) = match verification.code {
+        VerifyCode::RateLimited => {
+            let Some(report) = usage.and_then(|u| u.limits.iter().find(|l| l.state.exceeded))
+            else {
+                return Vec::new();
+            };
+            (
+                report.state.limit,
+                report.state.remaining,
+                seconds_until(report.state.reset_ms, report.db_now_ms),
+            )
+        }
+        _ => {
+            let Some(credits) = usage.and_then(|u| u.credits) else {
+                return Vec::new();
+            };
+            match (credits.refill_amount, credits.reset_ms) {
+                (Some(amount), Some(reset_ms)) => (
+                    amount,
+                    credits.remaining,
+                    seconds_until(reset_ms, credits.db_now_ms),
+                ),
+                _ => (0, credits.remaining, 1),
+            }
+        }
+    };
+    vec![
+        header(RETRY_AFTER, reset.to_string()),
+        header(RATELIMIT_LIMIT, limit.to_string()),
+        header(RATELIMIT_REMAINING, remaining.to_string()),
+        header(RATELIMIT_RESET, reset.to_string()),
+    ]
+}
+
+fn allow(key: &ApiKey, input: &CheckInput, usage: Option<&UsageReport>) -> CheckResponse {
     let mut headers = vec![
         header(TENANT_HEADER, key.tenant_id.to_string()),
         header(WORKSPACE_HEADER, key.workspace_id.to_string()),
@@ -271,17 +346,29 @@ fn allow(key: &ApiKey, input: &CheckInput) -> CheckResponse {
         .set_http_response(OkHttpResponse {
             headers,
             headers_to_remove,
+            response_headers_to_add: rate_headers(usage),
             ..Default::default()
         });
     response
 }
 
 fn deny(code: Code, http: HttpStatusCode, name: &str, message: &str) -> CheckResponse {
+    deny_with(code, http, name, message, Vec::new())
+}
+
+fn deny_with(
+    code: Code,
+    http: HttpStatusCode,
+    name: &str,
+    message: &str,
+    extra: Vec<HeaderValueOption>,
+) -> CheckResponse {
     let body = serde_json::json!({ "code": name, "message": message }).to_string();
     let mut headers = vec![header("content-type", "application/json")];
     if http == HttpStatusCode::Unauthorized {
         headers.push(header("www-authenticate", "ApiKey"));
     }
+    headers.extend(extra);
     let mut response = CheckResponse::with_status(Status::new(code, message));
     response.set_http_response(DeniedHttpResponse {
         status: Some(HttpStatus { code: http.into() }),
@@ -310,7 +397,7 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
         Outcome::Verified(v) => v,
     };
     match (verification.code, &verification.key) {
-        (VerifyCode::Valid, Some(key)) => allow(key, input),
+        (VerifyCode::Valid, Some(key)) => allow(key, input, verification.usage.as_ref()),
         // A valid verdict without its key cannot happen; fail closed all the same.
         (VerifyCode::Valid, None) => unauthenticated("the API key is not valid"),
         (VerifyCode::Malformed, _) => unauthenticated("the API key is malformed"),
@@ -318,6 +405,13 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
         (VerifyCode::Revoked, _) => unauthenticated("the API key has been revoked"),
         (VerifyCode::Expired, _) => unauthenticated("the API key has expired"),
         (VerifyCode::Disabled, _) => unauthenticated("the API key is disabled"),
+        (VerifyCode::RateLimited | VerifyCode::UsageExceeded, key) => deny_with(
+            Code::ResourceExhausted,
+            HttpStatusCode::TooManyRequests,
+            outcome.code_name(),
+            &exhausted_message(verification, key.as_deref()),
+            exhausted_headers(verification),
+        ),
         (VerifyCode::InsufficientScopes, _) => deny(
             Code::PermissionDenied,
             HttpStatusCode::Forbidden,
@@ -327,6 +421,25 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
                 verification.missing.join(" ")
             ),
         ),
+    }
+}
+
+/// What a 429's body says: which limit refused, or that the credits ran out.
+fn exhausted_message(verification: &Verification, key: Option<&ApiKey>) -> String {
+    let refused = verification
+        .usage
+        .as_ref()
+        .and_then(|u| u.limits.iter().position(|l| l.state.exceeded))
+        .and_then(|i| key.and_then(|k| k.rate_limits.iter().nth(i)));
+    match (verification.code, refused) {
+        (VerifyCode::RateLimited, Some(limit)) => {
+            format!("rate limit \"{}\" exceeded", limit.name())
+        }
+        (VerifyCode::RateLimited, None) => "rate limit exceeded".to_owned(),
+        _ if key.is_some_and(|k| k.successor_id.is_some()) => {
+            "the API key was rotated: its successor spends its credits".to_owned()
+        }
+        _ => "the API key has no remaining uses for this request".to_owned(),
     }
 }
 
@@ -343,7 +456,7 @@ impl Authorization for KeyplaneApi {
             Some((key, _)) => {
                 match self
                     .verifier
-                    .verify(caller.access, key, &input.required)
+                    .verify(caller.access, key, &input.required, input.cost())
                     .await
                 {
                     Ok(verification) => Some(verification),
@@ -431,6 +544,15 @@ mod tests {
             revision: 1,
             create_time: now,
             update_time: now,
+            rate_limits: Default::default(),
+            credits: None,
+            usage_id: Uuid::nil(),
+            budgets: crate::domain::usage::Budgets::of(
+                TenantId::new(Uuid::nil()),
+                Uuid::nil(),
+                None,
+                &Default::default(),
+            ),
         }
     }
 
@@ -439,6 +561,7 @@ mod tests {
             code,
             key: key.map(std::sync::Arc::new),
             missing: missing.iter().map(|s| s.to_string()).collect(),
+            usage: None,
         }
     }
 
@@ -689,5 +812,122 @@ mod tests {
         assert_eq!(body["code"], "VERIFY_CODE_INSUFFICIENT_SCOPES");
         assert!(body["message"].as_str().unwrap().contains("erp:write"));
         assert!(respond(outcome, &input).dynamic_metadata.is_none());
+    }
+
+    fn report(limits: &[(u64, u64, bool)], credits: Option<(u64, Option<u64>)>) -> UsageReport {
+        use crate::verification::meter::{CreditReport, LimitReport};
+        let db_now_ms = 1_800_000_000_000;
+        UsageReport {
+            limits: limits
+                .iter()
+                .enumerate()
+                .map(|(i, (limit, remaining, exceeded))| LimitReport {
+                    state: LimitState {
+                        limit: *limit,
+                        remaining: *remaining,
+                        // 2.5 s, then 10.5 s away: rounded up to whole seconds.
+                        reset_ms: db_now_ms + 2_500 + 8_000 * i as i64,
+                        exceeded: *exceeded,
+                    },
+                    db_now_ms,
+                })
+                .collect(),
+            credits: credits.map(|(remaining, refill)| CreditReport {
+                remaining,
+                reset_ms: refill.map(|_| db_now_ms + 60_000),
+                refill_amount: refill,
+                db_now_ms,
+            }),
+        }
+    }
+
+    /// A verification of a key whose limits are named l0, l1 … as the report's.
+    fn with_usage(code: VerifyCode, usage: UsageReport) -> Verification {
+        use crate::domain::usage::{Period, RateLimit, RateLimitName, RateLimits};
+        let mut k = key(None);
+        k.rate_limits = RateLimits::new(
+            usage
+                .limits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let name = RateLimitName::parse(&format!("l{i}")).unwrap();
+                    let period = Period::rate_limit_ms(10_000).unwrap();
+                    RateLimit::new(name, l.state.limit, period, false).unwrap()
+                })
+                .collect(),
+        )
+        .unwrap();
+        Verification {
+            usage: Some(usage),
+            ..verified(code, Some(k), &[])
+        }
+    }
+
+    fn response_headers(ok: &OkHttpResponse) -> HashMap<String, String> {
+        ok.response_headers_to_add
+            .iter()
+            .map(|h| {
+                let h = h.header.as_ref().unwrap();
+                (h.key.clone(), h.value.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exhausted_usage_is_a_429_with_when_to_retry() {
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let limited = with_usage(
+            VerifyCode::RateLimited,
+            report(&[(100, 40, false), (10, 0, true)], Some((7, None))),
+        );
+        let (grpc, http, headers, body) = denied(&respond(Outcome::Verified(&limited), &input));
+        assert_eq!((grpc, http), (Code::ResourceExhausted as i32, 429));
+        assert_eq!(body["code"], "VERIFY_CODE_RATE_LIMITED");
+        assert!(
+            body["message"].as_str().unwrap().contains("\"l1\""),
+            "{body}"
+        );
+        assert_eq!(headers[RETRY_AFTER], "11");
+        assert_eq!(headers[RATELIMIT_RESET], "11");
+        assert_eq!(headers[RATELIMIT_LIMIT], "10");
+        assert_eq!(headers[RATELIMIT_REMAINING], "0");
+        assert!(!headers.contains_key("www-authenticate"));
+
+        let refill = with_usage(VerifyCode::UsageExceeded, report(&[], Some((2, Some(500)))));
+        let (_, http, headers, body) = denied(&respond(Outcome::Verified(&refill), &input));
+        assert_eq!(http, 429);
+        assert_eq!(body["code"], "VERIFY_CODE_USAGE_EXCEEDED");
+        assert_eq!(headers[RETRY_AFTER], "60");
+        assert_eq!(headers[RATELIMIT_LIMIT], "500");
+        assert_eq!(headers[RATELIMIT_REMAINING], "2");
+
+        let spent = with_usage(VerifyCode::UsageExceeded, report(&[], Some((0, None))));
+        let (_, _, headers, _) = denied(&respond(Outcome::Verified(&spent), &input));
+        assert_eq!(headers[RETRY_AFTER], "1");
+        assert_eq!(headers[RATELIMIT_LIMIT], "0");
+        assert_eq!(headers[RATELIMIT_REMAINING], "0");
+        assert_eq!(headers[RATELIMIT_RESET], "1");
+    }
+
+    #[test]
+    fn an_allow_tells_the_client_about_its_tightest_limit() {
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let fine = with_usage(
+            VerifyCode::Valid,
+            report(&[(100, 40, false), (10, 3, false)], None),
+        );
+        let response = respond(Outcome::Verified(&fine), &input);
+        let headers = response_headers(ok(&response));
+        assert_eq!(headers[RATELIMIT_LIMIT], "10");
+        assert_eq!(headers[RATELIMIT_REMAINING], "3");
+        assert_eq!(headers[RATELIMIT_RESET], "11");
+        assert!(!headers.contains_key(RETRY_AFTER));
+        // Not upstream: these are for the client.
+        assert!(!set_headers(ok(&response)).contains_key(RATELIMIT_LIMIT));
+
+        let plain = verified(VerifyCode::Valid, Some(key(None)), &[]);
+        let response = respond(Outcome::Verified(&plain), &input);
+        assert!(ok(&response).response_headers_to_add.is_empty());
     }
 }

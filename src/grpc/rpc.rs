@@ -83,6 +83,10 @@ pub const RPCS: &[Rpc] = &[
     needs("/keyplane.v1.ApiKeyService/RotateApiKey", ApiKeysWrite),
     needs("/keyplane.v1.ApiKeyService/DeleteApiKey", ApiKeysWrite),
     needs("/keyplane.v1.ApiKeyService/VerifyApiKey", ApiKeysVerify),
+    needs(
+        "/keyplane.v1.ApiKeyService/AdjustApiKeyCredits",
+        ApiKeysWrite,
+    ),
     needs("/keyplane.v1.AuditService/ListAuditEvents", AuditRead),
     // Envoy's external authorization: a verification asked by the proxy.
     needs("/envoy.service.auth.v3.Authorization/Check", ApiKeysVerify),

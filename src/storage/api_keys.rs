@@ -11,7 +11,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entity::{TenantOwned, api_key, api_key_scope};
+use super::budgets::{self, credits_from_row, limits_from_json, limits_to_json};
+use super::entity::{TenantOwned, api_key, api_key_scope, usage_credit};
 use super::invalidation::Eviction;
 use super::update::Stored;
 use super::workspaces::require_workspace;
@@ -21,6 +22,7 @@ use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
 use crate::domain::page::Page;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
 use crate::domain::rules::{GracePeriod, Retirement, RuleViolation};
+use crate::domain::usage::{self, CreditChange, CreditDelta, Credits};
 use crate::domain::{TenantAccess, TenantId};
 
 /// Filters of `ListApiKeys`.
@@ -37,8 +39,21 @@ pub struct Rotated {
     pub secret: ApiKeySecret,
 }
 
-fn from_model(m: api_key::Model, scopes: Vec<String>) -> Result<ApiKey, StoreError> {
-    Ok(ApiKey {
+/// The key of a row, its grants and its credit account (the row of its usage id, if any).
+fn from_model(
+    m: api_key::Model,
+    scopes: Vec<String>,
+    credits: Option<&usage_credit::Model>,
+) -> Result<ApiKey, StoreError> {
+    let credits: Option<Credits> = match credits {
+        Some(row) => credits_from_row(row)?,
+        None => None,
+    };
+    let mut key = ApiKey {
+        rate_limits: limits_from_json(m.id, m.rate_limits)?,
+        credits,
+        usage_id: usage::usage_id(m.id, m.usage_id),
+        budgets: usage::Budgets::of(TenantId::new(m.tenant_id), m.id, None, &Default::default()),
         id: m.id,
         tenant_id: TenantId::new(m.tenant_id),
         workspace_id: m.workspace_id,
@@ -57,7 +72,24 @@ fn from_model(m: api_key::Model, scopes: Vec<String>) -> Result<ApiKey, StoreErr
         revision: m.revision,
         create_time: m.create_time,
         update_time: m.update_time,
-    })
+    };
+    key.bind_budgets();
+    Ok(key)
+}
+
+/// The credit accounts of these usage ids that exist.
+async fn load_credits(
+    conn: &impl ConnectionTrait,
+    accounts: &[Uuid],
+) -> Result<HashMap<Uuid, usage_credit::Model>, StoreError> {
+    if accounts.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = usage_credit::Entity::find()
+        .filter(usage_credit::Column::AccountId.is_in(accounts.iter().copied()))
+        .all(conn)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.account_id, r)).collect())
 }
 
 /// The granted scope strings of each key, sorted.
@@ -80,19 +112,72 @@ async fn load_scopes(
     Ok(by_key)
 }
 
+/// Keys of these rows, with their grants and credit accounts (two more queries for the
+/// lot).
 async fn with_scopes(
     conn: &impl ConnectionTrait,
     models: Vec<api_key::Model>,
 ) -> Result<Vec<ApiKey>, StoreError> {
     let ids: Vec<Uuid> = models.iter().map(|m| m.id).collect();
     let mut scopes = load_scopes(conn, &ids).await?;
+    let accounts: Vec<Uuid> = models
+        .iter()
+        .map(|m| usage::usage_id(m.id, m.usage_id))
+        .collect();
+    let credits = load_credits(conn, &accounts).await?;
     models
         .into_iter()
         .map(|m| {
             let s = scopes.remove(&m.id).unwrap_or_default();
-            from_model(m, s)
+            let account = credits.get(&usage::usage_id(m.id, m.usage_id));
+            from_model(m, s, account)
         })
         .collect()
+}
+
+/// The digests of every key drawing from a credit account (a key and its rotation
+/// family): what a write to the account makes stale.
+async fn family_digests(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    account: Uuid,
+) -> Result<Vec<KeyDigest>, StoreError> {
+    let condition = sea_orm::Condition::any()
+        .add(api_key::Column::UsageId.eq(account))
+        .add(api_key::Column::Id.eq(account));
+    Ok(touched_keys(conn, tenant, condition)
+        .await?
+        .into_iter()
+        .map(|k| k.digest)
+        .collect())
+}
+
+/// Writes what an update does to the key's credit account; `true` when it changed it.
+async fn write_credit_change(
+    conn: &impl ConnectionTrait,
+    key: &ApiKey,
+    change: CreditChange,
+    reschedule: bool,
+) -> Result<bool, StoreError> {
+    match change {
+        CreditChange::Unchanged => return Ok(false),
+        CreditChange::Set(limit) => {
+            budgets::set_credits(
+                conn,
+                key.tenant_id,
+                key.usage_id,
+                limit.remaining,
+                limit.refill,
+                reschedule,
+            )
+            .await?
+        }
+        CreditChange::Reschedule(refill) => {
+            budgets::reschedule_credits(conn, key.usage_id, refill).await?
+        }
+        CreditChange::Clear => budgets::clear_credits(conn, key.usage_id).await?,
+    }
+    Ok(true)
 }
 
 async fn insert_grants(
@@ -213,6 +298,13 @@ impl Store {
             request_id: new.request_id,
             create_time: now,
             update_time: now,
+            rate_limits: limits_to_json(&new.rate_limits),
+            usage_id: None,
+        };
+        // Its own credit account (rotation successors share their predecessor's).
+        let model = api_key::Model {
+            usage_id: Some(model.id),
+            ..model
         };
         let inserted = api_key::Entity::insert(api_key::ActiveModel::from(model.clone()))
             .exec_without_returning(&txn)
@@ -228,13 +320,25 @@ impl Store {
             Err(e) => return Err(e.into()),
         }
         insert_grants(&txn, model.id, &grants).await?;
+        if let Some(credits) = new.credits {
+            budgets::set_credits(
+                &txn,
+                tenant,
+                model.id,
+                credits.remaining,
+                credits.refill,
+                true,
+            )
+            .await?;
+        }
+        let key = find_key(&txn, tenant, model.id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", model.id))?;
         // A verification of this secret may have been cached as unknown (negative entry).
         let change = Change::new(AuditAction::ApiKeyCreate, model.id, fields);
         self.commit(txn, acting, change, Eviction::key(secret.digest()))
             .await?;
-        let mut scopes: Vec<String> = grants.into_iter().map(|(s, _)| s).collect();
-        scopes.sort();
-        Ok((from_model(model, scopes)?, Some(secret)))
+        Ok((key, Some(secret)))
     }
 
     async fn api_key_by_request(
@@ -339,6 +443,9 @@ impl Store {
 
         let retire = api_key::Entity::update_many()
             .col_expr(api_key::Column::ReplacedBy, Expr::value(successor_id))
+            // Written out for keys that predate usage controls (NULL meant their own id),
+            // so that the account's keys are found by this column alone.
+            .col_expr(api_key::Column::UsageId, Expr::value(old.usage_id))
             .col_expr(api_key::Column::UpdateTime, Expr::value(now))
             .col_expr(
                 api_key::Column::Revision,
@@ -377,6 +484,9 @@ impl Store {
             request_id: None,
             create_time: now,
             update_time: now,
+            // The same credit account and rate-limit counters: shared, not copied, so
+            // nothing is counted twice (the limits' settings are copied with the row).
+            usage_id: Some(old.usage_id),
             ..model
         };
         api_key::Entity::insert(api_key::ActiveModel::from(successor.clone()))
@@ -390,6 +500,9 @@ impl Store {
             .map(|g| (g.scope, g.scope_id))
             .collect();
         insert_grants(&txn, successor_id, &grants).await?;
+        let key = find_key(&txn, tenant, successor.id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", successor.id))?;
         let change = Change::new(
             AuditAction::ApiKeyRotate,
             id,
@@ -397,10 +510,7 @@ impl Store {
         );
         let eviction = Eviction::keys(vec![old.digest, secret.digest()]);
         self.commit(txn, acting, change, eviction).await?;
-        Ok(Rotated {
-            key: from_model(successor, old.scopes)?,
-            secret,
-        })
+        Ok(Rotated { key, secret })
     }
 
     pub async fn delete_api_key(&self, acting: &Acting, id: Uuid) -> Result<(), StoreError> {
@@ -415,9 +525,51 @@ impl Store {
             .filter(api_key::Column::Id.eq(id))
             .exec(&txn)
             .await?;
+        budgets::drop_orphaned_account(&txn, tenant, usage::usage_id(key.id, key.usage_id)).await?;
         let change = Change::new(AuditAction::ApiKeyDelete, id, Vec::new());
         let eviction = Eviction::key(digest_of(key.id, key.key_digest)?);
         self.commit(txn, acting, change, eviction).await
+    }
+
+    /// Adds `delta` to a key's remaining uses (removes, when negative; never below 0),
+    /// atomically with respect to concurrent reservations: one statement on the account's
+    /// row. A key without `remaining_uses` has nothing to add to.
+    pub async fn adjust_api_key_credits(
+        &self,
+        acting: &Acting,
+        id: Uuid,
+        delta: CreditDelta,
+    ) -> Result<ApiKey, StoreError> {
+        let tenant = acting.tenant;
+        let txn = self.begin_write().await?;
+        let key = find_key(&txn, tenant, id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", id))?;
+        // Also refused when the account was cleared since the read above.
+        if key.credits.is_none()
+            || !budgets::adjust_credits(&txn, tenant, key.usage_id, delta.get()).await?
+        {
+            return Err(RuleViolation::CreditsUnlimited.into());
+        }
+        // The key's etag moves with its remaining_uses, as with any other change.
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::UpdateTime, Expr::value(db_now()))
+            .col_expr(
+                api_key::Column::Revision,
+                Expr::col(api_key::Column::Revision).add(1),
+            )
+            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+            .filter(api_key::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        let key = find_key(&txn, tenant, id)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", id))?;
+        // Every key of the account: a remembered refusal must yield to the new version.
+        let eviction = Eviction::keys(family_digests(&txn, tenant, key.usage_id).await?);
+        let change = Change::new(AuditAction::ApiKeyAdjustCredits, id, vec!["remaining_uses"]);
+        self.commit(txn, acting, change, eviction).await?;
+        Ok(key)
     }
 
     /// The key with this digest, if the caller may see its tenant: one query (the key and
@@ -432,8 +584,12 @@ impl Store {
         if let TenantAccess::One(tenant) = access {
             query = query.filter(api_key::Column::TenantId.eq(tenant.as_uuid()));
         }
-        let Some((model, grants)) = query
-            .find_with_related(api_key_scope::Entity)
+        // Still one query: the credit account joins on the key's usage id, which every key
+        // with an account has written out (see `rotate_api_key` and `Stored::changes`).
+        let Some((model, credits, grants)) = query
+            .find_also_related(usage_credit::Entity)
+            .find_also_related(api_key_scope::Entity)
+            .consolidate()
             .all(&self.db)
             .await?
             .pop()
@@ -442,7 +598,8 @@ impl Store {
         };
         let mut scopes: Vec<String> = grants.into_iter().map(|g| g.scope).collect();
         scopes.sort();
-        from_model(model, scopes).map(Some)
+        scopes.dedup();
+        from_model(model, scopes, credits.first()).map(Some)
     }
 
     /// Writes coalesced `last_used_time` values, one statement per chunk of keys. A value
@@ -538,25 +695,57 @@ impl Stored for ApiKey {
             disabled: Set(self.disabled),
             revision: Set(self.revision),
             update_time: Set(self.update_time),
+            rate_limits: Set(limits_to_json(&self.rate_limits)),
+            // Written out for keys that predate usage controls (NULL meant their own id),
+            // so that a credit account's keys are found, and joined, by this column alone.
+            usage_id: Set(Some(self.usage_id)),
             ..Default::default()
         }
     }
 
-    /// A new scope list replaces the key's grant rows.
+    /// A new scope list replaces the key's grant rows; `remaining_uses` and `refill` go to
+    /// the credit account, and the key is read back with it. A credit change evicts every
+    /// key of the account (a rotated predecessor in its grace period draws from it too).
     async fn save_related(
-        &self,
+        &mut self,
         txn: &DatabaseTransaction,
         tenant: TenantId,
         patch: &ApiKeyPatch,
-    ) -> Result<(), StoreError> {
-        let Some(scopes) = &patch.scopes else {
-            return Ok(());
+    ) -> Result<Eviction, StoreError> {
+        if let Some(scopes) = &patch.scopes {
+            let grants = Store::resolve_grants(txn, tenant, self.workspace_id, scopes).await?;
+            api_key_scope::Entity::delete_many()
+                .filter(api_key_scope::Column::ApiKeyId.eq(self.id))
+                .exec(txn)
+                .await?;
+            insert_grants(txn, self.id, &grants).await?;
+        }
+        // `apply` left the account as read and checked the rules against it.
+        let refill = self.credits.and_then(|c| c.refill);
+        let change = patch
+            .credits
+            .apply(self.credits.is_some(), refill)
+            .map_err(|e| {
+                RuleViolation::Invalid(crate::domain::validate::ValidationError::single(
+                    "api_key.refill",
+                    e.to_string(),
+                ))
+            })?;
+        let reschedule = patch.credits.refill.is_some();
+        if !write_credit_change(txn, self, change, reschedule).await? {
+            return Ok(self.eviction());
+        }
+        self.credits = match load_credits(txn, &[self.usage_id])
+            .await?
+            .get(&self.usage_id)
+        {
+            Some(row) => credits_from_row(row)?,
+            None => None,
         };
-        let grants = Store::resolve_grants(txn, tenant, self.workspace_id, scopes).await?;
-        api_key_scope::Entity::delete_many()
-            .filter(api_key_scope::Column::ApiKeyId.eq(self.id))
-            .exec(txn)
-            .await?;
-        insert_grants(txn, self.id, &grants).await
+        let mut digests = family_digests(txn, tenant, self.usage_id).await?;
+        if !digests.contains(&self.digest) {
+            digests.push(self.digest);
+        }
+        Ok(Eviction::keys(digests))
     }
 }

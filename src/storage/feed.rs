@@ -34,6 +34,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::invalidation::{CHANNEL, Eviction, EvictionSink};
 
+/// The channel of usage-control messages between replicas (a recall of unspent credits).
+/// Apart from the evictions' so that a release that does not know them never hears them
+/// (it would read an unknown eviction payload as "evict everything").
+pub const USAGE_CHANNEL: &str = "keyplane_usage";
+
 /// How often the feed proves to itself that it still delivers.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// How long a heartbeat may take to come back before the feed counts as down.
@@ -83,9 +88,23 @@ impl FeedState {
     }
 }
 
+/// Told about the feed's life, the other replicas' heartbeats it hears (how usage controls
+/// count the replicas sharing the database) and the usage messages on [`USAGE_CHANNEL`].
+pub trait Heartbeats: Send + Sync {
+    /// The feed is listening: heartbeats heard from now on are real.
+    fn feed_up(&self);
+    /// The feed is lost: nothing heard before can be trusted.
+    fn feed_down(&self);
+    /// Another replica's heartbeat, by its replica id.
+    fn heard(&self, replica: &str);
+    /// A message on [`USAGE_CHANNEL`], from any replica (this one included).
+    fn usage_message(&self, payload: &str);
+}
+
 /// What the listening task reports.
 enum Heard {
     Payload(String),
+    Usage(String),
     Lost(String),
 }
 
@@ -95,6 +114,7 @@ pub async fn run(
     db: DatabaseConnection,
     sink: Arc<dyn EvictionSink>,
     state: Arc<FeedState>,
+    heartbeats: Arc<dyn Heartbeats>,
     stop: CancellationToken,
 ) {
     // Tells this replica's heartbeats from the others'.
@@ -102,7 +122,7 @@ pub async fn run(
     let mut backoff = BACKOFF.0;
     loop {
         let ended = tokio::select! {
-            ended = listen_once(&url, &db, sink.as_ref(), &state, &me) => ended,
+            ended = listen_once(&url, &db, sink.as_ref(), &state, heartbeats.as_ref(), &me) => ended,
             _ = stop.cancelled() => return,
         };
         state.set(false);
@@ -130,23 +150,26 @@ async fn listen_once(
     db: &DatabaseConnection,
     sink: &dyn EvictionSink,
     state: &FeedState,
+    heartbeats: &dyn Heartbeats,
     me: &str,
 ) -> Result<String, String> {
     let mut listener = PgListener::connect(url)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     listener
-        .listen(CHANNEL)
+        .listen_all([CHANNEL, USAGE_CHANNEL])
         .await
         .map_err(|e| format!("LISTEN failed: {e}"))?;
     // Listening from here on: flush what may have changed unseen, then answer again.
     sink.evict(&Eviction::All);
     state.set(true);
+    heartbeats.feed_up();
 
     let (tx, mut heard) = mpsc::channel(1024);
     let listening = tokio::spawn(async move {
         loop {
             let message = match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == USAGE_CHANNEL => Heard::Usage(n.payload().to_owned()),
                 Ok(Some(n)) => Heard::Payload(n.payload().to_owned()),
                 Ok(None) => Heard::Lost("connection closed".into()),
                 Err(e) => Heard::Lost(format!("{e}")),
@@ -165,11 +188,14 @@ async fn listen_once(
         tokio::select! {
             message = heard.recv() => match message {
                 Some(Heard::Payload(payload)) if payload == ping => last_heard_self = Instant::now(),
-                Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {}
+                Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {
+                    heartbeats.heard(payload.trim_start_matches("ping:"));
+                }
                 Some(Heard::Payload(payload)) => {
                     metrics::counter!("keyplane_invalidations_received_total").increment(1);
                     sink.evict(&Eviction::from_payload(&payload));
                 }
+                Some(Heard::Usage(payload)) => heartbeats.usage_message(&payload),
                 Some(Heard::Lost(why)) => break format!("connection lost: {why}"),
                 None => break "listener stopped".to_owned(),
             },
@@ -192,6 +218,7 @@ async fn listen_once(
     };
     // Down before anything else: from here on the cache must not answer.
     state.set(false);
+    heartbeats.feed_down();
     listening.abort();
     Ok(reason)
 }

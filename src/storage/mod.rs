@@ -4,6 +4,7 @@ pub mod entity;
 
 mod api_keys;
 pub mod audit;
+pub mod budgets;
 pub mod feed;
 pub mod invalidation;
 pub mod schema;
@@ -92,8 +93,16 @@ fn is_unavailable(err: &DbErr) -> bool {
         | sea_orm::sqlx::Error::Protocol(_) => true,
         sea_orm::sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // PostgreSQL: 08xxx connection exceptions, 57P0x shutdown / cannot connect now;
-            // SQLite: 5 = SQLITE_BUSY, 6 = SQLITE_LOCKED.
-            code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "6"
+            // SQLite: 5 = SQLITE_BUSY, 6 = SQLITE_LOCKED, and their extended codes (the low
+            // byte is the primary code: 517 is SQLITE_BUSY_SNAPSHOT). PostgreSQL's codes are
+            // five characters, SQLite's numbers fewer digits.
+            let sqlite_primary = (code.len() < 5)
+                .then(|| code.parse::<u32>().ok())
+                .flatten()
+                .map(|c| c & 0xff);
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || matches!(sqlite_primary, Some(5 | 6))
         }),
         _ => false,
     }

@@ -44,14 +44,17 @@ pub trait Stored: Revisioned + Send + Sync + Sized {
         Eviction::None
     }
 
-    /// Writes that go with the row's, in the same transaction (a key's grants).
+    /// Writes that go with the row's, in the same transaction (a key's grants, its credit
+    /// account), which may complete the record from what they wrote. Returns what the
+    /// update evicts: [`Stored::eviction`] unless the related writes reach further.
     fn save_related(
-        &self,
+        &mut self,
         _txn: &DatabaseTransaction,
         _tenant: TenantId,
         _patch: &Self::Patch,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async { Ok(()) }
+    ) -> impl Future<Output = Result<Eviction, StoreError>> + Send {
+        let eviction = self.eviction();
+        async move { Ok(eviction) }
     }
 }
 
@@ -98,9 +101,9 @@ impl Store {
             }
             current.touch(db_now());
             if compare_and_set(&txn, tenant, &current, read_revision).await? {
-                current.save_related(&txn, tenant, &update.patch).await?;
+                let eviction = current.save_related(&txn, tenant, &update.patch).await?;
                 let change = Change::new(P::Target::UPDATED, current.id(), update.patch.fields());
-                self.commit(txn, acting, change, current.eviction()).await?;
+                self.commit(txn, acting, change, eviction).await?;
                 return Ok(current);
             }
             if update.expected_revision.is_some() {

@@ -162,6 +162,9 @@ impl Store {
             .filter(workspace::Column::Id.eq(id))
             .exec(&txn)
             .await?;
+        if !keys.is_empty() {
+            super::budgets::drop_orphaned_accounts(&txn, tenant).await?;
+        }
         let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
         let change = Change::new(AuditAction::WorkspaceDelete, id, Vec::new());
         self.commit(txn, acting, change, eviction).await?;

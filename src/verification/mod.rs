@@ -3,6 +3,7 @@
 //! which answers from this replica's [`cache`] when it can and from one database query
 //! when it cannot.
 pub mod cache;
+pub mod meter;
 
 use std::sync::Arc;
 
@@ -11,10 +12,12 @@ use chrono::Utc;
 use crate::domain::key::{ApiKeySecret, KeyDigest};
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
+use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
 use crate::storage::usage::UsageRecorder;
 use crate::storage::{Store, StoreError};
 use cache::{Lookup, VerificationCache};
+use meter::{Meter, UsageReport};
 
 /// The answer to "may this key do that?".
 #[derive(Debug, Clone)]
@@ -24,6 +27,9 @@ pub struct Verification {
     pub key: Option<Arc<ApiKey>>,
     /// Required scopes the key does not hold.
     pub missing: Vec<String>,
+    /// The key's rate limits and credits after this request, when the key has any and
+    /// passed the checks before them (this replica's estimate).
+    pub usage: Option<UsageReport>,
 }
 
 impl Verification {
@@ -32,6 +38,7 @@ impl Verification {
             code,
             key: None,
             missing: Vec::new(),
+            usage: None,
         }
     }
 }
@@ -41,24 +48,35 @@ pub struct KeyVerifier {
     store: Store,
     cache: Arc<VerificationCache>,
     usage: Arc<UsageRecorder>,
+    meter: Arc<Meter>,
 }
 
 impl KeyVerifier {
-    pub fn new(store: Store, cache: Arc<VerificationCache>, usage: Arc<UsageRecorder>) -> Self {
+    pub fn new(
+        store: Store,
+        cache: Arc<VerificationCache>,
+        usage: Arc<UsageRecorder>,
+        meter: Arc<Meter>,
+    ) -> Self {
         Self {
             store,
             cache,
             usage,
+            meter,
         }
     }
 
-    /// Checks a presented key in the documented order. A malformed key reaches neither the
-    /// cache nor the database; only database trouble is an error.
+    /// Checks a presented key in the documented order, then charges `cost` to its rate
+    /// limits and credits (a key failing an earlier check spends nothing). A malformed key
+    /// reaches neither the cache nor the database; only database trouble is an error —
+    /// including when a reservation is needed and cannot be made: never an admission
+    /// keyplane cannot account for.
     pub async fn verify(
         &self,
         access: TenantAccess,
         presented: &str,
         required: &[ScopeString],
+        cost: Cost,
     ) -> Result<Verification, StoreError> {
         let Ok(secret) = ApiKeySecret::parse(presented) else {
             return Ok(Verification::without_key(VerifyCode::Malformed));
@@ -78,7 +96,13 @@ impl KeyVerifier {
             return Ok(Verification::without_key(VerifyCode::NotFound));
         };
         let now = Utc::now();
-        let (code, missing) = key.check(now, required);
+        let (mut code, missing) = key.check(now, required);
+        let mut usage = None;
+        if code == VerifyCode::Valid && key.has_usage_controls() {
+            let (decision, report) = self.meter.charge(&key, cost).await?;
+            code = decision.code();
+            usage = Some(report);
+        }
         if code == VerifyCode::Valid {
             self.usage.record(key.tenant_id, key.id, now);
         }
@@ -86,7 +110,13 @@ impl KeyVerifier {
             code,
             key: Some(key),
             missing,
+            usage,
         })
+    }
+
+    /// The credits of this key's account that this replica holds and may still spend.
+    pub fn held_credits(&self, key: &ApiKey) -> u64 {
+        self.meter.held_credits(key)
     }
 
     async fn find(&self, digest: &KeyDigest) -> Result<Option<Arc<ApiKey>>, StoreError> {

@@ -200,6 +200,7 @@ async fn a_tenant_never_sees_another_tenants_cached_key(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .expect("platform verify")
@@ -217,6 +218,7 @@ async fn a_tenant_never_sees_another_tenants_cached_key(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: vec![],
+                cost: None,
             })
             .await
             .expect("verify")

@@ -357,6 +357,7 @@ impl TestApp {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: key.into(),
                 required_scopes: strings(required),
+                cost: None,
             })
             .await
             .expect("verify")

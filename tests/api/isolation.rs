@@ -318,6 +318,7 @@ async fn another_tenant_can_neither_see_nor_change_anything(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: owned.secret.clone(),
                 required_scopes: required,
+                cost: None,
             })
             .await
             .expect("verification answers with a code")
@@ -641,6 +642,7 @@ async fn an_admin_key_of_another_tenant_sees_nothing(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: owned.secret.clone(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .unwrap()
@@ -760,6 +762,7 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
     let message = || pb::VerifyApiKeyRequest {
         key: owned.secret.clone(),
         required_scopes: vec!["crm:read".into()],
+        cost: None,
     };
     let any = verify(app.client(&platform), message()).await;
     assert_eq!(any.code(), pb::VerifyCode::Valid, "{any:?}");

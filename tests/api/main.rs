@@ -15,5 +15,6 @@ mod limits;
 mod matrix;
 mod races;
 mod scopes;
+mod usage;
 mod verify;
 mod workspaces;

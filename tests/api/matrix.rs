@@ -309,12 +309,25 @@ pub fn rows() -> Vec<Row> {
             names_a_resource: true,
         },
         Row {
+            path: "/keyplane.v1.ApiKeyService/AdjustApiKeyCredits",
+            scope: "keyplane.api_keys:write",
+            request: |f| {
+                pb::AdjustApiKeyCreditsRequest {
+                    id: f.key.clone(),
+                    delta: 1,
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
             path: "/keyplane.v1.ApiKeyService/VerifyApiKey",
             scope: "keyplane.api_keys:verify",
             request: |f| {
                 pb::VerifyApiKeyRequest {
                     key: f.secret.clone(),
                     required_scopes: vec!["matrix:read".into()],
+                    cost: None,
                 }
                 .encode_to_vec()
             },
@@ -405,12 +418,25 @@ async fn fixture(app: &TestApp) -> Fixture {
     let workspace = app.create_workspace("matrix").await.id;
     app.create_scope("matrix:read", &workspace).await;
     let scope = app.create_scope("matrix:delete", &workspace).await.id;
-    let (key, secret) = app.create_key(&workspace, &["matrix:read"]).await;
+    // With credits, so that AdjustApiKeyCredits has something to adjust.
+    let created = app
+        .as_admin()
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: workspace.clone(),
+            name: "matrix".into(),
+            scopes: vec!["matrix:read".into()],
+            remaining_uses: Some(1_000_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     Fixture {
         workspace,
         scope,
-        key: key.id,
-        secret,
+        key: created.api_key.unwrap().id,
+        secret: created.secret,
     }
 }
 

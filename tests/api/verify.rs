@@ -113,6 +113,7 @@ async fn every_single_character_change_is_malformed(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: changed.clone(),
                     required_scopes: Vec::new(),
+                    cost: None,
                 })
                 .await
                 .unwrap()
@@ -177,6 +178,7 @@ async fn unknown_keys_are_not_found(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: theirs.secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -437,6 +439,7 @@ async fn invalid_required_scopes_are_an_error(backend: Backend) {
                     .verify_api_key(pb::VerifyApiKeyRequest {
                         key: key.into(),
                         required_scopes: strings(required),
+                        cost: None,
                     })
                     .await
                     .inner(),
@@ -524,6 +527,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -539,6 +543,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -553,6 +558,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -570,6 +576,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&["crm:read"]),
+            cost: None,
         })
         .await
         .inner()
@@ -581,6 +588,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: "kp_nope".into(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -596,6 +604,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -612,6 +621,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: strings(&[]),
+                cost: None,
             })
             .await
             .inner(),
@@ -640,6 +650,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: candidate.into(),
                     required_scopes: strings(&[]),
+                    cost: None,
                 })
                 .await
                 .inner(),
@@ -661,6 +672,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: strings(&[]),
+                cost: None,
             })
             .await
             .inner(),
@@ -676,6 +688,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -688,6 +701,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -702,6 +716,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: strings(&[]),
+                cost: None,
             })
             .await
             .inner(),
@@ -715,6 +730,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: strings(&[]),
+            cost: None,
         })
         .await
         .inner()
@@ -728,6 +744,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: strings(&[]),
+                cost: None,
             })
             .await
             .inner(),

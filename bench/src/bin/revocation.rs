@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
         let request = VerifyApiKeyRequest {
             key: created.secret,
             required_scopes: vec![args.scope.clone()],
+            cost: None,
         };
         for (replica, client) in verifiers.iter_mut().enumerate() {
             let code = verify(client, &request).await?;

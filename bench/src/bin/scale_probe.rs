@@ -223,6 +223,7 @@ async fn verify(
     let request = VerifyApiKeyRequest {
         key,
         required_scopes: vec![scope],
+        cost: None,
     };
     let mut samples = Vec::with_capacity(requests);
     for i in 0..=requests {

@@ -2,7 +2,9 @@
 //! expected before h2load (which only sees HTTP statuses) measures it.
 //!
 //! `setup create` makes a workspace, the scope and a key holding it, and prints
-//! `WORKSPACE_ID=...` and `KEY=...` lines for the shell.
+//! `WORKSPACE_ID=...` and `KEY=...` lines for the shell, and a second, metered key with a
+//! rate limit and credits that never bind during a run (`METERED_KEY=...`), so that the
+//! cost of usage controls on the hot path is measured and nothing else.
 //! `setup probe` sends one payload file's message through a typed client and exits 0 when
 //! the answer is a success (echo: the same message; VerifyApiKey: VERIFY_CODE_VALID;
 //! Check: an OK status), 3 when the RPC is UNIMPLEMENTED, 1 otherwise.
@@ -16,8 +18,8 @@ use bench::kp::api_key_service_client::ApiKeyServiceClient;
 use bench::kp::scope_service_client::ScopeServiceClient;
 use bench::kp::workspace_service_client::WorkspaceServiceClient;
 use bench::kp::{
-    CreateApiKeyRequest, CreateScopeRequest, CreateWorkspaceRequest, VerifyApiKeyRequest,
-    VerifyCode,
+    CreateApiKeyRequest, CreateScopeRequest, CreateWorkspaceRequest, RateLimit,
+    VerifyApiKeyRequest, VerifyCode,
 };
 use bench::{Bearer, connect, decode_frame};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -128,22 +130,44 @@ async fn create(
             .await
             .with_context(|| format!("CreateScope {scope}"))?;
     }
-    let created = ApiKeyServiceClient::with_interceptor(channel, bearer)
-        .create_api_key(CreateApiKeyRequest {
-            workspace_id: workspace.id.clone(),
+    let mut keys = ApiKeyServiceClient::with_interceptor(channel, bearer);
+    let plain = CreateApiKeyRequest {
+        workspace_id: workspace.id.clone(),
+        name: "bench".into(),
+        scopes: scopes.to_vec(),
+        ..Default::default()
+    };
+    let metered = CreateApiKeyRequest {
+        name: "bench-metered".into(),
+        // The largest limit per second, and the most credits: every request spends from
+        // both, and neither refuses within a run.
+        rate_limits: vec![RateLimit {
             name: "bench".into(),
-            scopes: scopes.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .context("CreateApiKey")?
-        .into_inner();
-    if created.secret.is_empty() {
-        bail!("CreateApiKey returned no secret");
+            limit: 1_000_000_000,
+            period: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            shared_by_owner: false,
+        }],
+        remaining_uses: Some(1_000_000_000_000_000),
+        ..plain.clone()
+    };
+    let mut secrets = Vec::new();
+    for request in [plain, metered] {
+        let created = keys
+            .create_api_key(request)
+            .await
+            .context("CreateApiKey")?
+            .into_inner();
+        if created.secret.is_empty() {
+            bail!("CreateApiKey returned no secret");
+        }
+        secrets.push(created.secret);
     }
     Ok(Outcome::Success(format!(
-        "WORKSPACE_ID={}\nKEY={}",
-        workspace.id, created.secret
+        "WORKSPACE_ID={}\nKEY={}\nMETERED_KEY={}",
+        workspace.id, secrets[0], secrets[1]
     )))
 }
 

@@ -144,6 +144,7 @@ async fn cycle(
     let old = VerifyApiKeyRequest {
         key: created.secret,
         required_scopes: vec![args.scope.clone()],
+        cost: None,
     };
     all_valid(clients, &old, "the created key").await?;
 
@@ -164,6 +165,7 @@ async fn cycle(
     let new = VerifyApiKeyRequest {
         key: rotated.secret,
         required_scopes: vec![args.scope.clone()],
+        cost: None,
     };
     all_refuse(clients, &old, revoked_at, deadline, tally).await?;
     all_valid(clients, &new, "the rotated key's successor").await?;

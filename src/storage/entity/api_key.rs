@@ -25,6 +25,11 @@ pub struct Model {
     pub request_id: Option<Uuid>,
     pub create_time: ChronoDateTimeUtc,
     pub update_time: ChronoDateTimeUtc,
+    /// `[{"name", "limit", "period_ms", "shared_by_owner"}]`, in the key's order.
+    pub rate_limits: Json,
+    /// The credit account and key-budget subject; `None` (keys written before usage
+    /// controls): the key's own id.
+    pub usage_id: Option<Uuid>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -32,11 +37,24 @@ pub enum Relation {
     /// The key's grants, loaded with it in one query when a key is verified.
     #[sea_orm(has_many = "super::api_key_scope::Entity")]
     Grants,
+    /// The key's credit account, joined when a key is verified.
+    #[sea_orm(
+        belongs_to = "super::usage_credit::Entity",
+        from = "Column::UsageId",
+        to = "super::usage_credit::Column::AccountId"
+    )]
+    Credits,
 }
 
 impl Related<super::api_key_scope::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::Grants.def()
+    }
+}
+
+impl Related<super::usage_credit::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Credits.def()
     }
 }
 

@@ -6,6 +6,7 @@ pub mod audit_chain;
 pub mod audit_event;
 pub mod scope;
 pub mod setting;
+pub mod usage_credit;
 pub mod workspace;
 
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Select};

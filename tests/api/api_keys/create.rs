@@ -34,6 +34,7 @@ async fn create_returns_the_secret_once_and_never_again(backend: Backend) {
             metadata: [("plan".to_string(), "pro".to_string())].into(),
             expire_time: Some(expire),
             request_id: String::new(),
+            ..Default::default()
         })
         .await
         .inner()
@@ -190,6 +191,7 @@ async fn create_validates_every_field(backend: Backend) {
             .collect(),
         expire_time: Some(in_secs(-60)),
         request_id: "not-a-uuid".into(),
+        ..Default::default()
     };
     let status = assert_err(
         app.as_admin()

@@ -91,6 +91,7 @@ async fn admin_key_acts_for_its_tenant_with_its_scopes(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: secret.clone(),
                 required_scopes: vec![],
+                cost: None,
             })
             .await
             .inner(),

@@ -182,6 +182,7 @@ async fn wildcard_grants_every_action_of_its_resource_only(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: "kp_x".into(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .inner()

@@ -123,6 +123,7 @@ async fn required_claims_must_be_present_and_well_typed(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: "kp_x".into(),
                     required_scopes: vec![],
+                    cost: None,
                 })
                 .await
                 .inner(),
@@ -265,6 +266,7 @@ async fn scp_array_works_like_scope(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: "kp_x".into(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .inner()
@@ -342,6 +344,7 @@ async fn issuer_and_audience_are_checked_when_configured(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: "kp_x".into(),
                     required_scopes: vec![],
+                    cost: None,
                 })
                 .await
                 .inner(),

@@ -48,6 +48,7 @@ async fn no_credential_is_credentials_missing(backend: Backend) {
             .verify_api_key(pb::VerifyApiKeyRequest {
                 key: "kp_whatever".into(),
                 required_scopes: vec![],
+                cost: None,
             })
             .await
             .inner(),
@@ -183,6 +184,7 @@ async fn forged_and_malformed_tokens_are_token_invalid(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: "kp_x".into(),
                     required_scopes: vec![],
+                    cost: None,
                 })
                 .await
                 .inner(),
@@ -296,6 +298,7 @@ async fn expired_and_premature_tokens(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: "kp_x".into(),
                     required_scopes: vec![],
+                    cost: None,
                 })
                 .await
                 .inner(),

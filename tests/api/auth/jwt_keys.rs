@@ -171,6 +171,7 @@ async fn jwks_kid_selects_the_key(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: "kp_x".into(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .inner()
@@ -239,6 +240,7 @@ async fn jwks_kid_selects_the_key(backend: Backend) {
                 .verify_api_key(pb::VerifyApiKeyRequest {
                     key: "kp_x".into(),
                     required_scopes: vec![],
+                    cost: None,
                 })
                 .await
                 .inner(),

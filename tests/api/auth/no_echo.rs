@@ -211,6 +211,7 @@ async fn errors_never_echo_the_credential(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: reader_secret.clone(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .inner()

@@ -251,6 +251,7 @@ async fn platform_token_acts_for_the_named_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .inner()
@@ -265,6 +266,7 @@ async fn platform_token_acts_for_the_named_tenant(backend: Backend) {
         .verify_api_key(pb::VerifyApiKeyRequest {
             key: secret.clone(),
             required_scopes: vec![],
+            cost: None,
         })
         .await
         .unwrap()

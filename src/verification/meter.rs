@@ -1,0 +1,1051 @@
+//! The per-replica meter of usage controls: the budgets (rate limits, credit accounts) this
+//! replica has seen, each a [`Budget`] state machine (`domain::usage`) behind its own mutex,
+//! in a sharded map keyed by budget id. Verifications spend from the leases in memory; the
+//! database is asked only to reserve more (one reservation in flight per budget, the other
+//! requests wait for it) or to take units back. A background task tops busy leases up
+//! before they run dry, gives idle ones back, and drops budgets nobody uses; shutdown gives
+//! every lease back. The design, and why the bounds hold, is `docs/usage-controls.md`.
+//!
+//! A mutex is held for a few arithmetic operations, never across an `await`: statements run
+//! in tasks of their own, which report to the budget when they end, so a request that is
+//! cancelled mid-reservation cannot leave its budget waiting forever.
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use dashmap::DashMap;
+use metrics::Counter;
+use sea_orm::{ConnectionTrait, DbErr};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::domain::TenantId;
+use crate::domain::records::{ApiKey, VerifyCode};
+use crate::domain::usage::{
+    Answer, Ask, Budget, BudgetId, CREDIT_REFUSAL_TTL, Cost, CreditRow, CreditTerms, Fleet,
+    GiveBack, Hold, IDLE, LimitState, Mono, Peers, Period, RateRow, Refused, Step, Tag, Terms,
+};
+use crate::storage::budgets::{self, RateAsk};
+use crate::storage::feed::{Heartbeats, USAGE_CHANNEL};
+use crate::storage::{Store, StoreError};
+
+/// How often the background task prefetches, gives back and retires.
+const TICK: Duration = Duration::from_millis(100);
+/// How often windows that ended long ago are swept from the database.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// A reservation that takes longer is written off (its outcome is unknown) and the request
+/// that needed it is answered UNAVAILABLE.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A request asks again at most this often when the database answered for an older window
+/// (its clock stepped back) or its holds expired while it waited: then it is UNAVAILABLE.
+const ATTEMPTS: usize = 4;
+/// How long a request the database refused credits waits for the other replicas to return
+/// theirs (a recall) before asking again: a NOTIFY's delivery and a give-back statement.
+const RECALL_WAIT: Duration = Duration::from_millis(50);
+
+/// What a verification decided about usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Admitted,
+    /// The rate limit at this index of the key's refused.
+    RateLimited(usize),
+    UsageExceeded,
+}
+
+impl Decision {
+    pub fn code(self) -> VerifyCode {
+        match self {
+            Decision::Admitted => VerifyCode::Valid,
+            Decision::RateLimited(_) => VerifyCode::RateLimited,
+            Decision::UsageExceeded => VerifyCode::UsageExceeded,
+        }
+    }
+}
+
+/// One rate limit's state after a verification (this replica's estimate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitReport {
+    pub state: LimitState,
+    /// The database clock now, as low as it can be: what `reset_ms` is counted from.
+    pub db_now_ms: i64,
+}
+
+/// The credits after a verification (this replica's estimate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditReport {
+    pub remaining: u64,
+    /// The next refill (database clock); `None` without one.
+    pub reset_ms: Option<i64>,
+    pub refill_amount: Option<u64>,
+    pub db_now_ms: i64,
+}
+
+/// What verification reports about a key's usage controls.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageReport {
+    /// One per rate limit, in the key's order.
+    pub limits: Vec<LimitReport>,
+    /// `None`: unlimited credits.
+    pub credits: Option<CreditReport>,
+}
+
+/// What a budget's statements need besides its id, as last seen with a key: the
+/// background task has no request to take them from.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Rate {
+        tenant: TenantId,
+        limit: u64,
+        period: Period,
+    },
+    Credits {
+        account: Uuid,
+        terms: CreditTerms,
+    },
+}
+
+impl Target {
+    fn terms(&self) -> Terms {
+        match *self {
+            Target::Rate { limit, period, .. } => Terms::Rate { limit, period },
+            Target::Credits { terms, .. } => Terms::Credits(terms),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Rate { .. } => "rate",
+            Target::Credits { .. } => "credits",
+        }
+    }
+}
+
+struct SlotState {
+    budget: Budget,
+    target: Target,
+    /// A recall is out: refused requests wait until then, and the first to wake asks the
+    /// database again.
+    recall: Option<Mono>,
+    /// When the last recall went out: at most one per [`CREDIT_REFUSAL_TTL`].
+    last_recall: Option<Mono>,
+    /// Since a recall was heard, the account is nearly spent: reserve exactly what each
+    /// request needs until then, so that no replica strands credits again.
+    frugal_until: Option<Mono>,
+}
+
+impl SlotState {
+    /// The fleet to size this budget's reservations by: unknown (exactly the need, no
+    /// prefetch) while frugal.
+    fn sizing(&self, fleet: Fleet, now: Mono) -> Fleet {
+        if self.frugal_until.is_some_and(|until| now < until) {
+            Fleet::UNKNOWN
+        } else {
+            fleet
+        }
+    }
+}
+
+/// One budget of this replica.
+struct Slot {
+    id: BudgetId,
+    state: Mutex<SlotState>,
+    /// Woken when a reservation ends, for the requests that waited for it.
+    reserved: Notify,
+}
+
+impl Slot {
+    fn new(id: BudgetId, target: Target) -> Self {
+        Self {
+            id,
+            state: Mutex::new(SlotState {
+                budget: Budget::new(),
+                target,
+                recall: None,
+                last_recall: None,
+                frugal_until: None,
+            }),
+            reserved: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // The state stays consistent between statements: a panic elsewhere cannot have left
+        // it half-written, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a reservation ended, for the request that waited for it.
+enum Reserved {
+    /// The budget has the database's answer (granted or refused): step again.
+    Answered,
+    /// The credit account is unlimited now (cleared concurrently): nothing to draw.
+    Unlimited,
+    /// Nothing was taken and nothing learnt (an older window): ask again.
+    Again,
+}
+
+/// What drawing a request's cost from one budget came to.
+enum Drawn {
+    Held,
+    Unlimited,
+    Refused,
+}
+
+/// Units a request holds until it is admitted; put back if it is not (refused by a later
+/// budget, cancelled, failed).
+struct Holds<'a> {
+    meter: &'a Meter,
+    held: Vec<(Arc<Slot>, Hold)>,
+}
+
+impl Holds<'_> {
+    fn usable(&self, now: Mono) -> bool {
+        self.held.iter().all(|(_, h)| h.usable_at(now))
+    }
+
+    fn spend(mut self) {
+        for (slot, hold) in std::mem::take(&mut self.held) {
+            let kind = slot.lock().target.kind();
+            self.meter.spent(kind, hold.units());
+        }
+    }
+}
+
+impl Drop for Holds<'_> {
+    fn drop(&mut self) {
+        let now = self.meter.now();
+        for (slot, hold) in self.held.drain(..) {
+            slot.lock().budget.put_back(hold, now);
+        }
+    }
+}
+
+/// The meter of one replica.
+pub struct Meter {
+    store: Store,
+    budgets: DashMap<BudgetId, Arc<Slot>>,
+    /// Replicas counted from the feed's heartbeats (PostgreSQL).
+    peers: Mutex<Peers>,
+    /// Whether other replicas may share the database; SQLite is one process (n = 1).
+    shared: bool,
+    origin: Instant,
+    spent_rate: Counter,
+    spent_credits: Counter,
+}
+
+impl Meter {
+    pub fn new(store: Store) -> Self {
+        let shared = store.is_shared();
+        Self {
+            store,
+            budgets: DashMap::new(),
+            peers: Mutex::new(Peers::new()),
+            shared,
+            origin: Instant::now(),
+            spent_rate: metrics::counter!("keyplane_usage_units_total", "kind" => "rate", "fate" => "spent"),
+            spent_credits: metrics::counter!("keyplane_usage_units_total", "kind" => "credits", "fate" => "spent"),
+        }
+    }
+
+    fn now(&self) -> Mono {
+        mono(self.origin)
+    }
+
+    fn peers(&self) -> MutexGuard<'_, Peers> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The replica count reservations are sized by.
+    fn fleet(&self, now: Mono) -> Fleet {
+        if self.shared {
+            self.peers().fleet(now)
+        } else {
+            Fleet::single()
+        }
+    }
+
+    fn spent(&self, kind: &str, units: u64) {
+        match kind {
+            "rate" => self.spent_rate.increment(units),
+            _ => self.spent_credits.increment(units),
+        }
+    }
+
+    fn slot(&self, id: BudgetId, target: Target) -> Arc<Slot> {
+        if let Some(slot) = self.budgets.get(&id) {
+            return slot.clone();
+        }
+        self.budgets
+            .entry(id)
+            .or_insert_with(|| Arc::new(Slot::new(id, target)))
+            .clone()
+    }
+
+    /// Charges `cost` to the key's usage controls: rate limits in order, then credits. A
+    /// refusal spends nothing (what earlier budgets handed out goes back); a database
+    /// failure while a reservation is needed is an error, never an admission.
+    pub async fn charge(
+        &self,
+        key: &ApiKey,
+        cost: Cost,
+    ) -> Result<(Decision, UsageReport), StoreError> {
+        let decision = self.decide(key, cost).await?;
+        Ok((decision, self.report(key, decision)))
+    }
+
+    async fn decide(&self, key: &ApiKey, cost: Cost) -> Result<Decision, StoreError> {
+        if cost.is_free() {
+            return Ok(Decision::Admitted);
+        }
+        // A rotated key in its grace period stops spending: its successor holds the
+        // account now, and the pair must never spend one balance from two secrets.
+        if key.successor_id.is_some() && key.credits.is_some() {
+            return Ok(Decision::UsageExceeded);
+        }
+        for _ in 0..ATTEMPTS {
+            let mut holds = Holds {
+                meter: self,
+                held: Vec::new(),
+            };
+            for (i, (limit, id)) in key.rate_limits.iter().zip(&key.budgets.rate).enumerate() {
+                let target = Target::Rate {
+                    tenant: key.tenant_id,
+                    limit: limit.limit(),
+                    period: limit.period(),
+                };
+                if let Drawn::Refused = self.draw(*id, target, cost, &mut holds).await? {
+                    return Ok(Decision::RateLimited(i));
+                }
+            }
+            if let Some(credits) = key.credits {
+                let target = Target::Credits {
+                    account: key.usage_id,
+                    terms: match credits.terms() {
+                        Terms::Credits(t) => t,
+                        Terms::Rate { .. } => return Err(corrupt("credit terms")),
+                    },
+                };
+                if let Drawn::Refused = self
+                    .draw(key.budgets.credits, target, cost, &mut holds)
+                    .await?
+                {
+                    return Ok(Decision::UsageExceeded);
+                }
+            }
+            // A request that waited (for another budget's reservation) across the end of a
+            // window must not spend that window's units in the next: start over.
+            if holds.usable(self.now()) {
+                holds.spend();
+                return Ok(Decision::Admitted);
+            }
+        }
+        Err(unavailable("usage holds kept expiring"))
+    }
+
+    /// Draws `cost` from one budget into `holds`.
+    async fn draw(
+        &self,
+        id: BudgetId,
+        target: Target,
+        cost: Cost,
+        holds: &mut Holds<'_>,
+    ) -> Result<Drawn, StoreError> {
+        let slot = self.slot(id, target);
+        let terms = target.terms();
+        let mut agains = 0;
+        let mut waited_for_recall = false;
+        loop {
+            // Registered before stepping, so that a reservation ending in between still
+            // wakes this request.
+            let reserved = slot.reserved.notified();
+            tokio::pin!(reserved);
+            reserved.as_mut().enable();
+            let now = self.now();
+            let fleet = self.fleet(now);
+            let step = {
+                let mut state = slot.lock();
+                state.target = target;
+                // A recall's wait is over: what the other replicas returned is in the
+                // database now, so its earlier refusal is not its word any more.
+                if state.recall.is_some_and(|until| now >= until) {
+                    state.recall = None;
+                    state.budget.forget_refusal();
+                }
+                let sizing = state.sizing(fleet, now);
+                state.budget.step(cost, &terms, sizing, now)
+            };
+            match step {
+                Step::Held(hold) => {
+                    holds.held.push((slot.clone(), hold));
+                    return Ok(Drawn::Held);
+                }
+                Step::Refused(why) => {
+                    if !waited_for_recall
+                        && let Some(wait) = self.recall(&slot, target, why, fleet, now)
+                    {
+                        waited_for_recall = true;
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    metrics::counter!("keyplane_usage_local_refusals_total", "kind" => target.kind())
+                        .increment(1);
+                    return Ok(Drawn::Refused);
+                }
+                Step::Reserve(ask) => {
+                    let task = tokio::spawn(reserve(
+                        self.store.clone(),
+                        slot.clone(),
+                        target,
+                        ask,
+                        fleet,
+                        self.origin,
+                    ));
+                    let reserved = task
+                        .await
+                        .map_err(|_| unavailable("the reservation task ended early"))??;
+                    match reserved {
+                        Reserved::Answered => {}
+                        Reserved::Unlimited => return Ok(Drawn::Unlimited),
+                        Reserved::Again => {
+                            agains += 1;
+                            if agains >= ATTEMPTS {
+                                return Err(unavailable(
+                                    "the database keeps answering for an older window",
+                                ));
+                            }
+                        }
+                    }
+                }
+                Step::AwaitReservation => {
+                    metrics::counter!("keyplane_usage_waits_total", "reason" => "reservation")
+                        .increment(1);
+                    reserved.await;
+                }
+                Step::WaitUntil(until) => {
+                    metrics::counter!("keyplane_usage_waits_total", "reason" => "turn")
+                        .increment(1);
+                    tokio::time::sleep(until.since(now)).await;
+                }
+            }
+        }
+    }
+
+    /// Credits the database refused may sit unspent on other replicas (a lease taken for
+    /// traffic that then stopped). Before a request is answered USAGE_EXCEEDED, the other
+    /// replicas are asked to return what they hold of the account (a NOTIFY), and the
+    /// request waits [`RECALL_WAIT`] and asks the database again. At most one recall per
+    /// budget per [`CREDIT_REFUSAL_TTL`]; refused requests wait for the one that is out.
+    /// `None`: answer the refusal now.
+    fn recall(
+        &self,
+        slot: &Arc<Slot>,
+        target: Target,
+        why: Refused,
+        fleet: Fleet,
+        now: Mono,
+    ) -> Option<Duration> {
+        let alone = !self.shared || fleet.replicas() == Some(1);
+        if alone || why != Refused::Remembered || !matches!(target, Target::Credits { .. }) {
+            return None;
+        }
+        let mut state = slot.lock();
+        if let Some(until) = state.recall {
+            return Some(until.since(now));
+        }
+        if state
+            .last_recall
+            .is_some_and(|t| now.since(t) < CREDIT_REFUSAL_TTL)
+        {
+            return None;
+        }
+        state.recall = Some(now.after(RECALL_WAIT));
+        state.last_recall = Some(now);
+        drop(state);
+        tokio::spawn(send_recall(self.store.clone(), slot.id));
+        Some(RECALL_WAIT)
+    }
+
+    /// Another replica (or this one) recalls a budget: return what this replica holds of
+    /// it, so that the database can grant it to whoever was refused.
+    fn recalled(&self, id: BudgetId) {
+        let Some(slot) = self.budgets.get(&id).map(|s| s.clone()) else {
+            return;
+        };
+        let now = self.now();
+        let fleet = self.fleet(now);
+        let (target, back) = {
+            let mut state = slot.lock();
+            state.frugal_until = Some(now.after(IDLE));
+            (state.target, state.budget.give_back(now, fleet, true))
+        };
+        if let Some(back) = back {
+            metrics::counter!("keyplane_usage_recalls_total", "side" => "returned").increment(1);
+            tokio::spawn(give_back(self.store.clone(), id, target, back));
+        }
+    }
+
+    /// The credits of the key's account this replica holds, of the epoch the key was read
+    /// with, that may still be spent.
+    pub fn held_credits(&self, key: &ApiKey) -> u64 {
+        let Some(credits) = key.credits else {
+            return 0;
+        };
+        self.budgets.get(&key.budgets.credits).map_or(0, |slot| {
+            slot.lock()
+                .budget
+                .held_in(Tag::Epoch(credits.epoch), self.now())
+        })
+    }
+
+    /// This replica's estimates after the decision, for the response.
+    fn report(&self, key: &ApiKey, decision: Decision) -> UsageReport {
+        let now = self.now();
+        let wall_ms = Utc::now().timestamp_millis();
+        let estimate = |id: &BudgetId, terms: &Terms| match self.budgets.get(id) {
+            Some(slot) => {
+                let state = slot.lock();
+                (
+                    state.budget.estimate(terms, now, wall_ms),
+                    state.budget.db_now(now, wall_ms),
+                )
+            }
+            None => {
+                let fresh = Budget::new();
+                (fresh.estimate(terms, now, wall_ms), wall_ms)
+            }
+        };
+        let limits = key
+            .rate_limits
+            .iter()
+            .zip(&key.budgets.rate)
+            .enumerate()
+            .map(|(i, (limit, id))| {
+                let (estimate, db_now_ms) = estimate(id, &limit.terms());
+                LimitReport {
+                    state: LimitState {
+                        limit: limit.limit(),
+                        remaining: estimate.remaining,
+                        reset_ms: estimate.reset_ms.unwrap_or(db_now_ms),
+                        exceeded: decision == Decision::RateLimited(i),
+                    },
+                    db_now_ms,
+                }
+            })
+            .collect();
+        let credits = key.credits.map(|credits| {
+            let (estimate, db_now_ms) = estimate(&key.budgets.credits, &credits.terms());
+            CreditReport {
+                remaining: estimate.remaining,
+                reset_ms: estimate.reset_ms.filter(|_| credits.refill.is_some()),
+                refill_amount: credits.refill.map(|r| r.amount()),
+                db_now_ms,
+            }
+        });
+        UsageReport { limits, credits }
+    }
+
+    /// Runs until `stop`: prefetches, gives back what is idle or above its cap, drops
+    /// budgets nobody uses, and sweeps ended windows from the database now and then.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            self.tick();
+            if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                last_sweep = Some(Instant::now());
+                if let Err(err) = budgets::sweep_windows(self.store.connection()).await {
+                    tracing::debug!(error = %err, "could not sweep ended rate-limit windows");
+                }
+            }
+        }
+    }
+
+    fn tick(&self) {
+        let now = self.now();
+        let fleet = self.fleet(now);
+        let slots: Vec<(BudgetId, Arc<Slot>)> = self
+            .budgets
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        for (id, slot) in slots {
+            let (target, prefetch, back, lost, retire) = {
+                let mut state = slot.lock();
+                let target = state.target;
+                let terms = target.terms();
+                let sizing = state.sizing(fleet, now);
+                let prefetch = state.budget.prefetch(&terms, sizing, now);
+                let back = state.budget.give_back(now, fleet, false);
+                let lost = state.budget.take_lost();
+                (target, prefetch, back, lost, state.budget.is_retirable(now))
+            };
+            if lost > 0 {
+                metrics::counter!("keyplane_usage_units_total", "kind" => target.kind(), "fate" => "expired")
+                    .increment(lost);
+            }
+            if let Some(ask) = prefetch {
+                tokio::spawn(reserve(
+                    self.store.clone(),
+                    slot.clone(),
+                    target,
+                    ask,
+                    fleet,
+                    self.origin,
+                ));
+            }
+            if let Some(back) = back {
+                tokio::spawn(give_back(self.store.clone(), id, target, back));
+            }
+            if retire {
+                self.budgets
+                    .remove_if(&id, |_, slot| slot.lock().budget.is_retirable(now));
+            }
+        }
+        metrics::gauge!("keyplane_usage_budgets").set(self.budgets.len() as f64);
+        metrics::gauge!("keyplane_usage_replicas").set(fleet.replicas().map_or(0.0, f64::from));
+    }
+
+    /// Gives every lease back (on shutdown, after in-flight calls finished). What does not
+    /// make it in time is lost, as with a crash: never created.
+    pub async fn give_back_all(&self) {
+        let now = self.now();
+        let fleet = self.fleet(now);
+        let backs: Vec<(BudgetId, Target, GiveBack)> = self
+            .budgets
+            .iter()
+            .filter_map(|e| {
+                let mut state = e.value().lock();
+                let target = state.target;
+                let back = state.budget.give_back(now, fleet, true)?;
+                Some((*e.key(), target, back))
+            })
+            .collect();
+        let count = backs.len();
+        futures::future::join_all(
+            backs
+                .into_iter()
+                .map(|(id, target, back)| give_back(self.store.clone(), id, target, back)),
+        )
+        .await;
+        if count > 0 {
+            tracing::info!(leases = count, "gave usage leases back");
+        }
+    }
+}
+
+impl Heartbeats for Meter {
+    fn feed_up(&self) {
+        let now = self.now();
+        self.peers().feed_up(now);
+    }
+
+    fn feed_down(&self) {
+        self.peers().feed_down();
+    }
+
+    fn heard(&self, replica: &str) {
+        let now = self.now();
+        self.peers().heard(replica, now);
+    }
+
+    fn usage_message(&self, payload: &str) {
+        if let Some(id) = payload.strip_prefix(RECALL).and_then(parse_budget) {
+            self.recalled(id);
+        }
+    }
+}
+
+/// The payload prefix of a recall on the usage channel; the budget id follows in hex.
+const RECALL: &str = "recall:";
+
+fn parse_budget(hex: &str) -> Option<BudgetId> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(BudgetId(id))
+}
+
+fn budget_hex(id: BudgetId) -> String {
+    id.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asks every replica to return what it holds of a budget (PostgreSQL only: SQLite is one
+/// process). Best effort: a recall that is lost only means a refusal stands.
+async fn send_recall(store: Store, id: BudgetId) {
+    metrics::counter!("keyplane_usage_recalls_total", "side" => "sent").increment(1);
+    let sent = store
+        .connection()
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [
+                USAGE_CHANNEL.into(),
+                format!("{RECALL}{}", budget_hex(id)).into(),
+            ],
+        ))
+        .await;
+    if let Err(err) = sent {
+        tracing::debug!(error = %err, "could not recall a usage budget");
+    }
+}
+
+fn unavailable(why: &str) -> StoreError {
+    StoreError::Unavailable(DbErr::Custom(why.to_owned()))
+}
+
+fn corrupt(why: &str) -> StoreError {
+    StoreError::Corrupt(why.to_owned())
+}
+
+fn mono(origin: Instant) -> Mono {
+    Mono::from_micros(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The take statement for one ask, reported to the budget whatever happens (so its
+/// reservation is never left in flight), and then to whoever waits.
+async fn reserve(
+    store: Store,
+    slot: Arc<Slot>,
+    target: Target,
+    ask: Ask,
+    fleet: Fleet,
+    origin: Instant,
+) -> Result<Reserved, StoreError> {
+    let sent = mono(origin);
+    let started = Instant::now();
+    let taken = tokio::time::timeout(RESERVE_TIMEOUT, async {
+        if store.is_shared() {
+            return take(store.connection(), slot.id, target, ask, fleet).await;
+        }
+        // SQLite: the write lock up front (`BEGIN IMMEDIATE`), so that the statement waits
+        // its turn instead of failing when another writer committed since its read began.
+        let txn = store.begin_write().await?;
+        let row = take(&txn, slot.id, target, ask, fleet).await?;
+        txn.commit().await?;
+        Ok(row)
+    })
+    .await;
+    let received = mono(origin);
+    let kind = target.kind();
+    metrics::histogram!("keyplane_usage_reservation_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    let terms = target.terms();
+    let answer = match taken {
+        Err(_) => Err(unavailable("a reservation timed out")),
+        Ok(Err(err)) => Err(err),
+        Ok(Ok(Row::Rate(row))) => match target {
+            Target::Rate { limit, period, .. } => {
+                Ok(Some(row.answer(limit, period, sent, received)))
+            }
+            Target::Credits { .. } => Err(corrupt("a rate row for credits")),
+        },
+        Ok(Ok(Row::Credits(Some(row)))) => Ok(Some(row.answer(sent, received))),
+        Ok(Ok(Row::Credits(None))) => Ok(None),
+    };
+    let result = {
+        let mut state = slot.lock();
+        match answer {
+            Ok(Some(Answer::Granted(grant))) => {
+                metrics::counter!("keyplane_usage_reservations_total", "kind" => kind, "result" => "granted").increment(1);
+                metrics::counter!("keyplane_usage_units_total", "kind" => kind, "fate" => "reserved").increment(grant.units);
+                state.budget.granted(grant, received);
+                Ok(Reserved::Answered)
+            }
+            Ok(Some(Answer::Refused(grant))) => {
+                metrics::counter!("keyplane_usage_reservations_total", "kind" => kind, "result" => "refused").increment(1);
+                state.budget.refused(ask, grant, &terms, received);
+                Ok(Reserved::Answered)
+            }
+            Ok(Some(Answer::Again)) => {
+                state.budget.failed();
+                Ok(Reserved::Again)
+            }
+            Ok(None) => {
+                state.budget.failed();
+                Ok(Reserved::Unlimited)
+            }
+            Err(err) => {
+                metrics::counter!("keyplane_usage_reservations_total", "kind" => kind, "result" => "error").increment(1);
+                // Whatever the statement may have taken is lost, never assumed.
+                state.budget.failed();
+                Err(err)
+            }
+        }
+    };
+    slot.reserved.notify_waiters();
+    result
+}
+
+/// What a take statement returned.
+enum Row {
+    Rate(RateRow),
+    /// `None`: the account is unlimited now.
+    Credits(Option<CreditRow>),
+}
+
+async fn take(
+    conn: &impl ConnectionTrait,
+    id: BudgetId,
+    target: Target,
+    ask: Ask,
+    fleet: Fleet,
+) -> Result<Row, StoreError> {
+    match target {
+        Target::Rate {
+            tenant,
+            limit,
+            period,
+        } => budgets::take_rate(
+            conn,
+            RateAsk {
+                budget: id.0,
+                tenant,
+                period_ms: period.as_millis(),
+                limit,
+                need: ask.need,
+                want: ask.want,
+            },
+        )
+        .await
+        .map(Row::Rate),
+        Target::Credits { account, .. } => {
+            budgets::take_credits(conn, account, ask.need, ask.want, fleet.credit_spread())
+                .await
+                .map(Row::Credits)
+        }
+    }
+}
+
+async fn give_back_statement(
+    conn: &impl ConnectionTrait,
+    id: BudgetId,
+    target: Target,
+    back: GiveBack,
+) -> Result<(), StoreError> {
+    match (target, back.tag) {
+        (Target::Credits { account, .. }, Tag::Epoch(epoch)) => {
+            budgets::give_back_credits(conn, account, back.units, epoch).await
+        }
+        (Target::Rate { .. }, Tag::Window(start)) => {
+            budgets::give_back_rate(conn, id.0, back.units, start).await
+        }
+        // A tag of the other kind cannot happen; the units are lost, never misfiled.
+        _ => Err(corrupt("a give-back of the other kind")),
+    }
+}
+
+/// Returns units to the database. The units already left the lease; a statement whose
+/// outcome is unknown is never retried (returning twice would create units).
+async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
+    let kind = target.kind();
+    let result = async {
+        if store.is_shared() {
+            return give_back_statement(store.connection(), id, target, back).await;
+        }
+        let txn = store.begin_write().await?;
+        give_back_statement(&txn, id, target, back).await?;
+        txn.commit().await.map_err(StoreError::from)
+    }
+    .await;
+    let fate = if result.is_ok() { "given_back" } else { "lost" };
+    metrics::counter!("keyplane_usage_units_total", "kind" => kind, "fate" => fate)
+        .increment(back.units);
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::EntityTrait;
+
+    use super::*;
+    use crate::domain::key::KeyDigest;
+    use crate::domain::usage::{Budgets, Credits, RateLimit, RateLimitName, RateLimits};
+    use crate::storage::budgets::tests::database;
+    use crate::storage::entity::usage_credit;
+
+    fn key(limits: &[(u64, i64)], credits: Option<u64>) -> ApiKey {
+        let now = Utc::now();
+        let rate_limits = RateLimits::new(
+            limits
+                .iter()
+                .enumerate()
+                .map(|(i, (limit, period_ms))| {
+                    RateLimit::new(
+                        RateLimitName::parse(&format!("l{i}")).unwrap(),
+                        *limit,
+                        Period::rate_limit_ms(*period_ms).unwrap(),
+                        false,
+                    )
+                    .unwrap()
+                })
+                .collect(),
+        )
+        .unwrap();
+        let mut key = ApiKey {
+            id: Uuid::now_v7(),
+            tenant_id: TenantId::new(Uuid::now_v7()),
+            workspace_id: Uuid::now_v7(),
+            name: String::new(),
+            prefix: "kp".into(),
+            last_four: "abcd".into(),
+            digest: KeyDigest([0; 32]),
+            scopes: Vec::new(),
+            owner_id: None,
+            metadata: Default::default(),
+            expire_time: None,
+            disabled: false,
+            revoke_time: None,
+            last_used_time: None,
+            successor_id: None,
+            revision: 1,
+            create_time: now,
+            update_time: now,
+            rate_limits,
+            credits: credits.map(|balance| Credits {
+                balance,
+                refill: None,
+                epoch: 1,
+                version: 1,
+                next_refill_ms: None,
+            }),
+            usage_id: Uuid::nil(),
+            budgets: Budgets::of(
+                TenantId::new(Uuid::nil()),
+                Uuid::nil(),
+                None,
+                &Default::default(),
+            ),
+        };
+        key.usage_id = key.id;
+        key.bind_budgets();
+        key
+    }
+
+    async fn meter() -> Option<(Meter, Option<tempfile::TempDir>)> {
+        let (db, dir) = database(false).await?;
+        Some((Meter::new(Store::new(db)), dir))
+    }
+
+    async fn decisions(meter: &Meter, key: &ApiKey, cost: u64, n: usize) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(meter.charge(key, Cost::new(cost).unwrap()).await.unwrap().0);
+        }
+        out
+    }
+
+    async fn balance(meter: &Meter, account: Uuid) -> Option<i64> {
+        usage_credit::Entity::find_by_id(account)
+            .one(meter.store.connection())
+            .await
+            .unwrap()
+            .unwrap()
+            .balance
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_admits_exactly_its_limit_on_one_replica() {
+        let (meter, _dir) = meter().await.unwrap();
+        let k = key(&[(3, 3_600_000)], None);
+        use Decision::*;
+        assert_eq!(
+            decisions(&meter, &k, 1, 4).await,
+            [Admitted, Admitted, Admitted, RateLimited(0)]
+        );
+        let (decision, report) = meter.charge(&k, Cost::DEFAULT).await.unwrap();
+        assert_eq!(decision, RateLimited(0));
+        let state = report.limits[0].state;
+        assert_eq!((state.limit, state.remaining, state.exceeded), (3, 0, true));
+        assert!(state.reset_ms > report.limits[0].db_now_ms);
+        // Cost 0 checks without spending, and is never refused.
+        assert_eq!(meter.charge(&k, Cost::FREE).await.unwrap().0, Admitted);
+        assert_eq!(decisions(&meter, &k, 4, 1).await, [RateLimited(0)]);
+    }
+
+    #[tokio::test]
+    async fn credits_are_spent_exactly_and_a_rate_limited_request_spends_none() {
+        let (meter, _dir) = meter().await.unwrap();
+        let k = key(&[(2, 3_600_000)], Some(5));
+        budgets::set_credits(
+            meter.store.connection(),
+            k.tenant_id,
+            k.usage_id,
+            5,
+            None,
+            true,
+        )
+        .await
+        .unwrap();
+        use Decision::*;
+        assert_eq!(
+            decisions(&meter, &k, 1, 3).await,
+            [Admitted, Admitted, RateLimited(0)]
+        );
+        let report = meter.charge(&k, Cost::FREE).await.unwrap().1;
+        assert_eq!(report.credits.unwrap().remaining, 3);
+        meter.give_back_all().await;
+        assert_eq!(balance(&meter, k.usage_id).await, Some(3));
+
+        let k = key(&[], Some(5));
+        budgets::set_credits(
+            meter.store.connection(),
+            k.tenant_id,
+            k.usage_id,
+            5,
+            None,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            decisions(&meter, &k, 2, 3).await,
+            [Admitted, Admitted, UsageExceeded]
+        );
+        assert_eq!(decisions(&meter, &k, 1, 2).await, [Admitted, UsageExceeded]);
+        meter.give_back_all().await;
+        assert_eq!(balance(&meter, k.usage_id).await, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_key_stops_spending_credits() {
+        let (meter, _dir) = meter().await.unwrap();
+        let mut k = key(&[], Some(5));
+        k.successor_id = Some(Uuid::now_v7());
+        use Decision::*;
+        assert_eq!(decisions(&meter, &k, 1, 1).await, [UsageExceeded]);
+        assert_eq!(decisions(&meter, &k, 0, 1).await, [Admitted]);
+        // With rate limits only, it draws from the family's counters as before.
+        let mut k = key(&[(1, 3_600_000)], None);
+        k.successor_id = Some(Uuid::now_v7());
+        assert_eq!(
+            decisions(&meter, &k, 1, 2).await,
+            [Admitted, RateLimited(0)]
+        );
+    }
+
+    #[test]
+    fn recalls_name_budgets_in_hex() {
+        let id = BudgetId::credits(TenantId::new(Uuid::now_v7()), Uuid::now_v7());
+        assert_eq!(parse_budget(&budget_hex(id)), Some(id));
+        assert_eq!(parse_budget("xy"), None);
+        assert_eq!(parse_budget(&"g".repeat(64)), None);
+    }
+
+    #[tokio::test]
+    async fn an_unlimited_account_admits() {
+        let (meter, _dir) = meter().await.unwrap();
+        // The key was read limited, the account was cleared since: no row to draw from.
+        let k = key(&[], Some(5));
+        assert_eq!(decisions(&meter, &k, 1, 2).await, [Decision::Admitted; 2]);
+    }
+}
