@@ -17,29 +17,6 @@ use sea_orm::ConnectionTrait;
 /// The bound every replica must keep.
 const BOUND: Duration = Duration::from_secs(1);
 
-fn postgres_or_skip(test: &str) -> bool {
-    if postgres_url().is_none() {
-        announce_skip(
-            test,
-            "KEYPLANE_TEST_POSTGRES_URL is not set: replicas need PostgreSQL",
-        );
-        return false;
-    }
-    true
-}
-
-async fn replicas(n: usize) -> Vec<TestApp> {
-    let first = spawn_app(Backend::Postgres).await;
-    let mut all = Vec::with_capacity(n);
-    for _ in 1..n {
-        all.push(spawn_with(first.db.shared(), test_settings(&first.db.url)).await);
-    }
-    all.insert(0, first);
-    // Give the feeds a moment to LISTEN, so that the caches answer at all.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    all
-}
-
 /// What `writer`'s credential sees on `replica`.
 async fn verify_on(
     replica: &TestApp,
@@ -158,7 +135,7 @@ fn writes_on_one_replica_are_honoured_by_the_others_within_a_second() {
         return;
     }
     run_test(async {
-        let all = replicas(3).await;
+        let all = replicas(3, Duration::from_millis(300)).await;
         all[0].create_scope("crm:read", "").await;
         for change in ["revoke", "disable", "rescope", "delete"] {
             let took = honoured_everywhere(&all, change).await;
@@ -189,7 +166,7 @@ fn revocations_are_honoured_while_the_feeds_are_cut_and_after_they_recover() {
         return;
     }
     run_test(async {
-        let all = replicas(3).await;
+        let all = replicas(3, Duration::from_millis(300)).await;
         all[0].create_scope("crm:read", "").await;
         for round in 0..3 {
             let writer = &all[0];

@@ -18,30 +18,6 @@ use keyplane::proto as pb;
 use keyplane::proto::api_key_service_client::ApiKeyServiceClient;
 use tonic::transport::Channel;
 
-fn postgres_or_skip(test: &str) -> bool {
-    if postgres_url().is_none() {
-        announce_skip(
-            test,
-            "KEYPLANE_TEST_POSTGRES_URL is not set: replicas need PostgreSQL",
-        );
-        return false;
-    }
-    true
-}
-
-async fn replicas(n: usize) -> Vec<TestApp> {
-    let first = spawn_app(Backend::Postgres).await;
-    let mut all = Vec::with_capacity(n);
-    for _ in 1..n {
-        all.push(spawn_with(first.db.shared(), test_settings(&first.db.url)).await);
-    }
-    all.insert(0, first);
-    // Let the feeds LISTEN and hear each other's heartbeats, so that every replica knows
-    // how many there are.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    all
-}
-
 async fn metered_key(
     app: &TestApp,
     rate_limits: Vec<pb::RateLimit>,
@@ -108,7 +84,7 @@ fn credits_are_exact_across_three_replicas() {
         return;
     }
     run_test(async {
-        let apps = replicas(3).await;
+        let apps = replicas(3, Duration::from_millis(1500)).await;
         let clients = clients(&apps);
 
         // 500 credits, 2,000 verifications at once: exactly 500 pass, never 501.
@@ -167,7 +143,7 @@ fn a_rate_limit_admits_between_95_and_105_percent_in_a_window() {
         return;
     }
     run_test(async {
-        let apps = replicas(3).await;
+        let apps = replicas(3, Duration::from_millis(1500)).await;
         let clients = clients(&apps);
         let (_, secret) = metered_key(
             &apps[0],

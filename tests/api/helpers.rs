@@ -835,6 +835,34 @@ pub fn audit_leaks(url: &str) -> Vec<String> {
     leaks
 }
 
+/// Whether PostgreSQL is configured; says `SKIPPED` loudly when it is not. (For the
+/// multi-replica tests, which include this file.)
+#[allow(dead_code)]
+pub fn postgres_or_skip(test: &str) -> bool {
+    if postgres_url().is_none() {
+        announce_skip(
+            test,
+            "KEYPLANE_TEST_POSTGRES_URL is not set: replicas need PostgreSQL",
+        );
+        return false;
+    }
+    true
+}
+
+/// `n` replicas on one fresh PostgreSQL database, after `settle`: time for their feeds to
+/// LISTEN (and to hear each other's heartbeats, which usage controls count).
+#[allow(dead_code)]
+pub async fn replicas(n: usize, settle: Duration) -> Vec<TestApp> {
+    let first = spawn_app(Backend::Postgres).await;
+    let mut all = Vec::with_capacity(n);
+    for _ in 1..n {
+        all.push(spawn_with(first.db.shared(), test_settings(&first.db.url)).await);
+    }
+    all.insert(0, first);
+    tokio::time::sleep(settle).await;
+    all
+}
+
 /// Polls the overall health until it is `wanted`; returns how long that took. Fails the
 /// test after `within`. (Used by `tests/faults.rs` and `tests/postgres_restart.rs`, which
 /// include this file.)
