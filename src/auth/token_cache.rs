@@ -1,31 +1,32 @@
 //! Verified bearer tokens, remembered until they expire, so that a caller sending the same
 //! token on every request (Envoy, a gateway) pays for the signature check once. Keyed by
-//! the token's SHA-256, so memory stays bounded whatever the tokens' size; only tokens
-//! that verified are kept, and expiry is checked against the clock at every use.
+//! the token itself (hashing it with SHA-256 first cost more than the lookup), weighed by
+//! its length so memory stays bounded whatever the tokens' size; only tokens that
+//! verified are kept, and expiry is checked against the clock at every use.
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moka::Expiry;
 use moka::sync::Cache;
-use sha2::{Digest, Sha256};
 
 use super::AuthError;
 use super::jwt::TokenIdentity;
 
-/// Distinct tokens remembered; callers are services, few and long-lived.
-const CAPACITY: u64 = 10_000;
+/// Bytes of tokens remembered (about 20,000 typical tokens); callers are services, few and
+/// long-lived.
+const CAPACITY_BYTES: u64 = 8 << 20;
 
 pub struct TokenCache {
-    verified: Cache<[u8; 32], Arc<TokenIdentity>>,
+    verified: Cache<Arc<str>, Arc<TokenIdentity>>,
 }
 
 /// Entries leave the cache when their token stops being accepted.
 struct UntilExpiry;
 
-impl Expiry<[u8; 32], Arc<TokenIdentity>> for UntilExpiry {
+impl Expiry<Arc<str>, Arc<TokenIdentity>> for UntilExpiry {
     fn expire_after_create(
         &self,
-        _: &[u8; 32],
+        _: &Arc<str>,
         identity: &Arc<TokenIdentity>,
         _: Instant,
     ) -> Option<Duration> {
@@ -45,7 +46,8 @@ impl TokenCache {
     pub fn new() -> Self {
         Self {
             verified: Cache::builder()
-                .max_capacity(CAPACITY)
+                .max_capacity(CAPACITY_BYTES)
+                .weigher(|token: &Arc<str>, _| u32::try_from(token.len()).unwrap_or(u32::MAX))
                 .expire_after(UntilExpiry)
                 .build(),
         }
@@ -57,16 +59,15 @@ impl TokenCache {
         token: &str,
         verify: impl FnOnce(&str) -> Result<TokenIdentity, AuthError>,
     ) -> Result<Arc<TokenIdentity>, AuthError> {
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(identity) = self.verified.get(&key) {
+        if let Some(identity) = self.verified.get(token) {
             if now_secs() <= identity.accepted_until {
                 return Ok(identity);
             }
-            self.verified.invalidate(&key);
+            self.verified.invalidate(token);
             return Err(AuthError::TokenExpired);
         }
         let identity = Arc::new(verify(token)?);
-        self.verified.insert(key, identity.clone());
+        self.verified.insert(token.into(), identity.clone());
         Ok(identity)
     }
 }

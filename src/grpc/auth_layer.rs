@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use http::HeaderMap;
+use http::header::{AUTHORIZATION, HeaderName};
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -46,8 +47,12 @@ pub struct AuthService<S> {
     auth: Arc<Authenticator>,
 }
 
+// Named once: looking a header up by `&str` parses the name again on every call.
+static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static TENANT: HeaderName = HeaderName::from_static("x-tenant-id");
+
 /// A header's value; one that is not visible ASCII becomes "" and fails validation.
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name).map(|v| v.to_str().unwrap_or(""))
 }
 
@@ -57,9 +62,9 @@ async fn authorize(
     needed: BuiltinScope,
 ) -> Result<Caller, Status> {
     let creds = Credentials {
-        authorization: header(headers, "authorization"),
-        api_key: header(headers, "x-api-key"),
-        tenant: header(headers, "x-tenant-id"),
+        authorization: header(headers, &AUTHORIZATION),
+        api_key: header(headers, &API_KEY),
+        tenant: header(headers, &TENANT),
     };
     let caller = auth.authenticate(creds).await?;
     caller.require(needed)?;

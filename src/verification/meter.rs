@@ -197,17 +197,38 @@ enum Drawn {
 /// budget, cancelled, failed).
 struct Holds<'a> {
     meter: &'a Meter,
-    held: Vec<(Arc<Slot>, Hold)>,
+    /// Each hold with its budget and the budget's kind (for the spent-units counter).
+    held: Vec<(Arc<Slot>, Hold, &'static str)>,
+    /// The request's clock and replica count: read once, and again only after a wait, so
+    /// a request that waits for nothing reads the clock and the peers' lock once for all
+    /// its budgets.
+    now: Mono,
+    fleet: Fleet,
 }
 
-impl Holds<'_> {
-    fn usable(&self, now: Mono) -> bool {
-        self.held.iter().all(|(_, h)| h.usable_at(now))
+impl<'a> Holds<'a> {
+    fn new(meter: &'a Meter) -> Self {
+        let now = meter.now();
+        Self {
+            meter,
+            held: Vec::new(),
+            now,
+            fleet: meter.fleet(now),
+        }
+    }
+
+    /// After a wait: the time (and perhaps the fleet) has moved on.
+    fn reread(&mut self) {
+        self.now = self.meter.now();
+        self.fleet = self.meter.fleet(self.now);
+    }
+
+    fn usable(&self) -> bool {
+        self.held.iter().all(|(_, h, _)| h.usable_at(self.now))
     }
 
     fn spend(mut self) {
-        for (slot, hold) in std::mem::take(&mut self.held) {
-            let kind = slot.lock().target.kind();
+        for (_, hold, kind) in std::mem::take(&mut self.held) {
             self.meter.spent(kind, hold.units());
         }
     }
@@ -216,7 +237,7 @@ impl Holds<'_> {
 impl Drop for Holds<'_> {
     fn drop(&mut self) {
         let now = self.meter.now();
-        for (slot, hold) in self.held.drain(..) {
+        for (slot, hold, _) in self.held.drain(..) {
             slot.lock().budget.put_back(hold, now);
         }
     }
@@ -305,10 +326,7 @@ impl Meter {
             return Ok(Decision::UsageExceeded);
         }
         for _ in 0..ATTEMPTS {
-            let mut holds = Holds {
-                meter: self,
-                held: Vec::new(),
-            };
+            let mut holds = Holds::new(self);
             for (i, (limit, id)) in key.rate_limits.iter().zip(&key.budgets.rate).enumerate() {
                 let target = Target::Rate {
                     tenant: key.tenant_id,
@@ -336,7 +354,7 @@ impl Meter {
             }
             // A request that waited (for another budget's reservation) across the end of a
             // window must not spend that window's units in the next: start over.
-            if holds.usable(self.now()) {
+            if holds.usable() {
                 holds.spend();
                 return Ok(Decision::Admitted);
             }
@@ -357,14 +375,8 @@ impl Meter {
         let mut agains = 0;
         let mut waited_for_recall = false;
         loop {
-            // Registered before stepping, so that a reservation ending in between still
-            // wakes this request.
-            let reserved = slot.reserved.notified();
-            tokio::pin!(reserved);
-            reserved.as_mut().enable();
-            let now = self.now();
-            let fleet = self.fleet(now);
-            let step = {
+            let (now, fleet) = (holds.now, holds.fleet);
+            let (step, reserved, prefetch) = {
                 let mut state = slot.lock();
                 state.target = target;
                 // A recall's wait is over: what the other replicas returned is in the
@@ -374,11 +386,37 @@ impl Meter {
                     state.budget.forget_refusal();
                 }
                 let sizing = state.sizing(fleet, now);
-                state.budget.step(cost, &terms, sizing, now)
+                let step = state.budget.step(cost, &terms, sizing, now);
+                // Registered under the lock, which a reservation's end takes before it
+                // wakes the waiters: that end cannot slip between this step and the wait.
+                // Only a request that will wait pays for it.
+                let reserved = matches!(step, Step::AwaitReservation).then(|| {
+                    let mut reserved = Box::pin(slot.reserved.notified());
+                    reserved.as_mut().enable();
+                    reserved
+                });
+                // A busy budget tops its lease up as soon as it runs low rather than at the
+                // next tick: at tens of thousands of requests a second a lease can run dry
+                // between ticks, and then every request waits a database round trip.
+                let prefetch = match step {
+                    Step::Held(_) => state.budget.prefetch(&terms, sizing, now),
+                    _ => None,
+                };
+                (step, reserved, prefetch)
             };
+            if let Some(ask) = prefetch {
+                tokio::spawn(reserve(
+                    self.store.clone(),
+                    slot.clone(),
+                    target,
+                    ask,
+                    fleet,
+                    self.origin,
+                ));
+            }
             match step {
                 Step::Held(hold) => {
-                    holds.held.push((slot.clone(), hold));
+                    holds.held.push((slot.clone(), hold, target.kind()));
                     return Ok(Drawn::Held);
                 }
                 Step::Refused(why) => {
@@ -387,6 +425,7 @@ impl Meter {
                     {
                         waited_for_recall = true;
                         tokio::time::sleep(wait).await;
+                        holds.reread();
                         continue;
                     }
                     metrics::counter!("keyplane_usage_local_refusals_total", "kind" => target.kind())
@@ -405,6 +444,7 @@ impl Meter {
                     let reserved = task
                         .await
                         .map_err(|_| unavailable("the reservation task ended early"))??;
+                    holds.reread();
                     match reserved {
                         Reserved::Answered => {}
                         Reserved::Unlimited => return Ok(Drawn::Unlimited),
@@ -421,12 +461,16 @@ impl Meter {
                 Step::AwaitReservation => {
                     metrics::counter!("keyplane_usage_waits_total", "reason" => "reservation")
                         .increment(1);
-                    reserved.await;
+                    if let Some(reserved) = reserved {
+                        reserved.await;
+                    }
+                    holds.reread();
                 }
                 Step::WaitUntil(until) => {
                     metrics::counter!("keyplane_usage_waits_total", "reason" => "turn")
                         .increment(1);
                     tokio::time::sleep(until.since(now)).await;
+                    holds.reread();
                 }
             }
         }
