@@ -644,6 +644,8 @@ async fn through_envoy(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    usage_controls(&app, &ws, port, &upstream).await;
+
     // No secret ever reached the upstream, in any header.
     for headers in upstream.seen.lock().unwrap().iter() {
         for (name, value) in headers {
@@ -655,4 +657,111 @@ async fn through_envoy(backend: Backend) {
         }
     }
     drop(envoy);
+}
+
+/// Rate limits and credits through Envoy: an allowed request tells the client what is left,
+/// a refused one is a 429 with `retry-after` and the `x-ratelimit-*` headers and never
+/// reaches the upstream, and a route's `cost` is what is charged.
+async fn usage_controls(app: &TestApp, ws: &str, port: u16, upstream: &Upstream) {
+    let create = |request: pb::CreateApiKeyRequest| async move {
+        app.as_admin()
+            .keys
+            .create_api_key(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .secret
+    };
+    // 30 days, the longest period: its aligned window does not turn during the test.
+    let limited = create(pb::CreateApiKeyRequest {
+        workspace_id: ws.into(),
+        name: "limited".into(),
+        scopes: strings(&["crm:read"]),
+        rate_limits: vec![pb::RateLimit {
+            name: "calls".into(),
+            limit: 3,
+            period: Some(prost_types::Duration {
+                seconds: 30 * 86_400,
+                nanos: 0,
+            }),
+            shared_by_owner: false,
+        }],
+        ..Default::default()
+    })
+    .await;
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let reply = get(port, "/crm", &[("x-api-key", &limited)]).await.unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-ratelimit-limit"), Some("3"), "{reply:?}");
+        let remaining: u64 = reply
+            .header("x-ratelimit-remaining")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let reset: u64 = reply.header("x-ratelimit-reset").unwrap().parse().unwrap();
+        assert!(reset > 0 && reset <= 30 * 86_400, "{reply:?}");
+        left.push(remaining);
+    }
+    assert_eq!(left, [2, 1, 0], "what the client was told was left");
+    let before = upstream.requests();
+    let reply = get(port, "/crm", &[("x-api-key", &limited)]).await.unwrap();
+    assert_denied(&reply, 429, "VERIFY_CODE_RATE_LIMITED", "the fourth of 3");
+    assert_eq!(reply.header("x-ratelimit-limit"), Some("3"), "{reply:?}");
+    assert_eq!(
+        reply.header("x-ratelimit-remaining"),
+        Some("0"),
+        "{reply:?}"
+    );
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 30 * 86_400, "{reply:?}");
+    assert_eq!(
+        reply.header("x-ratelimit-reset"),
+        reply.header("retry-after")
+    );
+    assert_eq!(upstream.requests(), before, "a 429 reached the upstream");
+
+    // Credits, spent at each route's cost: /erp costs 5, /crm the default 1.
+    let credited = create(pb::CreateApiKeyRequest {
+        workspace_id: ws.into(),
+        name: "credited".into(),
+        scopes: strings(&["crm:read", "erp:write"]),
+        remaining_uses: Some(7),
+        ..Default::default()
+    })
+    .await;
+    let erp = get(port, "/erp", &[("x-api-key", &credited)])
+        .await
+        .unwrap();
+    assert_eq!(erp.status, 200, "7 credits cover a cost of 5: {erp:?}");
+    let reply = get(port, "/erp", &[("x-api-key", &credited)])
+        .await
+        .unwrap();
+    assert_denied(
+        &reply,
+        429,
+        "VERIFY_CODE_USAGE_EXCEEDED",
+        "5 more of 2 left",
+    );
+    assert_eq!(
+        reply.header("x-ratelimit-remaining"),
+        Some("2"),
+        "{reply:?}"
+    );
+    assert!(reply.header("retry-after").is_some(), "{reply:?}");
+    for _ in 0..2 {
+        let reply = get(port, "/crm", &[("x-api-key", &credited)])
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.status, 200,
+            "the refused request spent nothing: {reply:?}"
+        );
+    }
+    let before = upstream.requests();
+    let reply = get(port, "/crm", &[("x-api-key", &credited)])
+        .await
+        .unwrap();
+    assert_denied(&reply, 429, "VERIFY_CODE_USAGE_EXCEEDED", "no credits left");
+    assert_eq!(upstream.requests(), before, "a 429 reached the upstream");
 }
