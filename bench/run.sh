@@ -4,12 +4,14 @@
 #   bench/run.sh
 #
 # Knobs (environment variables, defaults in brackets):
-#   DURATION [10]      seconds of each measurement (throughput and latency)
+#   DURATION [10]      seconds of each latency measurement
 #   WARMUP [2]         seconds of h2load warm-up before each throughput measurement
 #   CLIENTS [16]       h2load connections for throughput (-c)
 #   STREAMS [16]       concurrent streams per connection for throughput (-m)
 #   LAT_CLIENTS [8]    one-at-a-time clients of the latency runs (-c, with -m 1)
 #   ROUNDS [100]       revocations measured across replicas
+#   TP_ROUNDS [5]      interleaved throughput rounds (echo, VerifyApiKey, metered, Check)
+#   TP_DURATION [5]    seconds of each throughput run of a round (and of the cold run)
 #   PORT_BASE [18500]  first of the 10 local ports used (echo, keyplane, cold, 3 replicas,
 #                      the allow-all ext_authz server, Envoy's two listeners and its admin)
 #   ENVOY_RPS [2000]   the steady rate of the "behind Envoy" latency comparison
@@ -28,6 +30,8 @@ CLIENTS=${CLIENTS:-16}
 STREAMS=${STREAMS:-16}
 LAT_CLIENTS=${LAT_CLIENTS:-8}
 ROUNDS=${ROUNDS:-100}
+TP_ROUNDS=${TP_ROUNDS:-5}
+TP_DURATION=${TP_DURATION:-5}
 PORT_BASE=${PORT_BASE:-18500}
 PG=${PG:-postgres://postgres:postgres@127.0.0.1:5432}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -135,7 +139,7 @@ auth_header() { printf 'authorization: Bearer %s' "$TOKEN"; }
 # throughput NAME PORT PATH PAYLOAD: prints req/s; fails unless every request got a 2xx.
 throughput() {
   local name=$1 port=$2 path=$3 payload=$4 out="$WORK/$1.h2load.txt"
-  h2load -D "$DURATION" --warm-up-time "$WARMUP" -c "$CLIENTS" -m "$STREAMS" \
+  h2load -D "$TP_DURATION" --warm-up-time "$WARMUP" -c "$CLIENTS" -m "$STREAMS" \
     "${H2_HEADERS[@]}" -H "$(auth_header)" -d "$payload" \
     "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
   check_h2load "$name" "$out"
@@ -216,56 +220,81 @@ probe() { # probe KIND PORT: 0 success, 3 UNIMPLEMENTED
   "$BIN/setup" --addr "127.0.0.1:$2" probe --kind "$1" --payload "$WORK/$1.bin"
 }
 
-# ---------------------------------------------------------------- echo (the ceiling)
-log "echo: probe, ${DURATION}s throughput (-c $CLIENTS -m $STREAMS)"
+# ---------------------------------------------------------------- probes
 start echo_server "$BIN/echo_server" --listen "127.0.0.1:$ECHO_PORT"
 ECHO_PID=$LAST_PID
+log "probes: echo, VerifyApiKey (plain and metered key), Check"
 probe echo "$ECHO_PORT" >&2 || die "the echo probe failed"
-ECHO_RPS=$(throughput echo "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
-echo "echo: $ECHO_RPS req/s" >&2
-HALF=$(awk -v r="$ECHO_RPS" 'BEGIN { printf "%d", r / 2 }')
-log "echo: latency at $HALF req/s offered ($LAT_CLIENTS clients, -m 1)"
-LAT=$(latency echo "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin" "$HALF")
-read -r ECHO_LAT_OFF ECHO_LAT_CAR ECHO_P50 ECHO_P90 ECHO_P99 ECHO_MAX <<<"$LAT"
-stop "$ECHO_PID"
-
-# ---------------------------------------------------------------- VerifyApiKey
-log "VerifyApiKey: probe, ${DURATION}s throughput"
 probe verify "$KP_PORT" >&2 || die "the VerifyApiKey probe did not answer VALID"
-VERIFY_RPS=$(throughput verify "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
-echo "VerifyApiKey: $VERIFY_RPS req/s" >&2
-log "VerifyApiKey: latency at $HALF req/s offered"
-LAT=$(latency verify "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin" "$HALF")
-read -r V_LAT_OFF V_LAT_CAR V_P50 V_P90 V_P99 V_MAX <<<"$LAT"
-probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
-
-# ---------------------------------------------------------------- VerifyApiKey, metered key
-log "VerifyApiKey of a key with a rate limit and credits: probe, ${DURATION}s throughput"
 "$BIN/setup" --addr "127.0.0.1:$KP_PORT" probe --kind verify --payload "$WORK/verify_metered.bin" >&2 ||
   die "the metered VerifyApiKey probe did not answer VALID"
-METERED_RPS=$(throughput verify_metered "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
-echo "VerifyApiKey, metered key: $METERED_RPS req/s" >&2
-
-# ---------------------------------------------------------------- Check
-log "Check: probe"
 CHECK_NOTE=""
 set +e
 CHECK_PROBE=$(probe check "$KP_PORT" 2>&1)
 CHECK_STATUS=$?
 set -e
 echo "$CHECK_PROBE" >&2
-CHECK_RPS="" C_P50="" C_P90="" C_P99="" C_MAX="" C_LAT_OFF="" C_LAT_CAR=""
+if [ "$CHECK_STATUS" = 3 ]; then
+  CHECK_NOTE="skipped: this keyplane answers Check with UNIMPLEMENTED (the Envoy ext_authz Check RPC is not in this build)"
+elif [ "$CHECK_STATUS" != 0 ]; then
+  die "the Check probe failed: $CHECK_PROBE"
+fi
+
+# ---------------------------------------------------------------- throughput, interleaved
+# The machine is shared and noisy: the echo alone, measured second by second, swings
+# between 78,000 and 108,000 req/s, and a single run of each target a minute apart can
+# differ by more than the gap being measured. So the targets take turns, TP_ROUNDS times, and each
+# round's ratios are taken against that round's echo; the report gives every round and
+# judges by the median ratio.
+ECHO_ALL=() VERIFY_ALL=() METERED_ALL=() CHECK_ALL=()
+for round in $(seq "$TP_ROUNDS"); do
+  log "throughput round $round of $TP_ROUNDS: echo, VerifyApiKey, metered key, Check (${TP_DURATION}s each, -c $CLIENTS -m $STREAMS)"
+  e=$(throughput "echo.$round" "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
+  v=$(throughput "verify.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
+  m=$(throughput "verify_metered.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
+  c=n/a
+  if [ "$CHECK_STATUS" = 0 ]; then
+    c=$(throughput "check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
+    CHECK_ALL+=("$c")
+  fi
+  ECHO_ALL+=("$e") VERIFY_ALL+=("$v") METERED_ALL+=("$m")
+  echo "round $round: echo $e, VerifyApiKey $v, metered $m, Check $c req/s" >&2
+done
+probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
+# median NUMBER...: the middle value (the lower middle for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+# ratios NUMERATORS... -- DENOMINATORS...: each round's share, as fractions.
+ratios() {
+  local -a num=() den=()
+  while [ "$1" != -- ]; do num+=("$1"); shift; done
+  shift
+  den=("$@")
+  local i
+  for i in "${!num[@]}"; do awk -v a="${num[$i]}" -v b="${den[$i]}" 'BEGIN { printf "%.4f\n", a / b }'; done
+}
+ECHO_RPS=$(median "${ECHO_ALL[@]}")
+VERIFY_RPS=$(median "${VERIFY_ALL[@]}")
+METERED_RPS=$(median "${METERED_ALL[@]}")
+V_SHARE=$(median $(ratios "${VERIFY_ALL[@]}" -- "${ECHO_ALL[@]}"))
+M_SHARE=$(median $(ratios "${METERED_ALL[@]}" -- "${ECHO_ALL[@]}"))
+CHECK_RPS="" C_SHARE=""
 if [ "$CHECK_STATUS" = 0 ]; then
-  log "Check: ${DURATION}s throughput"
-  CHECK_RPS=$(throughput check "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
-  echo "Check: $CHECK_RPS req/s" >&2
-  log "Check: latency at $HALF req/s offered"
+  CHECK_RPS=$(median "${CHECK_ALL[@]}")
+  C_SHARE=$(median $(ratios "${CHECK_ALL[@]}" -- "${ECHO_ALL[@]}"))
+fi
+
+# ---------------------------------------------------------------- latency at half the echo
+HALF=$(awk -v r="$ECHO_RPS" 'BEGIN { printf "%d", r / 2 }')
+log "latency at $HALF req/s offered ($LAT_CLIENTS clients, -m 1): echo, VerifyApiKey, Check"
+LAT=$(latency echo "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin" "$HALF")
+read -r ECHO_LAT_OFF ECHO_LAT_CAR ECHO_P50 ECHO_P90 ECHO_P99 ECHO_MAX <<<"$LAT"
+stop "$ECHO_PID"
+LAT=$(latency verify "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin" "$HALF")
+read -r V_LAT_OFF V_LAT_CAR V_P50 V_P90 V_P99 V_MAX <<<"$LAT"
+C_P50="" C_P90="" C_P99="" C_MAX="" C_LAT_OFF="" C_LAT_CAR=""
+if [ "$CHECK_STATUS" = 0 ]; then
   LAT=$(latency check "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$HALF")
   read -r C_LAT_OFF C_LAT_CAR C_P50 C_P90 C_P99 C_MAX <<<"$LAT"
-elif [ "$CHECK_STATUS" = 3 ]; then
-  CHECK_NOTE="skipped: this keyplane answers Check with UNIMPLEMENTED (the Envoy ext_authz Check RPC is not in this build)"
-else
-  die "the Check probe failed: $CHECK_PROBE"
 fi
 
 # ---------------------------------------------------------------- behind Envoy
@@ -376,7 +405,7 @@ else
   COLD_NOTE="this keyplane has no --cache-capacity flag and no verification cache: every verification reads PostgreSQL, so this run measures the same path as the one above"
   CPORT=$KP_PORT
 fi
-log "cold VerifyApiKey on PostgreSQL: ${DURATION}s throughput ($COLD_NOTE)"
+log "cold VerifyApiKey on PostgreSQL: ${TP_DURATION}s throughput ($COLD_NOTE)"
 probe verify "$CPORT" >&2 || die "the cold VerifyApiKey probe did not answer VALID"
 COLD_RPS=$(throughput cold "$CPORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
 echo "cold VerifyApiKey: $COLD_RPS req/s" >&2
@@ -404,12 +433,11 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 >=
 lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 < b + 0) }' && echo 1 || echo 0; }
 le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 <= b + 0) }' && echo 1 || echo 0; }
 
-V_RATIO=$(ratio "$VERIFY_RPS" "$ECHO_RPS")
-C_RATIO=$(ratio "$CHECK_RPS" "$ECHO_RPS")
-V_OK=$(ge "$(awk -v a="$VERIFY_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.90)
-M_OK=$(ge "$(awk -v a="$METERED_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.80)
+pct() { awk -v f="$1" 'BEGIN { if (f == "") print "n/a"; else printf "%.1f%%", 100 * f }'; }
+V_OK=$(ge "$V_SHARE" 0.90)
+M_OK=$(ge "$M_SHARE" 0.80)
 if [ -n "$CHECK_RPS" ]; then
-  C_OK=$(ge "$(awk -v a="$CHECK_RPS" -v b="$ECHO_RPS" 'BEGIN { print a / b }')" 0.85)
+  C_OK=$(ge "$C_SHARE" 0.85)
   C_VERDICT=$(met "$C_OK")
 else
   C_VERDICT="not measured (UNIMPLEMENTED)"
@@ -437,21 +465,31 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "Commit $COMMIT; $(nproc) CPUs ($CPU), $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo);"
   echo "$(h2load --version | head -n1); PostgreSQL $(pgq 'SHOW server_version'); server and load generator on the same machine."
   echo "Load average (1, 5, 15 min) before the build: $LOAD_BEFORE; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
-  echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS ROUNDS=$ROUNDS."
+  echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS ROUNDS=$ROUNDS TP_ROUNDS=$TP_ROUNDS TP_DURATION=$TP_DURATION."
   echo
-  echo "## Throughput (h2load -c $CLIENTS -m $STREAMS, ${DURATION}s after ${WARMUP}s warm-up)"
+  echo "## Throughput (h2load -c $CLIENTS -m $STREAMS, ${TP_DURATION}s after ${WARMUP}s warm-up, $TP_ROUNDS interleaved rounds)"
+  echo
+  echo "Medians over the rounds; \"/ echo\" is the median of each round's ratio to that round's echo."
   echo
   echo "| target | req/s | / echo | goal | |"
   echo "|---|---:|---:|---|---|"
   echo "| echo (bare tonic, the ceiling) | $ECHO_RPS | 100% | | |"
-  echo "| VerifyApiKey ($VERIFY_LABEL) | $VERIFY_RPS | $V_RATIO | ≥ 90% | $(met "$V_OK") |"
-  echo "| VerifyApiKey, key with a rate limit and credits | $METERED_RPS | $(ratio "$METERED_RPS" "$ECHO_RPS") | ≥ 80% | $(met "$M_OK") |"
+  echo "| VerifyApiKey ($VERIFY_LABEL) | $VERIFY_RPS | $(pct "$V_SHARE") | ≥ 90% | $(met "$V_OK") |"
+  echo "| VerifyApiKey, key with a rate limit and credits | $METERED_RPS | $(pct "$M_SHARE") | ≥ 80% | $(met "$M_OK") |"
   if [ -n "$CHECK_RPS" ]; then
-    echo "| Check (Envoy ext_authz) | $CHECK_RPS | $C_RATIO | ≥ 85% | $C_VERDICT |"
+    echo "| Check (Envoy ext_authz) | $CHECK_RPS | $(pct "$C_SHARE") | ≥ 85% | $C_VERDICT |"
   else
     echo "| Check (Envoy ext_authz) | — | — | ≥ 85% | $C_VERDICT |"
   fi
   echo "| VerifyApiKey cold on PostgreSQL | $COLD_RPS | $(ratio "$COLD_RPS" "$ECHO_RPS") | ≥ 5,000/s | $(met "$COLD_OK") |"
+  echo
+  echo "Rounds (req/s):"
+  echo
+  echo "| round | echo | VerifyApiKey | metered key | Check |"
+  echo "|---:|---:|---:|---:|---:|"
+  for i in "${!ECHO_ALL[@]}"; do
+    echo "| $((i + 1)) | ${ECHO_ALL[$i]} | ${VERIFY_ALL[$i]} ($(ratio "${VERIFY_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${METERED_ALL[$i]} ($(ratio "${METERED_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${CHECK_ALL[$i]:-—}$([ -n "${CHECK_ALL[$i]:-}" ] && echo " ($(ratio "${CHECK_ALL[$i]}" "${ECHO_ALL[$i]}"))") |"
+  done
   echo
   echo "Cold: $COLD_NOTE."
   [ -n "$CHECK_NOTE" ] && echo "Check: $CHECK_NOTE."
