@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use metrics::Counter;
 use sea_orm::{ConnectionTrait, DbErr};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -405,14 +406,7 @@ impl Meter {
                 (step, reserved, prefetch)
             };
             if let Some(ask) = prefetch {
-                tokio::spawn(reserve(
-                    self.store.clone(),
-                    slot.clone(),
-                    target,
-                    ask,
-                    fleet,
-                    self.origin,
-                ));
+                self.start_reservation(&slot, target, ask, fleet);
             }
             match step {
                 Step::Held(hold) => {
@@ -433,15 +427,8 @@ impl Meter {
                     return Ok(Drawn::Refused);
                 }
                 Step::Reserve(ask) => {
-                    let task = tokio::spawn(reserve(
-                        self.store.clone(),
-                        slot.clone(),
-                        target,
-                        ask,
-                        fleet,
-                        self.origin,
-                    ));
-                    let reserved = task
+                    let reserved = self
+                        .start_reservation(&slot, target, ask, fleet)
                         .await
                         .map_err(|_| unavailable("the reservation task ended early"))??;
                     holds.reread();
@@ -474,6 +461,26 @@ impl Meter {
                 }
             }
         }
+    }
+
+    /// Starts a reservation on a task of its own, so that a request giving up on it (a
+    /// cancelled call) cannot leave it half done; a prefetch drops the handle, and its
+    /// answer reaches the budget like any other.
+    fn start_reservation(
+        &self,
+        slot: &Arc<Slot>,
+        target: Target,
+        ask: Ask,
+        fleet: Fleet,
+    ) -> JoinHandle<Result<Reserved, StoreError>> {
+        tokio::spawn(reserve(
+            self.store.clone(),
+            slot.clone(),
+            target,
+            ask,
+            fleet,
+            self.origin,
+        ))
     }
 
     /// Credits the database refused may sit unspent on other replicas (a lease taken for
@@ -635,14 +642,7 @@ impl Meter {
                     .increment(lost);
             }
             if let Some(ask) = prefetch {
-                tokio::spawn(reserve(
-                    self.store.clone(),
-                    slot.clone(),
-                    target,
-                    ask,
-                    fleet,
-                    self.origin,
-                ));
+                self.start_reservation(&slot, target, ask, fleet);
             }
             if let Some(back) = back {
                 tokio::spawn(give_back(self.store.clone(), id, target, back));
