@@ -677,15 +677,7 @@ async fn usage_controls(app: &TestApp, ws: &str, port: u16, upstream: &Upstream)
         workspace_id: ws.into(),
         name: "limited".into(),
         scopes: strings(&["crm:read"]),
-        rate_limits: vec![pb::RateLimit {
-            name: "calls".into(),
-            limit: 3,
-            period: Some(prost_types::Duration {
-                seconds: 30 * 86_400,
-                nanos: 0,
-            }),
-            shared_by_owner: false,
-        }],
+        rate_limits: vec![rate_limit("calls", 3, 30 * 86_400, false)],
         ..Default::default()
     })
     .await;

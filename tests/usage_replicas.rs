@@ -18,27 +18,6 @@ use keyplane::proto as pb;
 use keyplane::proto::api_key_service_client::ApiKeyServiceClient;
 use tonic::transport::Channel;
 
-async fn metered_key(
-    app: &TestApp,
-    rate_limits: Vec<pb::RateLimit>,
-    remaining_uses: Option<i64>,
-) -> (pb::ApiKey, String) {
-    let ws = app.create_workspace("metered").await;
-    let r = app
-        .as_admin()
-        .keys
-        .create_api_key(pb::CreateApiKeyRequest {
-            workspace_id: ws.id,
-            rate_limits,
-            remaining_uses,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (r.api_key.unwrap(), r.secret)
-}
-
 /// `n` verifications of `secret` at once, spread round-robin over `clients`.
 async fn burst(
     clients: &[ApiKeyServiceClient<Authed>],
@@ -88,7 +67,9 @@ fn credits_are_exact_across_three_replicas() {
         let clients = clients(&apps);
 
         // 500 credits, 2,000 verifications at once: exactly 500 pass, never 501.
-        let (_, secret) = metered_key(&apps[0], vec![], Some(500)).await;
+        let (_, secret) = apps[0]
+            .create_metered_key("", vec![], Some(500), None)
+            .await;
         let results = burst(&clients, &secret, 2000).await;
         assert!(results.iter().all(|r| r.is_ok()), "no call failed");
         assert_eq!(valid(&results), 500, "exactly the credits granted");
@@ -97,7 +78,9 @@ fn credits_are_exact_across_three_replicas() {
 
         // As many verifications as credits: every one passes (none is refused while
         // credits are left anywhere).
-        let (key, secret) = metered_key(&apps[0], vec![], Some(500)).await;
+        let (key, secret) = apps[0]
+            .create_metered_key("", vec![], Some(500), None)
+            .await;
         let results = burst(&clients, &secret, 500).await;
         assert_eq!(valid(&results), 500, "{:?}", refused(&results));
         let read = clients[1]
@@ -111,7 +94,9 @@ fn credits_are_exact_across_three_replicas() {
         assert_eq!(read.remaining_uses, Some(0), "read back on another replica");
 
         // Adjustments racing spending on every replica lose no increment.
-        let (key, secret) = metered_key(&apps[0], vec![], Some(100)).await;
+        let (key, secret) = apps[0]
+            .create_metered_key("", vec![], Some(100), None)
+            .await;
         let adjusts = (0..10).map(|i| {
             let mut client = clients[i % 3].clone();
             let id = key.id.clone();
@@ -145,17 +130,9 @@ fn a_rate_limit_admits_between_95_and_105_percent_in_a_window() {
     run_test(async {
         let apps = replicas(3, Duration::from_millis(1500)).await;
         let clients = clients(&apps);
-        let (_, secret) = metered_key(
-            &apps[0],
-            vec![pb::RateLimit {
-                name: "api".into(),
-                limit: 1000,
-                period: seconds(10),
-                shared_by_owner: false,
-            }],
-            None,
-        )
-        .await;
+        let (_, secret) = apps[0]
+            .create_metered_key("", vec![rate_limit("api", 1000, 10, false)], None, None)
+            .await;
         // Start just after a window opens (windows are aligned to multiples of 10 s), and
         // offer 1,500 requests in it.
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();

@@ -502,22 +502,23 @@ macro_rules! revisioned {
 }
 revisioned!(Workspace, Scope, ApiKey);
 
+/// One key for the unit tests of every layer: valid, unlimited, holding no scope, of a
+/// fresh tenant. Change fields with struct update syntax; call [`ApiKey::bind_budgets`]
+/// after changing the tenant, owner, usage id or rate limits.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::Duration;
-
-    fn key() -> ApiKey {
+impl ApiKey {
+    pub fn fixture() -> ApiKey {
         let now = Utc::now();
-        ApiKey {
-            id: Uuid::now_v7(),
+        let id = Uuid::now_v7();
+        let mut key = ApiKey {
+            id,
             tenant_id: TenantId::new(Uuid::now_v7()),
             workspace_id: Uuid::now_v7(),
             name: String::new(),
             prefix: "kp".into(),
             last_four: "abcd".into(),
             digest: KeyDigest([0; 32]),
-            scopes: vec!["crm:*".into()],
+            scopes: Vec::new(),
             owner_id: None,
             metadata: StringMap::new(),
             expire_time: None,
@@ -530,13 +531,28 @@ mod tests {
             update_time: now,
             rate_limits: RateLimits::default(),
             credits: None,
-            usage_id: Uuid::nil(),
+            usage_id: id,
             budgets: Budgets::of(
                 TenantId::new(Uuid::nil()),
                 Uuid::nil(),
                 None,
                 &RateLimits::default(),
             ),
+        };
+        key.bind_budgets();
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn key() -> ApiKey {
+        ApiKey {
+            scopes: vec!["crm:*".into()],
+            ..ApiKey::fixture()
         }
     }
 

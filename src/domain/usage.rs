@@ -1057,6 +1057,17 @@ pub struct Grant {
     pub reading: Reading,
 }
 
+impl Grant {
+    /// Granted when the statement took anything, refused (with what it said) when not.
+    fn answer(self) -> Answer {
+        if self.units > 0 {
+            Answer::Granted(self)
+        } else {
+            Answer::Refused(self)
+        }
+    }
+}
+
 /// How to treat a take statement's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -1096,11 +1107,7 @@ impl RateRow {
                 db_now_ms: self.now_ms,
             },
         };
-        if grant.units > 0 {
-            Answer::Granted(grant)
-        } else {
-            Answer::Refused(grant)
-        }
+        grant.answer()
     }
 }
 
@@ -1129,11 +1136,7 @@ impl CreditRow {
                 db_now_ms: self.now_ms,
             },
         };
-        if grant.units > 0 {
-            Answer::Granted(grant)
-        } else {
-            Answer::Refused(grant)
-        }
+        grant.answer()
     }
 }
 

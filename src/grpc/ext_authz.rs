@@ -483,15 +483,12 @@ impl Authorization for KeyplaneApi {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
     use envoy_types::ext_authz::v3::pb::HttpResponse;
     use envoy_types::pb::envoy::service::auth::v3::{
         AttributeContext, attribute_context::HttpRequest, attribute_context::Request as AttrRequest,
     };
-    use uuid::Uuid;
 
     use super::*;
-    use crate::domain::TenantId;
     use crate::domain::key::KeyPrefix;
 
     fn secret() -> String {
@@ -524,36 +521,13 @@ mod tests {
     }
 
     fn key(owner: Option<&str>) -> ApiKey {
-        let now = Utc::now();
-        ApiKey {
-            id: Uuid::now_v7(),
-            tenant_id: TenantId::new(Uuid::now_v7()),
-            workspace_id: Uuid::now_v7(),
-            name: String::new(),
-            prefix: "kp".into(),
-            last_four: "abcd".into(),
-            digest: crate::domain::key::KeyDigest([0; 32]),
+        let mut key = ApiKey {
             scopes: vec!["crm:read".into(), "erp:*".into()],
             owner_id: owner.map(str::to_owned),
-            metadata: Default::default(),
-            expire_time: None,
-            disabled: false,
-            revoke_time: None,
-            last_used_time: None,
-            successor_id: None,
-            revision: 1,
-            create_time: now,
-            update_time: now,
-            rate_limits: Default::default(),
-            credits: None,
-            usage_id: Uuid::nil(),
-            budgets: crate::domain::usage::Budgets::of(
-                TenantId::new(Uuid::nil()),
-                Uuid::nil(),
-                None,
-                &Default::default(),
-            ),
-        }
+            ..ApiKey::fixture()
+        };
+        key.bind_budgets();
+        key
     }
 
     fn verified(code: VerifyCode, key: Option<ApiKey>, missing: &[&str]) -> Verification {

@@ -912,13 +912,11 @@ mod tests {
     use sea_orm::EntityTrait;
 
     use super::*;
-    use crate::domain::key::KeyDigest;
-    use crate::domain::usage::{Budgets, Credits, RateLimit, RateLimitName, RateLimits};
+    use crate::domain::usage::{Credits, RateLimit, RateLimitName, RateLimits};
     use crate::storage::budgets::tests::database;
     use crate::storage::entity::usage_credit;
 
     fn key(limits: &[(u64, i64)], credits: Option<u64>) -> ApiKey {
-        let now = Utc::now();
         let rate_limits = RateLimits::new(
             limits
                 .iter()
@@ -936,24 +934,6 @@ mod tests {
         )
         .unwrap();
         let mut key = ApiKey {
-            id: Uuid::now_v7(),
-            tenant_id: TenantId::new(Uuid::now_v7()),
-            workspace_id: Uuid::now_v7(),
-            name: String::new(),
-            prefix: "kp".into(),
-            last_four: "abcd".into(),
-            digest: KeyDigest([0; 32]),
-            scopes: Vec::new(),
-            owner_id: None,
-            metadata: Default::default(),
-            expire_time: None,
-            disabled: false,
-            revoke_time: None,
-            last_used_time: None,
-            successor_id: None,
-            revision: 1,
-            create_time: now,
-            update_time: now,
             rate_limits,
             credits: credits.map(|balance| Credits {
                 balance,
@@ -962,15 +942,8 @@ mod tests {
                 version: 1,
                 next_refill_ms: None,
             }),
-            usage_id: Uuid::nil(),
-            budgets: Budgets::of(
-                TenantId::new(Uuid::nil()),
-                Uuid::nil(),
-                None,
-                &Default::default(),
-            ),
+            ..ApiKey::fixture()
         };
-        key.usage_id = key.id;
         key.bind_budgets();
         key
     }

@@ -324,6 +324,34 @@ impl TestApp {
         (r.api_key.unwrap(), r.secret)
     }
 
+    /// A key in a fresh workspace with these usage controls (`owner` may be ""); returns
+    /// the key and its secret.
+    pub async fn create_metered_key(
+        &self,
+        owner: &str,
+        rate_limits: Vec<pb::RateLimit>,
+        remaining_uses: Option<i64>,
+        refill: Option<pb::Refill>,
+    ) -> (pb::ApiKey, String) {
+        let ws = self.create_workspace("metered").await;
+        let r = self
+            .as_admin()
+            .keys
+            .create_api_key(pb::CreateApiKeyRequest {
+                workspace_id: ws.id,
+                name: "metered".into(),
+                owner_id: owner.into(),
+                rate_limits,
+                remaining_uses,
+                refill,
+                ..Default::default()
+            })
+            .await
+            .expect("create a metered key")
+            .into_inner();
+        (r.api_key.unwrap(), r.secret)
+    }
+
     /// The key as the admin sees it now.
     pub async fn get_key(&self, id: &str) -> Result<pb::ApiKey, Status> {
         self.as_admin()
@@ -579,6 +607,16 @@ pub fn seconds(seconds: i64) -> Option<prost_types::Duration> {
 // ---- Assertions ----
 
 /// The `ErrorInfo.reason` of an error status (empty when there is none).
+/// A rate limit of `limit` per `period_secs`.
+pub fn rate_limit(name: &str, limit: i64, period_secs: i64, shared: bool) -> pb::RateLimit {
+    pb::RateLimit {
+        name: name.into(),
+        limit,
+        period: seconds(period_secs),
+        shared_by_owner: shared,
+    }
+}
+
 pub fn reason(status: &Status) -> String {
     status
         .get_details_error_info()

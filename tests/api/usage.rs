@@ -25,42 +25,6 @@ on_both_backends!(
 /// A period whose windows are long enough that no test straddles a boundary by chance.
 const LONG: i64 = 30 * 24 * 3600;
 
-fn limit(name: &str, limit: i64, period_secs: i64, shared: bool) -> pb::RateLimit {
-    pb::RateLimit {
-        name: name.into(),
-        limit,
-        period: seconds(period_secs),
-        shared_by_owner: shared,
-    }
-}
-
-/// A key in a fresh workspace with these usage settings; returns the key and its secret.
-async fn metered_key(
-    app: &TestApp,
-    owner: &str,
-    rate_limits: Vec<pb::RateLimit>,
-    remaining_uses: Option<i64>,
-    refill: Option<pb::Refill>,
-) -> (pb::ApiKey, String) {
-    let ws = app.create_workspace("metered").await;
-    let r = app
-        .as_admin()
-        .keys
-        .create_api_key(pb::CreateApiKeyRequest {
-            workspace_id: ws.id,
-            name: "metered".into(),
-            owner_id: owner.into(),
-            rate_limits,
-            remaining_uses,
-            refill,
-            ..Default::default()
-        })
-        .await
-        .expect("create a metered key")
-        .into_inner();
-    (r.api_key.unwrap(), r.secret)
-}
-
 async fn verify_cost(app: &TestApp, secret: &str, cost: Option<i32>) -> pb::VerifyApiKeyResponse {
     app.as_admin()
         .keys
@@ -88,7 +52,7 @@ fn count(codes: &[pb::VerifyCode], code: pb::VerifyCode) -> usize {
 
 async fn credits_are_spent_exactly_and_read_back(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) = metered_key(&app, "", vec![], Some(10), None).await;
+    let (key, secret) = app.create_metered_key("", vec![], Some(10), None).await;
     assert_eq!(key.remaining_uses, Some(10));
     let mut remaining = Vec::new();
     for _ in 0..10 {
@@ -115,7 +79,7 @@ async fn credits_are_spent_exactly_and_read_back(backend: Backend) {
 
 async fn cost_zero_spends_nothing_and_a_failed_check_spends_nothing(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) = metered_key(&app, "", vec![], Some(5), None).await;
+    let (key, secret) = app.create_metered_key("", vec![], Some(5), None).await;
     for _ in 0..3 {
         let r = verify_cost(&app, &secret, Some(0)).await;
         assert_eq!(r.code(), pb::VerifyCode::Valid);
@@ -175,14 +139,14 @@ async fn cost_zero_spends_nothing_and_a_failed_check_spends_nothing(backend: Bac
 
 async fn rate_limits_admit_their_limit_and_spend_no_credits_when_refusing(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) = metered_key(
-        &app,
-        "",
-        vec![limit("per-month", 3, LONG, false)],
-        Some(10),
-        None,
-    )
-    .await;
+    let (key, secret) = app
+        .create_metered_key(
+            "",
+            vec![rate_limit("per-month", 3, LONG, false)],
+            Some(10),
+            None,
+        )
+        .await;
     let seen = codes(&app, &secret, 6).await;
     assert_eq!(count(&seen, pb::VerifyCode::Valid), 3, "{seen:?}");
     assert_eq!(count(&seen, pb::VerifyCode::RateLimited), 3, "{seen:?}");
@@ -211,10 +175,16 @@ async fn rate_limits_admit_their_limit_and_spend_no_credits_when_refusing(backen
 
 async fn owner_shared_limits_draw_from_one_budget(backend: Backend) {
     let app = spawn_app(backend).await;
-    let shared = || vec![limit("owner-day", 4, LONG, true)];
-    let (_, a) = metered_key(&app, "customer-42", shared(), None, None).await;
-    let (_, b) = metered_key(&app, "customer-42", shared(), None, None).await;
-    let (_, other) = metered_key(&app, "customer-43", shared(), None, None).await;
+    let shared = || vec![rate_limit("owner-day", 4, LONG, true)];
+    let (_, a) = app
+        .create_metered_key("customer-42", shared(), None, None)
+        .await;
+    let (_, b) = app
+        .create_metered_key("customer-42", shared(), None, None)
+        .await;
+    let (_, other) = app
+        .create_metered_key("customer-43", shared(), None, None)
+        .await;
     let mut seen = codes(&app, &a, 3).await;
     seen.extend(codes(&app, &b, 3).await);
     assert_eq!(count(&seen, pb::VerifyCode::Valid), 4, "{seen:?}");
@@ -239,7 +209,7 @@ async fn adjust(app: &TestApp, id: &str, delta: i64) -> Result<pb::ApiKey, tonic
 
 async fn adjusting_credits_during_spending_loses_no_increment(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) = metered_key(&app, "", vec![], Some(100), None).await;
+    let (key, secret) = app.create_metered_key("", vec![], Some(100), None).await;
     // 300 verifications and ten +10 adjustments at once: exactly 200 can pass.
     let spends = (0..300).map(|_| {
         let mut keys = app.as_admin().keys;
@@ -310,7 +280,7 @@ async fn adjusting_credits_during_spending_loses_no_increment(backend: Backend) 
 
 async fn updates_set_and_clear_credits_and_limits(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) = metered_key(&app, "", vec![], Some(1), None).await;
+    let (key, secret) = app.create_metered_key("", vec![], Some(1), None).await;
     assert_eq!(codes(&app, &secret, 1).await, [pb::VerifyCode::Valid]);
     let update = |api_key: pb::ApiKey, paths: &[&str]| {
         let mut keys = app.as_admin().keys;
@@ -352,7 +322,7 @@ async fn updates_set_and_clear_credits_and_limits(backend: Backend) {
     let limited = update(
         pb::ApiKey {
             id: key.id.clone(),
-            rate_limits: vec![limit("tight", 1, LONG, false)],
+            rate_limits: vec![rate_limit("tight", 1, LONG, false)],
             ..Default::default()
         },
         &["rate_limits"],
@@ -393,14 +363,14 @@ async fn updates_set_and_clear_credits_and_limits(backend: Backend) {
 
 async fn rotation_carries_limits_and_credits_and_the_predecessor_stops_spending(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (key, secret) = metered_key(
-        &app,
-        "",
-        vec![limit("month", 100, LONG, false)],
-        Some(10),
-        None,
-    )
-    .await;
+    let (key, secret) = app
+        .create_metered_key(
+            "",
+            vec![rate_limit("month", 100, LONG, false)],
+            Some(10),
+            None,
+        )
+        .await;
     assert_eq!(
         count(&codes(&app, &secret, 3).await, pb::VerifyCode::Valid),
         3
@@ -443,7 +413,7 @@ async fn usage_settings_are_validated_field_by_field(backend: Backend) {
         }
     };
     let nine = (0..9)
-        .map(|i| limit(&format!("l{i}"), 1, 60, false))
+        .map(|i| rate_limit(&format!("l{i}"), 1, 60, false))
         .collect();
     assert_invalid(
         create(pb::CreateApiKeyRequest {
@@ -456,18 +426,18 @@ async fn usage_settings_are_validated_field_by_field(backend: Backend) {
     );
     let status = create(pb::CreateApiKeyRequest {
         rate_limits: vec![
-            limit("ok", 10, 60, false),
-            limit("Bad Name", 10, 60, false),
-            limit("zero", 0, 60, false),
+            rate_limit("ok", 10, 60, false),
+            rate_limit("Bad Name", 10, 60, false),
+            rate_limit("zero", 0, 60, false),
             pb::RateLimit {
                 period: Some(prost_types::Duration {
                     seconds: 0,
                     nanos: 500_000_000,
                 }),
-                ..limit("short", 10, 0, false)
+                ..rate_limit("short", 10, 0, false)
             },
-            limit("ok", 10, 60, false),
-            limit("shared", 10, 60, true),
+            rate_limit("ok", 10, 60, false),
+            rate_limit("shared", 10, 60, true),
         ],
         remaining_uses: Some(-1),
         refill: Some(pb::Refill {
@@ -502,17 +472,17 @@ async fn usage_settings_are_validated_field_by_field(backend: Backend) {
 
 async fn refill_sets_the_balance_at_its_interval(backend: Backend) {
     let app = spawn_app(backend).await;
-    let (_, secret) = metered_key(
-        &app,
-        "",
-        vec![],
-        Some(3),
-        Some(pb::Refill {
-            amount: 5,
-            interval: seconds(60),
-        }),
-    )
-    .await;
+    let (_, secret) = app
+        .create_metered_key(
+            "",
+            vec![],
+            Some(3),
+            Some(pb::Refill {
+                amount: 5,
+                interval: seconds(60),
+            }),
+        )
+        .await;
     let r = verify_cost(&app, &secret, None).await;
     assert_eq!(r.remaining_uses, Some(2));
     // The shortest interval a refill may have; the balance is set, not added to.
