@@ -25,7 +25,7 @@ pub const DEV_TENANT: &str = "0193a0c4-0000-7000-8000-000000000001";
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Token(args) => token(args),
         Command::Migrate(args) => migrate(args).await,
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,

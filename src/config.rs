@@ -25,6 +25,8 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     pub const CACHE_CAPACITY: u64 = 100_000;
     pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 60 * 60);
+    pub const STALE_IF_ERROR: Duration = Duration::from_secs(120);
+    pub const DATABASE_TIMEOUT: Duration = Duration::from_millis(500);
 }
 
 /// A flag value that must never be printed back: clap parses it straight into a secret.
@@ -46,7 +48,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a JWT with the configured HS256 secret (for operators and tests).
     Token(TokenArgs),
     /// Apply or inspect database migrations.
@@ -83,7 +85,10 @@ pub enum LogFormat {
 /// Where the data lives.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// Database URL: `sqlite://FILE?mode=rwc` (embedded) or `postgres://USER:PASSWORD@HOST/DB`.
+    /// Database URL: `sqlite://FILE?mode=rwc` (embedded) or `postgres://USER:PASSWORD@HOST/DB`;
+    /// several PostgreSQL hosts as libpq writes them,
+    /// `postgres://USER:PASSWORD@HOST1:PORT1,HOST2:PORT2/DB?target_session_attrs=read-write`,
+    /// and keyplane follows the primary among them.
     #[arg(
         long,
         env = "KEYPLANE_DATABASE_URL",
@@ -177,6 +182,14 @@ pub struct ServeArgs {
     /// batches, and the retained chain stays checkable. 0 keeps them forever.
     #[arg(long, env = "KEYPLANE_AUDIT_RETENTION", default_value_t = defaults::AUDIT_RETENTION.into())]
     pub audit_retention: humantime::Duration,
+    /// While PostgreSQL cannot be reached (and the invalidation feed is down), answer
+    /// verifications of cached keys from the cache as it stood when the feed was last known
+    /// good, for at most this long; answers say `stale`. 0: fail closed (UNAVAILABLE).
+    #[arg(long, env = "KEYPLANE_STALE_IF_ERROR", default_value_t = defaults::STALE_IF_ERROR.into())]
+    pub stale_if_error: humantime::Duration,
+    /// A verification's database read taking longer counts as the database not answering.
+    #[arg(long, env = "KEYPLANE_DATABASE_TIMEOUT", default_value_t = defaults::DATABASE_TIMEOUT.into())]
+    pub database_timeout: humantime::Duration,
     /// PEM certificate chain for TLS on the gRPC port (needs --tls-key); plaintext when
     /// unset. Re-read when the file changes.
     #[arg(long, env = "KEYPLANE_TLS_CERT", requires = "tls_key")]
@@ -246,6 +259,12 @@ pub struct Settings {
     pub cache_capacity: u64,
     /// Zero: never prune.
     pub audit_retention: Duration,
+    /// How long stale verification answers may be given while the database is unreachable;
+    /// zero: never.
+    pub stale_if_error: Duration,
+    /// How long a verification's database read may take before the database counts as not
+    /// answering.
+    pub database_timeout: Duration,
     /// TLS on the gRPC port; plaintext when `None`.
     pub tls: Option<TlsSettings>,
 }
@@ -265,6 +284,8 @@ impl Settings {
             request_timeout: defaults::REQUEST_TIMEOUT,
             cache_capacity: defaults::CACHE_CAPACITY,
             audit_retention: defaults::AUDIT_RETENTION,
+            stale_if_error: defaults::STALE_IF_ERROR,
+            database_timeout: defaults::DATABASE_TIMEOUT,
             tls: None,
         }
     }
@@ -284,6 +305,8 @@ impl From<ServeArgs> for Settings {
             request_timeout: args.request_timeout.into(),
             cache_capacity: args.cache_capacity,
             audit_retention: args.audit_retention.into(),
+            stale_if_error: args.stale_if_error.into(),
+            database_timeout: args.database_timeout.into(),
             // clap requires both or neither of the certificate and key.
             tls: match (args.tls_cert, args.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsSettings {

@@ -34,6 +34,7 @@ use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
     scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
 };
+use crate::storage::database::Primary;
 use crate::storage::feed::{self, FeedState};
 use crate::storage::usage::UsageRecorder;
 use crate::storage::{self, Store};
@@ -42,6 +43,7 @@ use crate::tls::{self, Tls};
 use crate::verification::KeyVerifier;
 use crate::verification::cache::VerificationCache;
 use crate::verification::meter::Meter;
+use crate::verification::outage::Outage;
 
 /// Streams one HTTP/2 connection may open at once: enough for any real client, and a
 /// bound on what one connection can make the server hold.
@@ -62,6 +64,10 @@ pub struct Application {
     usage: Arc<UsageRecorder>,
     /// Rate limits and credits: this replica's leases.
     meter: Arc<Meter>,
+    /// What this replica does while the database does not answer.
+    outage: Arc<Outage>,
+    /// Follows the primary among the hosts of a multi-host URL.
+    primary: Option<Arc<Primary>>,
     health: HealthReporter,
     /// TLS on the gRPC port, when configured.
     tls: Option<Arc<Tls>>,
@@ -87,7 +93,7 @@ impl Application {
         let url = settings.database_url.expose_secret();
         let sqlite_claim =
             storage::claim_sqlite(url).context("cannot claim the SQLite database")?;
-        let db = storage::connect(url)
+        let storage::database::Opened { db, primary } = storage::database::open(url)
             .await
             .with_context(|| format!("cannot open the database {}", redact_url(url)))?;
         // A schema newer than this release (a rolling upgrade in progress) is served as it
@@ -135,7 +141,18 @@ impl Application {
         let store = store.with_evictions(cache.clone());
         let usage = Arc::new(UsageRecorder::default());
         let meter = Arc::new(Meter::new(store.clone()));
-        let verifier = KeyVerifier::new(store.clone(), cache.clone(), usage.clone(), meter.clone());
+        let outage = Arc::new(Outage::new(
+            feed.clone(),
+            settings.stale_if_error,
+            settings.database_timeout,
+        ));
+        let verifier = KeyVerifier::new(
+            store.clone(),
+            cache.clone(),
+            usage.clone(),
+            meter.clone(),
+            outage.clone(),
+        );
         let auth = Authenticator::new(jwt, verifier.clone());
         let api = KeyplaneApi::new(store.clone(), verifier, pages);
 
@@ -163,6 +180,8 @@ impl Application {
             auth,
             usage,
             meter,
+            outage,
+            primary,
             health,
             tls,
         })
@@ -180,8 +199,13 @@ impl Application {
         let stop_monitor = CancellationToken::new();
         let stop_usage = CancellationToken::new();
 
+        let stop_primary = CancellationToken::new();
+        let primary = self.primary.clone().map(|primary| {
+            tokio::spawn(primary.follow(self.store.connection().clone(), stop_primary.clone()))
+        });
         let monitor = tokio::spawn(health::monitor(
             self.store.clone(),
+            self.outage.clone(),
             self.health.clone(),
             self.settings.health_interval,
             stop_monitor.clone(),
@@ -206,7 +230,6 @@ impl Application {
         let stop_feed = CancellationToken::new();
         let feed = self.feed.clone().map(|(state, cache)| {
             tokio::spawn(feed::run(
-                self.settings.database_url.expose_secret().to_owned(),
                 self.store.connection().clone(),
                 cache,
                 state,
@@ -323,6 +346,10 @@ impl Application {
         stop_feed.cancel();
         if let Some(feed) = feed {
             let _ = feed.await;
+        }
+        stop_primary.cancel();
+        if let Some(primary) = primary {
+            let _ = primary.await;
         }
         tracing::info!("stopped");
         result

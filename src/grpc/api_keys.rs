@@ -402,6 +402,7 @@ impl ApiKeyService for KeyplaneApi {
                 .as_ref()
                 .and_then(|u| u.credits)
                 .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)),
+            stale: outcome.stale,
         }))
     }
 }

@@ -169,18 +169,27 @@ impl From<StoreError> for Status {
             }
             StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %ErrorChain(cause), "database unavailable");
-                let mut details =
-                    ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", DOMAIN, meta([]));
-                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-                Status::with_error_details(
-                    Code::Unavailable,
-                    "the database is unavailable; retry later",
-                    details,
-                )
+                database_unavailable()
+            }
+            // Logged once per outage by the verifier and the health probe, not per call.
+            StoreError::NotAnswering(why) => {
+                tracing::debug!(why, "database not answering");
+                database_unavailable()
             }
             StoreError::Database(_) | StoreError::Corrupt(_) => internal(&err),
         }
     }
+}
+
+/// UNAVAILABLE, with a hint to retry in a second.
+fn database_unavailable() -> Status {
+    let mut details = ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", DOMAIN, meta([]));
+    details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+    Status::with_error_details(
+        Code::Unavailable,
+        "the database is unavailable; retry later",
+        details,
+    )
 }
 
 /// The wire form of every domain rule: its code, reason and the values involved.

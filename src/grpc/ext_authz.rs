@@ -217,8 +217,9 @@ fn string(value: impl Into<String>) -> Value {
     }
 }
 
-/// The `keyplane` namespace of the dynamic metadata of an allowed request.
-fn metadata(key: &ApiKey) -> Struct {
+/// The `keyplane` namespace of the dynamic metadata of an allowed request; `stale: true`
+/// when the answer came from the cache as it stood before the database stopped answering.
+fn metadata(key: &ApiKey, stale: bool) -> Struct {
     let mut fields = HashMap::from([
         ("tenant_id".to_owned(), string(key.tenant_id.to_string())),
         (
@@ -237,6 +238,12 @@ fn metadata(key: &ApiKey) -> Struct {
     ]);
     if let Some(owner) = &key.owner_id {
         fields.insert("owner_id".to_owned(), string(owner.as_str()));
+    }
+    if stale {
+        let yes = Value {
+            kind: Some(Kind::BoolValue(true)),
+        };
+        fields.insert("stale".to_owned(), yes);
     }
     let namespace = Value {
         kind: Some(Kind::StructValue(Struct { fields })),
@@ -312,7 +319,8 @@ fn exhausted_headers(verification: &Verification) -> Vec<HeaderValueOption> {
     ]
 }
 
-fn allow(key: &ApiKey, input: &CheckInput, usage: Option<&UsageReport>) -> CheckResponse {
+fn allow(key: &ApiKey, input: &CheckInput, verification: &Verification) -> CheckResponse {
+    let usage = verification.usage.as_ref();
     let mut headers = vec![
         header(TENANT_HEADER, key.tenant_id.to_string()),
         header(WORKSPACE_HEADER, key.workspace_id.to_string()),
@@ -342,7 +350,7 @@ fn allow(key: &ApiKey, input: &CheckInput, usage: Option<&UsageReport>) -> Check
     );
     let mut response = CheckResponse::with_status(Status::ok("allowed"));
     response
-        .set_dynamic_metadata(Some(metadata(key)))
+        .set_dynamic_metadata(Some(metadata(key, verification.stale)))
         .set_http_response(OkHttpResponse {
             headers,
             headers_to_remove,
@@ -397,7 +405,7 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
         Outcome::Verified(v) => v,
     };
     match (verification.code, &verification.key) {
-        (VerifyCode::Valid, Some(key)) => allow(key, input, verification.usage.as_ref()),
+        (VerifyCode::Valid, Some(key)) => allow(key, input, verification),
         // A valid verdict without its key cannot happen; fail closed all the same.
         (VerifyCode::Valid, None) => unauthenticated("the API key is not valid"),
         (VerifyCode::Malformed, _) => unauthenticated("the API key is malformed"),
@@ -536,6 +544,7 @@ mod tests {
             key: key.map(std::sync::Arc::new),
             missing: missing.iter().map(|s| s.to_string()).collect(),
             usage: None,
+            stale: false,
         }
     }
 

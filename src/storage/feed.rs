@@ -23,10 +23,10 @@
 //!   cache, and only then marks itself up: whatever changed while it was down is read
 //!   fresh from the database, and nothing sent after the `LISTEN` can be missed.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -43,32 +43,66 @@ pub const USAGE_CHANNEL: &str = "keyplane_usage";
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// How long a heartbeat may take to come back before the feed counts as down.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(500);
-/// Reconnection backoff: doubles from the first value up to the second.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// Reconnection backoff: doubles from the first value up to the second, which is short so
+/// that the cache answers again soon after the database returns.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+/// How long connecting the feed may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Whether the cache may answer. Shared by the feed and the cache.
+/// Whether the cache may answer, and since when it holds what it held when the feed was
+/// last known good. Shared by the feed and the cache.
 #[derive(Debug)]
 pub struct FeedState {
     up: AtomicBool,
+    /// When the feed last proved that it delivered everything committed before (a
+    /// heartbeat came back, or it started listening after a flush), in milliseconds since
+    /// `origin`; 0: never.
+    last_good_ms: AtomicU64,
+    origin: std::time::Instant,
 }
 
 impl FeedState {
+    fn new(up: bool) -> Arc<Self> {
+        Arc::new(Self {
+            up: AtomicBool::new(up),
+            last_good_ms: AtomicU64::new(0),
+            origin: std::time::Instant::now(),
+        })
+    }
+
     /// A replica without a feed to wait for (SQLite: one process, local eviction only).
     pub fn always_up() -> Arc<Self> {
-        Arc::new(Self {
-            up: AtomicBool::new(true),
-        })
+        Self::new(true)
     }
 
     /// A replica whose cache stays off until its feed is listening.
     pub fn down() -> Arc<Self> {
-        Arc::new(Self {
-            up: AtomicBool::new(false),
-        })
+        Self::new(false)
     }
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// How long ago the feed was last known good: `None` if it never was. Every write
+    /// committed before that moment had reached this replica's cache.
+    pub fn since_last_good(&self) -> Option<Duration> {
+        match self.last_good_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
+        }
+    }
+
+    /// Marks `moment` as known good: everything committed before it has been applied.
+    fn good_at(&self, moment: std::time::Instant) {
+        let ms = u64::try_from(moment.saturating_duration_since(self.origin).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.last_good_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
     fn set(&self, up: bool) {
@@ -110,7 +144,6 @@ enum Heard {
 
 /// Keeps the feed up until `stop`: listens, applies evictions, reconnects with backoff.
 pub async fn run(
-    url: String,
     db: DatabaseConnection,
     sink: Arc<dyn EvictionSink>,
     state: Arc<FeedState>,
@@ -122,7 +155,7 @@ pub async fn run(
     let mut backoff = BACKOFF.0;
     loop {
         let ended = tokio::select! {
-            ended = listen_once(&url, &db, sink.as_ref(), &state, heartbeats.as_ref(), &me) => ended,
+            ended = listen_once(&db, sink.as_ref(), &state, heartbeats.as_ref(), &me) => ended,
             _ = stop.cancelled() => return,
         };
         state.set(false);
@@ -146,22 +179,34 @@ pub async fn run(
 /// One connection's life: `Ok` with why it was lost after it was up, `Err` when it never
 /// came up.
 async fn listen_once(
-    url: &str,
     db: &DatabaseConnection,
     sink: &dyn EvictionSink,
     state: &FeedState,
     heartbeats: &dyn Heartbeats,
     me: &str,
 ) -> Result<String, String> {
-    let mut listener = PgListener::connect(url)
+    // A connection of its own, to the host the pool uses now (which follows a failover).
+    let options = db.get_postgres_connection_pool().connect_options();
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with((*options).clone())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut listener = PgListener::connect_with(&own)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    // Losing the connection ends this listener's life; `run` makes a new one.
+    listener.eager_reconnect(false);
     listener
         .listen_all([CHANNEL, USAGE_CHANNEL])
         .await
         .map_err(|e| format!("LISTEN failed: {e}"))?;
     // Listening from here on: flush what may have changed unseen, then answer again.
     sink.evict(&Eviction::All);
+    state.good_at(std::time::Instant::now());
     state.set(true);
     heartbeats.feed_up();
 
@@ -184,10 +229,19 @@ async fn listen_once(
     let mut ticker = tokio::time::interval(HEARTBEAT);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard_self = Instant::now();
+    let mut in_flight = std::collections::VecDeque::new();
     let reason = loop {
         tokio::select! {
             message = heard.recv() => match message {
-                Some(Heard::Payload(payload)) if payload == ping => last_heard_self = Instant::now(),
+                Some(Heard::Payload(payload)) if payload == ping => {
+                    last_heard_self = Instant::now();
+                    // Our heartbeats come back in the order sent. Everything committed
+                    // before this one was sent has been delivered before it: that moment
+                    // (not this one) is known good.
+                    if let Some(sent) = in_flight.pop_front() {
+                        state.good_at(sent);
+                    }
+                }
                 Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {
                     heartbeats.heard(payload.trim_start_matches("ping:"));
                 }
@@ -204,6 +258,7 @@ async fn listen_once(
                     break "no heartbeat came back".to_owned();
                 }
                 // Sent through the pool, as writes are: an echo proves the whole path.
+                in_flight.push_back(std::time::Instant::now());
                 let sent = tokio::time::timeout(HEARTBEAT_TIMEOUT, db.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
                     "SELECT pg_notify($1, $2)",

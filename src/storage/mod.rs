@@ -5,6 +5,7 @@ pub mod entity;
 mod api_keys;
 pub mod audit;
 pub mod budgets;
+pub mod database;
 pub mod feed;
 pub mod invalidation;
 pub mod schema;
@@ -14,15 +15,15 @@ pub mod usage;
 mod workspaces;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sea_orm::{
-    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait,
-    RuntimeErr, SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, RuntimeErr, SqlErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 
 pub use api_keys::{ApiKeyFilter, Rotated};
 pub use audit::{AuditFilter, ChainReport};
+pub use database::connect;
 pub use migration::{Migrator, sea_orm_migration::MigratorTrait};
 
 use crate::domain::audit::{Acting, Change};
@@ -47,6 +48,9 @@ pub enum StoreError {
     UnknownScopes(Vec<String>),
     #[error("database unavailable")]
     Unavailable(#[source] DbErr),
+    /// The database did not answer in time, or is being let rest after failing to.
+    #[error("the database does not answer: {0}")]
+    NotAnswering(&'static str),
     #[error("database error")]
     Database(#[source] DbErr),
     /// A stored value that the domain refuses: a bug or a hand-edited row.
@@ -92,7 +96,8 @@ fn is_unavailable(err: &DbErr) -> bool {
         | sea_orm::sqlx::Error::Tls(_)
         | sea_orm::sqlx::Error::Protocol(_) => true,
         sea_orm::sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // PostgreSQL: 08xxx connection exceptions, 57P0x shutdown / cannot connect now;
+            // PostgreSQL: 08xxx connection exceptions, 57P0x shutdown / cannot connect now,
+            // 25006 a read-only transaction (a primary demoted under us: a failover);
             // SQLite: 5 = SQLITE_BUSY, 6 = SQLITE_LOCKED, and their extended codes (the low
             // byte is the primary code: 517 is SQLITE_BUSY_SNAPSHOT). PostgreSQL's codes are
             // five characters, SQLite's numbers fewer digits.
@@ -102,6 +107,7 @@ fn is_unavailable(err: &DbErr) -> bool {
                 .map(|c| c & 0xff);
             code.starts_with("08")
                 || code.starts_with("57P")
+                || code == "25006"
                 || matches!(sqlite_primary, Some(5 | 6))
         }),
         _ => false,
@@ -111,27 +117,6 @@ fn is_unavailable(err: &DbErr) -> bool {
 /// Whether the error is a unique-constraint violation (a concurrent or repeated insert).
 pub(crate) fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
-}
-
-/// Opens the database named by the URL: SQLite (WAL, foreign keys on) or PostgreSQL.
-pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(url.to_owned());
-    options
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
-        .sqlx_logging(false)
-        .map_sqlx_sqlite_opts(|o| {
-            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(5))
-        });
-    if url.starts_with("sqlite:") {
-        // One writer at a time is all SQLite allows; a small pool avoids lock convoys.
-        options.max_connections(4).min_connections(1);
-    } else {
-        options.max_connections(16).min_connections(1);
-    }
-    Database::connect(options).await
 }
 
 /// Claims a SQLite database for this process: SQLite is one process, and the verification

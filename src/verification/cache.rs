@@ -7,7 +7,8 @@
 //! use, and the caller's tenant is applied per call. Entries leave when a write evicts them
 //! (see `storage::invalidation`), when the bound (`--cache-capacity`) pushes them out, and
 //! all at once when the invalidation feed comes back after an outage. While the feed is
-//! down the cache does not answer at all.
+//! down the cache does not answer normally and is not filled; it may still give stale
+//! answers while the database does not answer either (`verification::outage`).
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -76,6 +77,12 @@ impl VerificationCache {
                 Lookup::Miss(epoch)
             }
         }
+    }
+
+    /// The entry as the cache holds it, whatever the feed's state: for stale answers while
+    /// the database cannot be reached (the cache is frozen while the feed is down).
+    pub fn frozen(&self, digest: &KeyDigest) -> Option<Entry> {
+        self.entries.as_ref()?.get(digest)
     }
 
     /// Caches what the database said, unless an eviction came in since `epoch` (then the

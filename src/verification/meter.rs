@@ -45,6 +45,16 @@ const ATTEMPTS: usize = 4;
 /// theirs (a recall) before asking again: a NOTIFY's delivery and a give-back statement.
 const RECALL_WAIT: Duration = Duration::from_millis(50);
 
+/// Where a charge may take its units from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// Leases held, and the database when they run out (the normal case).
+    Reserve,
+    /// Only what this replica already holds: the database does not answer (a stale
+    /// verification). Running out is UNAVAILABLE; credits are never overspent.
+    HeldOnly,
+}
+
 /// What a verification decided about usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -312,12 +322,13 @@ impl Meter {
         &self,
         key: &ApiKey,
         cost: Cost,
+        spend: Spend,
     ) -> Result<(Decision, UsageReport), StoreError> {
-        let decision = self.decide(key, cost).await?;
+        let decision = self.decide(key, cost, spend).await?;
         Ok((decision, self.report(key, decision)))
     }
 
-    async fn decide(&self, key: &ApiKey, cost: Cost) -> Result<Decision, StoreError> {
+    async fn decide(&self, key: &ApiKey, cost: Cost, spend: Spend) -> Result<Decision, StoreError> {
         if cost.is_free() {
             return Ok(Decision::Admitted);
         }
@@ -334,7 +345,7 @@ impl Meter {
                     limit: limit.limit(),
                     period: limit.period(),
                 };
-                if let Drawn::Refused = self.draw(*id, target, cost, &mut holds).await? {
+                if let Drawn::Refused = self.draw(*id, target, cost, spend, &mut holds).await? {
                     return Ok(Decision::RateLimited(i));
                 }
             }
@@ -347,7 +358,7 @@ impl Meter {
                     },
                 };
                 if let Drawn::Refused = self
-                    .draw(key.budgets.credits, target, cost, &mut holds)
+                    .draw(key.budgets.credits, target, cost, spend, &mut holds)
                     .await?
                 {
                     return Ok(Decision::UsageExceeded);
@@ -369,6 +380,7 @@ impl Meter {
         id: BudgetId,
         target: Target,
         cost: Cost,
+        spend: Spend,
         holds: &mut Holds<'_>,
     ) -> Result<Drawn, StoreError> {
         let slot = self.slot(id, target);
@@ -405,8 +417,14 @@ impl Meter {
                 };
                 (step, reserved, prefetch)
             };
-            if let Some(ask) = prefetch {
+            if let Some(ask) = prefetch.filter(|_| spend == Spend::Reserve) {
                 self.start_reservation(&slot, target, ask, fleet);
+            }
+            let needs_database = matches!(step, Step::Reserve(_) | Step::AwaitReservation);
+            if needs_database && spend == Spend::HeldOnly {
+                return Err(StoreError::NotAnswering(
+                    "no usage budget held, and the database does not answer",
+                ));
             }
             match step {
                 Step::Held(hold) => {
@@ -415,6 +433,7 @@ impl Meter {
                 }
                 Step::Refused(why) => {
                     if !waited_for_recall
+                        && spend == Spend::Reserve
                         && let Some(wait) = self.recall(&slot, target, why, fleet, now)
                     {
                         waited_for_recall = true;
@@ -956,7 +975,13 @@ mod tests {
     async fn decisions(meter: &Meter, key: &ApiKey, cost: u64, n: usize) -> Vec<Decision> {
         let mut out = Vec::new();
         for _ in 0..n {
-            out.push(meter.charge(key, Cost::new(cost).unwrap()).await.unwrap().0);
+            out.push(
+                meter
+                    .charge(key, Cost::new(cost).unwrap(), Spend::Reserve)
+                    .await
+                    .unwrap()
+                    .0,
+            );
         }
         out
     }
@@ -979,13 +1004,23 @@ mod tests {
             decisions(&meter, &k, 1, 4).await,
             [Admitted, Admitted, Admitted, RateLimited(0)]
         );
-        let (decision, report) = meter.charge(&k, Cost::DEFAULT).await.unwrap();
+        let (decision, report) = meter
+            .charge(&k, Cost::DEFAULT, Spend::Reserve)
+            .await
+            .unwrap();
         assert_eq!(decision, RateLimited(0));
         let state = report.limits[0].state;
         assert_eq!((state.limit, state.remaining, state.exceeded), (3, 0, true));
         assert!(state.reset_ms > report.limits[0].db_now_ms);
         // Cost 0 checks without spending, and is never refused.
-        assert_eq!(meter.charge(&k, Cost::FREE).await.unwrap().0, Admitted);
+        assert_eq!(
+            meter
+                .charge(&k, Cost::FREE, Spend::Reserve)
+                .await
+                .unwrap()
+                .0,
+            Admitted
+        );
         assert_eq!(decisions(&meter, &k, 4, 1).await, [RateLimited(0)]);
     }
 
@@ -1008,7 +1043,11 @@ mod tests {
             decisions(&meter, &k, 1, 3).await,
             [Admitted, Admitted, RateLimited(0)]
         );
-        let report = meter.charge(&k, Cost::FREE).await.unwrap().1;
+        let report = meter
+            .charge(&k, Cost::FREE, Spend::Reserve)
+            .await
+            .unwrap()
+            .1;
         assert_eq!(report.credits.unwrap().remaining, 3);
         meter.give_back_all().await;
         assert_eq!(balance(&meter, k.usage_id).await, Some(3));

@@ -1,9 +1,11 @@
 //! Key verification, shared by `VerifyApiKey`, Envoy's `Check` and admin-key
 //! authentication. Everything that verifies a key goes through [`KeyVerifier::verify`],
 //! which answers from this replica's [`cache`] when it can and from one database query
-//! when it cannot.
+//! when it cannot, and from the cache as it stood before an outage when neither the feed
+//! nor the database can be trusted ([`outage`]).
 pub mod cache;
 pub mod meter;
+pub mod outage;
 
 use std::sync::Arc;
 
@@ -16,8 +18,9 @@ use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
 use crate::storage::usage::UsageRecorder;
 use crate::storage::{Store, StoreError};
-use cache::{Lookup, VerificationCache};
-use meter::{Meter, UsageReport};
+use cache::{Entry, Lookup, VerificationCache};
+use meter::{Meter, Spend, UsageReport};
+use outage::Outage;
 
 /// The answer to "may this key do that?".
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ pub struct Verification {
     /// The key's rate limits and credits after this request, when the key has any and
     /// passed the checks before them (this replica's estimate).
     pub usage: Option<UsageReport>,
+    /// Answered from the cache as it stood before the database stopped answering.
+    pub stale: bool,
 }
 
 impl Verification {
@@ -39,6 +44,7 @@ impl Verification {
             key: None,
             missing: Vec::new(),
             usage: None,
+            stale: false,
         }
     }
 }
@@ -49,6 +55,7 @@ pub struct KeyVerifier {
     cache: Arc<VerificationCache>,
     usage: Arc<UsageRecorder>,
     meter: Arc<Meter>,
+    outage: Arc<Outage>,
 }
 
 impl KeyVerifier {
@@ -57,12 +64,14 @@ impl KeyVerifier {
         cache: Arc<VerificationCache>,
         usage: Arc<UsageRecorder>,
         meter: Arc<Meter>,
+        outage: Arc<Outage>,
     ) -> Self {
         Self {
             store,
             cache,
             usage,
             meter,
+            outage,
         }
     }
 
@@ -83,14 +92,14 @@ impl KeyVerifier {
         };
         let digest = secret.digest();
         // The cache holds every tenant's keys; who may see which is decided below, per call.
-        let found = match self.cache.lookup(&digest) {
-            Lookup::Hit(entry) => entry,
+        let (found, stale) = match self.cache.lookup(&digest) {
+            Lookup::Hit(entry) => (entry, false),
             Lookup::Miss(epoch) => {
                 let entry = self.find(&digest).await?;
                 self.cache.fill(digest, entry.clone(), epoch);
-                entry
+                (entry, false)
             }
-            Lookup::Bypass => self.find(&digest).await?,
+            Lookup::Bypass => self.read_through(&digest).await?,
         };
         let Some(key) = found.filter(|k| visible(access, k.tenant_id)) else {
             return Ok(Verification::without_key(VerifyCode::NotFound));
@@ -99,7 +108,13 @@ impl KeyVerifier {
         let (mut code, missing) = key.check(now, required);
         let mut usage = None;
         if code == VerifyCode::Valid && key.has_usage_controls() {
-            let (decision, report) = self.meter.charge(&key, cost).await?;
+            // Stale: the database cannot reserve more, so only what is held may be spent.
+            let spend = if stale {
+                Spend::HeldOnly
+            } else {
+                Spend::Reserve
+            };
+            let (decision, report) = self.meter.charge(&key, cost, spend).await?;
             code = decision.code();
             usage = Some(report);
         }
@@ -111,7 +126,53 @@ impl KeyVerifier {
             key: Some(key),
             missing,
             usage,
+            stale,
         })
+    }
+
+    /// A verification the cache may not answer normally (turned off, or its feed is down):
+    /// the database's answer, or, when the database does not answer, the frozen cache's
+    /// (`stale`) while the stale window is open. See [`outage`].
+    async fn read_through(&self, digest: &KeyDigest) -> Result<(Entry, bool), StoreError> {
+        if !self.outage.enabled() {
+            return Ok((self.find(digest).await?, false));
+        }
+        let failure = if self.outage.may_read() {
+            match tokio::time::timeout(self.outage.timeout(), self.find(digest)).await {
+                Ok(Ok(entry)) => {
+                    self.outage.database_answered();
+                    return Ok((entry, false));
+                }
+                Ok(Err(err @ StoreError::Unavailable(_))) => {
+                    self.outage.read_failed();
+                    err
+                }
+                Ok(Err(err)) => return Err(err),
+                Err(_) => {
+                    self.outage.read_failed();
+                    StoreError::NotAnswering("a verification's read timed out")
+                }
+            }
+        } else {
+            StoreError::NotAnswering("resting after failed reads")
+        };
+        match self
+            .outage
+            .window_open()
+            .then(|| self.cache.frozen(digest))
+            .flatten()
+        {
+            Some(entry) => {
+                self.outage.served_stale();
+                Ok((entry, true))
+            }
+            None => Err(failure),
+        }
+    }
+
+    /// What this replica does about a database that does not answer.
+    pub fn outage(&self) -> &Arc<Outage> {
+        &self.outage
     }
 
     /// The credits of this key's account that this replica holds and may still spend.
