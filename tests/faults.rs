@@ -1,19 +1,20 @@
 //! Faults: the database going away and coming back, SIGKILL in the middle of writes, and
 //! SIGTERM under load. The server runs as it does in production: as its own process where
 //! a signal is involved, behind a TCP proxy we can cut where the database must vanish
-//! (verification and Envoy's Check then answer UNAVAILABLE, never from an unconfirmable
-//! cache).
+//! (with `--stale-if-error 0`, verification and Envoy's Check then answer UNAVAILABLE,
+//! never from an unconfirmable cache; `tests/outage.rs` covers stale answers).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 #[path = "api/helpers.rs"]
 mod helpers;
+#[path = "support/proxy.rs"]
+mod proxy;
 
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
@@ -23,55 +24,11 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use helpers::*;
 use keyplane::proto as pb;
-use tokio::net::{TcpListener, TcpStream};
+use proxy::CuttableProxy;
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-/// A TCP proxy in front of PostgreSQL that can be "stopped": live connections are cut and
-/// new ones are closed at once, as when the server goes down.
-struct CuttableProxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl CuttableProxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (up2, links2) = (up.clone(), links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    continue; // dropped: the client sees the connection closed
-                }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                links2.lock().await.push(link);
-            }
-        });
-        Self { addr, up, links }
-    }
-
-    async fn stop(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for link in self.links.lock().await.drain(..) {
-            link.abort();
-        }
-    }
-
-    fn resume(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
 
 #[test]
 fn postgres_going_away_is_unavailable_and_recovers_without_restart() {
@@ -95,11 +52,14 @@ async fn postgres_going_away() {
     let proxy = CuttableProxy::start(target).await;
     let mut proxied = url.clone();
     proxied.set_port(Some(proxy.addr.port())).unwrap();
-    let settings = test_settings(proxied.as_str());
+    let mut settings = test_settings(proxied.as_str());
+    // Fail closed: `tests/outage.rs` covers the default, which answers stale.
+    settings.stale_if_error = Duration::ZERO;
     let app = spawn_with(db, settings).await;
     let workspace = app.create_workspace("before").await;
     // A key hot in the verification cache: once the database is gone, so is the
-    // invalidation feed, and keyplane must not answer from memory what it cannot confirm.
+    // invalidation feed, and with --stale-if-error 0 keyplane must not answer from memory
+    // what it cannot confirm.
     let (_, secret) = app.create_key(&workspace.id, &[]).await;
     let mut envoy = AuthorizationClient::with_interceptor(app.channel.clone(), {
         let token = token(Some(app.tenant), &["keyplane.api_keys:verify"]);
