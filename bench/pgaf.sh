@@ -17,7 +17,8 @@
 #
 # Env: PGAF_DIR (default /tmp/keyplane-pgaf), PGAF_PORT_BASE (default 5490: monitor = base,
 # node1 = base+1, node2 = base+2), PGAF_TIMEOUT (seconds to wait for a state, default 120),
-# PGAF_FAST_FAILOVER (default 1: lower the failure-detection timeouts, see tune_timeouts).
+# PGAF_FAST_FAILOVER (default 1: lower the failure-detection timeouts, see tune_monitor; 0 keeps
+# pg_auto_failover's defaults, with which an unplanned failover takes ~50 s).
 # Only results go to stdout; progress and pg_autoctl output go to stderr; daemons log to
 # $PGAF_DIR/<name>.log.
 set -euo pipefail
@@ -43,6 +44,7 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 node_port() { echo $((PORT_BASE + ${1#node})); } # node1 -> base+1
 port_node() { echo "node$(($1 - PORT_BASE))"; }  # base+2 -> node2
 
+[ "$(id -u)" = 0 ] || die "run as root (the formation runs as the postgres OS user)"
 case "$PGAF_DIR" in
   /?*) ;;
   *) die "PGAF_DIR must be an absolute path other than / (got '$PGAF_DIR')" ;;
@@ -130,15 +132,21 @@ node_is() { # node_is PORT STATE...: the monitor reports PORT in one of STATEs, 
 # pg_autoctl processes and postmasters carry our env markers; postgres' own children overwrite
 # their environment with the process title, so they are added as children of the postmaster.
 our_pids() {
-  local pid env
+  local pid
   for pid in $(pgrep -u postgres || true); do
-    # (2>/dev/null first: the process may be gone by the time its environ is opened)
-    env=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ") || continue
-    grep -qxF "KEYPLANE_PGAF_DIR=$PGAF_DIR" <<<"$env" || continue
-    [ -z "${1:-}" ] || grep -qxF "KEYPLANE_PGAF_NODE=$1" <<<"$env" || continue
+    # grep -z: the environment is NUL-separated; 2>/dev/null: the process may be gone already.
+    grep -qzxF "KEYPLANE_PGAF_DIR=$PGAF_DIR" "/proc/$pid/environ" 2>/dev/null || continue
+    [ -z "${1:-}" ] || grep -qzxF "KEYPLANE_PGAF_NODE=$1" "/proc/$pid/environ" 2>/dev/null || continue
     echo "$pid"
     pgrep -P "$pid" || true
   done | sort -un
+}
+
+# require_formation: fail at once (rather than wait for states) when there is no formation; and
+# never run pg_autoctl against a PGAF_DIR that `up` did not make (it would create xdg/ there).
+require_formation() {
+  [ -f "$PGAF_DIR/$MARKER" ] || die "no formation in $PGAF_DIR (run: $0 up)"
+  mon_sql "select 1" >/dev/null 2>&1 || die "the monitor on $HOST:$MON_PORT does not answer (run: $0 up)"
 }
 
 ports_free() {
@@ -169,11 +177,13 @@ start_daemon() {
     pg_autoctl "$@") </dev/null >>"$PGAF_DIR/$name.log" 2>&1 &
 }
 
-# Lower the failure-detection timeouts so that an unplanned failover takes seconds instead of
+# Lower the failure-detection timeouts so that an unplanned failover takes ~9 s instead of
 # ~50 s. With the defaults, on a killed primary the monitor waits for
 #   the health check to fail (period 5 s, 2 retries 2 s apart),
-#   node_considered_unhealthy_timeout (20 s without a keeper report),
-#   primary_demote_timeout (30 s, for the old primary to report it has demoted itself).
+#   node_considered_unhealthy_timeout (20 s without a keeper report; the node must also fail
+#     its health checks, so a keeper that is merely slow under load does not trigger it),
+#   primary_demote_timeout (30 s, for the old primary to report it has demoted itself; a
+#     planned failover waits for it too when the old primary is slow to stop).
 # primary_demote_timeout has to stay above the keepers' network_partition_timeout (20 s by
 # default; a primary cut off from the monitor and its standby demotes itself after it), or a
 # real partition could give two primaries; so that one is lowered on each node too.
@@ -184,14 +194,14 @@ tune_monitor() {
   mon_sql "alter system set pgautofailover.health_check_max_retries = 1" # default 2
   mon_sql "alter system set pgautofailover.health_check_retry_delay = 500" # ms, default 2000
   mon_sql "alter system set pgautofailover.node_considered_unhealthy_timeout = 3000" # ms, default 20000
-  mon_sql "alter system set pgautofailover.primary_demote_timeout = 5000" # ms, default 30000
+  mon_sql "alter system set pgautofailover.primary_demote_timeout = 4000" # ms, default 30000
   mon_sql "select pg_reload_conf()" >/dev/null
 }
 tune_node() {
   [ "$FAST_FAILOVER" = 1 ] || return 0
   # seconds, default 20; must stay below primary_demote_timeout. `config set` signals the
   # running keeper to reload its configuration.
-  as_pg "$1" pg_autoctl config set --pgdata "$PGAF_DIR/$1" timeout.network_partition_timeout 3 >&2
+  as_pg "$1" pg_autoctl config set --pgdata "$PGAF_DIR/$1" timeout.network_partition_timeout 2 >&2
 }
 
 # fail_with_logs WHAT: show the tail of every log, then die.
@@ -217,7 +227,7 @@ formation_uri() {
 cmd_up() {
   local t0 n1 n2 port sync uri
   t0=$(now_ms)
-  [ -n "$(find_pg_autoctl)" ] || cmd_install
+  cmd_install
   cmd_down
   if [ -e "$PGAF_DIR" ]; then
     [ -f "$PGAF_DIR/$MARKER" ] || [ -z "$(ls -A "$PGAF_DIR")" ] ||
@@ -332,6 +342,7 @@ kill_node() {
   [ "${#pids[@]}" -gt 0 ] || return 1
   # Freeze first, so that no process reacts to the death of another (a supervisor restarting
   # a child, the postmaster forking a new backend) before all are killed.
+  KILLED_AT_MS=$(now_ms) # for kill-primary: from here on the node is as good as dead
   kill -STOP "${pids[@]}" 2>/dev/null || true
   mapfile -t more < <(our_pids "$1")
   kill -KILL "${pids[@]}" "${more[@]}" 2>/dev/null || true
@@ -343,8 +354,8 @@ cmd_kill_primary() {
   read -r old new <<<"$r"
   node=$(port_node "$old")
   log "unplanned failover: SIGKILL $node (primary $old); $new should take over"
-  t0=$(now_ms)
   kill_node "$node" || die "no process found for $node"
+  t0=$KILLED_AT_MS
   deadline=$((t0 + TIMEOUT * 1000))
   until probe_write "$new"; do
     [ "$(now_ms)" -lt "$deadline" ] || die "$new never accepted a write"
@@ -393,12 +404,12 @@ cmd_down() {
 case "${1:-}" in
   install) cmd_install ;;
   up) cmd_up ;;
-  uri) cmd_uri ;;
-  primary) cmd_primary ;;
-  primary-uri) cmd_primary_uri ;;
-  failover) cmd_failover ;;
-  kill-primary) cmd_kill_primary ;;
-  status) cmd_status ;;
+  uri) require_formation && cmd_uri ;;
+  primary) require_formation && cmd_primary ;;
+  primary-uri) require_formation && cmd_primary_uri ;;
+  failover) require_formation && cmd_failover ;;
+  kill-primary) require_formation && cmd_kill_primary ;;
+  status) require_formation && cmd_status ;;
   down) cmd_down ;;
   *)
     echo "usage: $0 install|up|uri|primary|primary-uri|failover|kill-primary|status|down" >&2

@@ -53,6 +53,51 @@ fn help_never_prints_secret_values() {
 }
 
 #[test]
+fn a_bad_database_url_is_refused_naming_its_part_and_never_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "postgres://kpuser:hunter2secret@127.0.0.1:notaport/db",
+            "port \"notaport\"",
+        ),
+        ("postgres://kpuser:hunter2secret@/db", "no host"),
+        (
+            "postgres://kpuser:hunter2secret@h1:5432,postgresql://h2/db",
+            "mixed schemes",
+        ),
+        (
+            "postgres://kpuser:hunter2secret@h1,h2/db?target_session_attrs=readwrite",
+            "target_session_attrs",
+        ),
+    ];
+    for (url, names) in cases {
+        let out = keyplane(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", url])
+            .env(
+                "KEYPLANE_JWT_SECRET",
+                "a-test-secret-of-at-least-32-bytes!!",
+            )
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url} was accepted");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(printed.contains(names), "{url}: {printed}");
+        assert!(
+            printed.contains("kpuser:***@"),
+            "the redacted URL: {printed}"
+        );
+        assert!(
+            !printed.contains("hunter2secret"),
+            "the password leaked: {printed}"
+        );
+    }
+}
+
+#[test]
 fn migrate_applies_and_reports_status() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/m.db?mode=rwc", dir.path().display());

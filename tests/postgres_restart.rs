@@ -1,5 +1,6 @@
-//! The real PostgreSQL server stopped mid-run and started again (the proxy test in
-//! `faults.rs` covers the same on any machine). It stops the whole cluster, so it lives in
+//! The real PostgreSQL server stopped mid-run and started again: a cached key answers,
+//! flagged stale, everything else is UNAVAILABLE, and all recovers without a restart
+//! (`outage.rs` and `faults.rs` cover the same behind a proxy on any machine). It stops the whole cluster, so it lives in
 //! its own test binary, which `cargo test` runs alone, and only runs where it may:
 //! `KEYPLANE_TEST_PG_CONTROL=1` (set by `.ci/run`, which runs as root beside the cluster).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
@@ -57,11 +58,24 @@ fn postgres_stopped_mid_run_is_unavailable_and_recovers_without_restart() {
 async fn postgres_stopped_mid_run() {
     let app = spawn_app(Backend::Postgres).await;
     let workspace = app.create_workspace("before").await;
+    let (_, hot) = app.create_key(&workspace.id, &[]).await;
+    // Cached, with the feed known good: it answers through the stop, flagged stale.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.verify(&hot, &[]).await.code(), pb::VerifyCode::Valid);
 
     let restart = Restart;
     cluster("stop");
-    let took = wait_for_health(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
-    eprintln!("NOT_SERVING {took:?} after the stop");
+    let took = wait_for_service_health(
+        &app,
+        "keyplane.v1.WorkspaceService",
+        ServingStatus::NotServing,
+        Duration::from_secs(5),
+    )
+    .await;
+    eprintln!("the write services NOT_SERVING {took:?} after the stop");
+    wait_for_health(&app, ServingStatus::Serving, Duration::ZERO).await;
+    let stale = app.verify(&hot, &[]).await;
+    assert!(stale.valid && stale.stale, "{stale:?}");
     for _ in 0..3 {
         let get = app
             .as_admin()
@@ -84,7 +98,15 @@ async fn postgres_stopped_mid_run() {
     }
     drop(restart);
 
-    wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(20)).await;
+    wait_for_service_health(
+        &app,
+        "keyplane.v1.WorkspaceService",
+        ServingStatus::Serving,
+        Duration::from_secs(20),
+    )
+    .await;
+    let fresh = app.verify(&hot, &[]).await;
+    assert!(fresh.valid && !fresh.stale, "{fresh:?}");
     let got = app
         .as_admin()
         .workspaces

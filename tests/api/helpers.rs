@@ -901,12 +901,23 @@ pub async fn replicas(n: usize, settle: Duration) -> Vec<TestApp> {
     all
 }
 
-/// Polls the overall health until it is `wanted`; returns how long that took. Fails the
-/// test after `within`. (Used by `tests/faults.rs` and `tests/postgres_restart.rs`, which
-/// include this file.)
+/// Polls the overall health (`""`) until it is `wanted`; returns how long that took. Fails
+/// the test after `within`.
 #[allow(dead_code)]
 pub async fn wait_for_health(
     app: &TestApp,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) -> Duration {
+    wait_for_service_health(app, "", wanted, within).await
+}
+
+/// Polls one service name's health until it is `wanted`; returns how long that took. Fails
+/// the test after `within`. (Used by the tests that take the database away.)
+#[allow(dead_code)]
+pub async fn wait_for_service_health(
+    app: &TestApp,
+    service: &str,
     wanted: tonic_health::pb::health_check_response::ServingStatus,
     within: Duration,
 ) -> Duration {
@@ -916,7 +927,7 @@ pub async fn wait_for_health(
     loop {
         let status = health
             .check(HealthCheckRequest {
-                service: String::new(),
+                service: service.to_owned(),
             })
             .await
             .unwrap()
@@ -927,8 +938,8 @@ pub async fn wait_for_health(
         }
         assert!(
             started.elapsed() < within,
-            "health not {wanted:?} within {within:?}"
+            "health of {service:?} not {wanted:?} within {within:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
