@@ -156,6 +156,18 @@ ports_free() {
   done
 }
 
+# A SIGKILLed postmaster leaves its socket and lock file in /var/run/postgresql; when nothing
+# listens on the port they are stale (and a recycled pid in the lock file would stop the next
+# postmaster on that port from starting).
+clear_stale_sockets() {
+  local port
+  for port in "$MON_PORT" $((PORT_BASE + 1)) $((PORT_BASE + 2)); do
+    if ports_free "$port"; then
+      rm -f "/var/run/postgresql/.s.PGSQL.$port" "/var/run/postgresql/.s.PGSQL.$port.lock"
+    fi
+  done
+}
+
 cmd_install() {
   if [ -n "$(find_pg_autoctl)" ] && [ -f /usr/share/postgresql/15/extension/pgautofailover.control ]; then
     log "pg_autoctl already installed: $(find_pg_autoctl)"
@@ -225,7 +237,7 @@ formation_uri() {
 }
 
 cmd_up() {
-  local t0 n1 n2 port sync uri
+  local t0 n1 n2 sync uri
   t0=$(now_ms)
   cmd_install
   cmd_down
@@ -238,12 +250,7 @@ cmd_up() {
   n2=$(node_port node2)
   ports_free "$MON_PORT" "$n1" "$n2" ||
     die "one of ports $MON_PORT, $n1, $n2 is taken; set PGAF_PORT_BASE"
-  # A SIGKILLed postmaster leaves its socket and lock file in /var/run/postgresql; nothing
-  # listens on these ports now, so they are stale (and a recycled pid in the lock file would
-  # stop the new postmaster from starting).
-  for port in "$MON_PORT" "$n1" "$n2"; do
-    rm -f "/var/run/postgresql/.s.PGSQL.$port" "/var/run/postgresql/.s.PGSQL.$port.lock"
-  done
+  clear_stale_sockets
   mkdir -p "$PGAF_DIR/xdg/run"
   touch "$PGAF_DIR/$MARKER"
   chmod 700 "$PGAF_DIR/xdg/run"
@@ -378,6 +385,7 @@ cmd_down() {
   local name pids deadline
   local -a rest
   if [ -z "$(our_pids)" ]; then
+    clear_stale_sockets
     log "down: nothing running for $PGAF_DIR"
     return 0
   fi
@@ -398,6 +406,7 @@ cmd_down() {
     sleep 0.5
     [ -z "$(our_pids)" ] || die "could not stop: $(our_pids | xargs)"
   fi
+  clear_stale_sockets
   log "down: stopped"
 }
 
