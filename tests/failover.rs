@@ -243,7 +243,7 @@ async fn load(
         while !stop.load(Ordering::Relaxed) {
             let client = &clients[n % clients.len()];
             n += 1;
-            let ok = if n % 2 == 0 {
+            let ok = if n.is_multiple_of(2) {
                 // A retried create reuses its request id: it is created once.
                 let request_id = pending_create
                     .take()

@@ -122,6 +122,8 @@ pub async fn monitor(
         }
         if answered.is_ok() {
             outage.database_answered();
+        } else {
+            outage.end_stale_period_if_over();
         }
         let now = Reported {
             verifications: serving(outage.can_answer(answered.is_ok())),

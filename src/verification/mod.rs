@@ -95,7 +95,7 @@ impl KeyVerifier {
         let (found, stale) = match self.cache.lookup(&digest) {
             Lookup::Hit(entry) => (entry, false),
             Lookup::Miss(epoch) => {
-                let entry = self.find(&digest).await?;
+                let entry = self.read(&digest).await?;
                 self.cache.fill(digest, entry.clone(), epoch);
                 (entry, false)
             }
@@ -135,23 +135,16 @@ impl KeyVerifier {
     /// (`stale`) while the stale window is open. See [`outage`].
     async fn read_through(&self, digest: &KeyDigest) -> Result<(Entry, bool), StoreError> {
         if !self.outage.enabled() {
-            return Ok((self.find(digest).await?, false));
+            return Ok((self.read(digest).await?, false));
         }
         let failure = if self.outage.may_read() {
-            match tokio::time::timeout(self.outage.timeout(), self.find(digest)).await {
-                Ok(Ok(entry)) => {
+            match self.read(digest).await {
+                Ok(entry) => {
                     self.outage.database_answered();
                     return Ok((entry, false));
                 }
-                Ok(Err(err @ StoreError::Unavailable(_))) => {
-                    self.outage.read_failed();
-                    err
-                }
-                Ok(Err(err)) => return Err(err),
-                Err(_) => {
-                    self.outage.read_failed();
-                    StoreError::NotAnswering("a verification's read timed out")
-                }
+                Err(err @ (StoreError::Unavailable(_) | StoreError::NotAnswering(_))) => err,
+                Err(err) => return Err(err),
             }
         } else {
             StoreError::NotAnswering("resting after failed reads")
@@ -178,6 +171,20 @@ impl KeyVerifier {
     /// The credits of this key's account that this replica holds and may still spend.
     pub fn held_credits(&self, key: &ApiKey) -> u64 {
         self.meter.held_credits(key)
+    }
+
+    /// [`find`](Self::find) within `--database-timeout`; a read that fails for want of a
+    /// database, or takes longer, starts (or extends) the verifications' backoff.
+    async fn read(&self, digest: &KeyDigest) -> Result<Entry, StoreError> {
+        let read = tokio::time::timeout(self.outage.timeout(), self.find(digest)).await;
+        let err = match read {
+            Ok(Ok(entry)) => return Ok(entry),
+            Ok(Err(err @ StoreError::Unavailable(_))) => err,
+            Ok(Err(other)) => return Err(other),
+            Err(_) => StoreError::NotAnswering("a verification's read timed out"),
+        };
+        self.outage.read_failed();
+        Err(err)
     }
 
     async fn find(&self, digest: &KeyDigest) -> Result<Option<Arc<ApiKey>>, StoreError> {

@@ -171,6 +171,22 @@ impl Outage {
         }
     }
 
+    /// Ends a stale period whose window has run out, with its log line: from now on the
+    /// cached keys are UNAVAILABLE too, until the database answers.
+    pub fn end_stale_period_if_over(&self) {
+        if self.serving_stale.load(Ordering::Acquire)
+            && !self.window_open()
+            && self.serving_stale.swap(false, Ordering::AcqRel)
+        {
+            let answers = self.stale_in_period.swap(0, Ordering::AcqRel);
+            tracing::warn!(
+                stale_answers = answers,
+                bound = ?self.bound,
+                "the stale window is over: verifications are UNAVAILABLE until the database answers"
+            );
+        }
+    }
+
     /// Whether this replica can answer verifications: the database answers, or the stale
     /// window is open. What health reports for `""` and Envoy's authorization service.
     pub fn can_answer(&self, database_answers: bool) -> bool {
