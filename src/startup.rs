@@ -35,7 +35,7 @@ use crate::proto::{
     scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
 };
 use crate::storage::feed::{self, FeedState};
-use crate::storage::usage::UsageRecorder;
+use crate::storage::last_used::LastUsedRecorder;
 use crate::storage::{self, Store};
 use crate::telemetry::redact_url;
 use crate::tls::{self, Tls};
@@ -59,7 +59,7 @@ pub struct Application {
     feed: Option<(Arc<FeedState>, Arc<VerificationCache>)>,
     api: KeyplaneApi,
     auth: Authenticator,
-    usage: Arc<UsageRecorder>,
+    usage: Arc<LastUsedRecorder>,
     /// Rate limits and credits: this replica's leases.
     meter: Arc<Meter>,
     health: HealthReporter,
@@ -133,7 +133,7 @@ impl Application {
             feed.clone(),
         ));
         let store = store.with_evictions(cache.clone());
-        let usage = Arc::new(UsageRecorder::default());
+        let usage = Arc::new(LastUsedRecorder::default());
         let meter = Arc::new(Meter::new(store.clone()));
         let verifier = KeyVerifier::new(store.clone(), cache.clone(), usage.clone(), meter.clone());
         let auth = Authenticator::new(jwt, verifier.clone());

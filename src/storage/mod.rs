@@ -7,10 +7,10 @@ pub mod audit;
 pub mod budgets;
 pub mod feed;
 pub mod invalidation;
+pub mod last_used;
 pub mod schema;
 mod scopes;
 mod update;
-pub mod usage;
 mod workspaces;
 
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
 use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
-use crate::storage::usage::UsageRecorder;
+use crate::storage::last_used::LastUsedRecorder;
 use crate::storage::{Store, StoreError};
 use cache::{Lookup, VerificationCache};
 use meter::{Meter, UsageReport};
@@ -47,7 +47,7 @@ impl Verification {
 pub struct KeyVerifier {
     store: Store,
     cache: Arc<VerificationCache>,
-    usage: Arc<UsageRecorder>,
+    usage: Arc<LastUsedRecorder>,
     meter: Arc<Meter>,
 }
 
@@ -55,7 +55,7 @@ impl KeyVerifier {
     pub fn new(
         store: Store,
         cache: Arc<VerificationCache>,
-        usage: Arc<UsageRecorder>,
+        usage: Arc<LastUsedRecorder>,
         meter: Arc<Meter>,
     ) -> Self {
         Self {
