@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
 use crate::auth::jwt::JwtSettings;
-use crate::tls::TlsSettings;
+use crate::grpc::tls::TlsSettings;
 
 /// Every default of `serve`, defined once: the flags show them in `--help`, and
 /// [`Settings::new`] starts from them.

@@ -12,7 +12,6 @@ pub mod proto;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
-pub mod tls;
 pub mod verification;
 
 pub use startup::Application;

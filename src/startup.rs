@@ -30,6 +30,7 @@ use crate::grpc::health::{self, DrainingHealth};
 use crate::grpc::idle::IdleTimeout;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
+use crate::grpc::tls::{self, Tls};
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
     scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
@@ -38,7 +39,6 @@ use crate::storage::feed::{self, FeedState};
 use crate::storage::last_used::LastUsedRecorder;
 use crate::storage::{self, Store};
 use crate::telemetry::redact_url;
-use crate::tls::{self, Tls};
 use crate::verification::KeyVerifier;
 use crate::verification::cache::VerificationCache;
 use crate::verification::meter::Meter;

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use helpers::*;
 use keyplane::Application;
+use keyplane::grpc::tls::TlsSettings;
 use keyplane::proto as pb;
-use keyplane::tls::TlsSettings;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
