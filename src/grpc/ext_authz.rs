@@ -30,7 +30,7 @@ pub const REQUIRED_SCOPES: &str = "required_scopes";
 /// The route setting (`context_extensions`) naming what a request costs.
 pub const COST: &str = "cost";
 
-/// The upstream headers keyplane sets on an allowed request.
+// The upstream headers keyplane sets on an allowed request.
 pub const TENANT_HEADER: &str = "x-keyplane-tenant-id";
 pub const WORKSPACE_HEADER: &str = "x-keyplane-workspace-id";
 pub const KEY_HEADER: &str = "x-keyplane-key-id";
@@ -244,7 +244,7 @@ fn metadata(key: &ApiKey) -> Struct {
     }
 }
 
-/// The `x-ratelimit-*` headers (and `retry-after`) of a response, in delta seconds.
+// The `x-ratelimit-*` headers (and `retry-after`) of a response, in delta seconds.
 pub const RETRY_AFTER: &str = "retry-after";
 pub const RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
 pub const RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
