@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
 use crate::auth::jwt::JwtSettings;
-use crate::tls::TlsSettings;
+use crate::grpc::tls::TlsSettings;
 
 /// Every default of `serve`, defined once: the flags show them in `--help`, and
 /// [`Settings::new`] starts from them.
@@ -17,7 +17,7 @@ pub mod defaults {
 
     pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50051));
     pub const DATABASE_URL: &str = "sqlite://keyplane.db?mode=rwc";
-    pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
+    pub use crate::auth::jwt::DEFAULT_LEEWAY as JWT_LEEWAY;
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
     pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);

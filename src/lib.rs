@@ -1,6 +1,7 @@
 //! keyplane: a multi-tenant gRPC control plane for API keys, workspaces and permission
-//! scopes. Layers, outermost first: `grpc` (transport) → `domain` ← `storage`, with `auth`
-//! and `verification` in between; `startup` wires them together.
+//! scopes. Layers, outermost first: `grpc` (transport) → `auth` → `verification` →
+//! `storage` → `domain` (pure). Each uses only layers after it, not only the next: `grpc`
+//! reads and writes through `storage` directly. `startup` wires them together.
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -12,7 +13,6 @@ pub mod proto;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
-pub mod tls;
 pub mod verification;
 
 pub use startup::Application;

@@ -30,16 +30,16 @@ use crate::grpc::health::{self, DrainingHealth};
 use crate::grpc::idle::IdleTimeout;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
+use crate::grpc::tls::{self, Tls};
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
     scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
 };
 use crate::storage::database::Primary;
 use crate::storage::feed::{self, FeedState};
-use crate::storage::usage::UsageRecorder;
+use crate::storage::last_used::LastUsedRecorder;
 use crate::storage::{self, Store};
 use crate::telemetry::redact_url;
-use crate::tls::{self, Tls};
 use crate::verification::KeyVerifier;
 use crate::verification::cache::VerificationCache;
 use crate::verification::meter::Meter;
@@ -61,7 +61,7 @@ pub struct Application {
     feed: Option<(Arc<FeedState>, Arc<VerificationCache>)>,
     api: KeyplaneApi,
     auth: Authenticator,
-    usage: Arc<UsageRecorder>,
+    usage: Arc<LastUsedRecorder>,
     /// Rate limits and credits: this replica's leases.
     meter: Arc<Meter>,
     /// What this replica does while the database does not answer.
@@ -139,7 +139,7 @@ impl Application {
             feed.clone(),
         ));
         let store = store.with_evictions(cache.clone());
-        let usage = Arc::new(UsageRecorder::default());
+        let usage = Arc::new(LastUsedRecorder::default());
         let meter = Arc::new(Meter::new(store.clone()));
         let outage = Arc::new(Outage::new(
             feed.clone(),

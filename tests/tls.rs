@@ -12,14 +12,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine;
 use helpers::*;
 use keyplane::Application;
+use keyplane::grpc::tls::TlsSettings;
 use keyplane::proto as pb;
-use keyplane::tls::TlsSettings;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SigningKey,
 };
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -71,6 +73,83 @@ impl Ca {
     fn client(&self) -> (String, String) {
         self.issue(ExtendedKeyUsagePurpose::ClientAuth)
     }
+
+    /// A client certificate as `openssl x509 -req` makes one without `-extfile`: X.509 v1,
+    /// no version field and no extensions, signed by this CA all the same.
+    fn version_1_client(&self) -> (String, String) {
+        let (cert, key) = self.client();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        let (_, cert_body) = der_element(&der);
+        let (tbs, tbs_body) = der_element(cert_body);
+        let (signature_algorithm, _) = der_element(&cert_body[tbs.len()..]);
+        let mut fields = Vec::new();
+        let mut rest = tbs_body;
+        while !rest.is_empty() {
+            let (field, _) = der_element(rest);
+            // [0] is the version, [3] the extensions.
+            if !matches!(field[0], 0xa0 | 0xa3) {
+                fields.extend_from_slice(field);
+            }
+            rest = &rest[field.len()..];
+        }
+        let tbs = der_encode(0x30, &fields);
+        let mut signature = vec![0]; // a BIT STRING's count of unused bits
+        signature.extend(self.issuer.key().sign(&tbs).unwrap());
+        let v1 = der_encode(
+            0x30,
+            &[
+                tbs,
+                signature_algorithm.to_vec(),
+                der_encode(0x03, &signature),
+            ]
+            .concat(),
+        );
+        let base64 = base64::engine::general_purpose::STANDARD.encode(v1);
+        let lines: Vec<&str> = base64
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        );
+        (pem, key)
+    }
+}
+
+/// The DER element at the start of `der`: all of it, and its contents.
+fn der_element(der: &[u8]) -> (&[u8], &[u8]) {
+    let (header, len) = match der[1] {
+        short if short < 0x80 => (2, usize::from(short)),
+        long => {
+            let octets = usize::from(long & 0x7f);
+            let len = der[2..2 + octets]
+                .iter()
+                .fold(0, |len, b| len << 8 | usize::from(*b));
+            (2 + octets, len)
+        }
+    };
+    (&der[..header + len], &der[header..header + len])
+}
+
+/// A DER element of `tag` around `contents`.
+fn der_encode(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut der = vec![tag];
+    if contents.len() < 0x80 {
+        der.push(contents.len() as u8);
+    } else {
+        let len: Vec<u8> = contents
+            .len()
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        der.push(0x80 | len.len() as u8);
+        der.extend(len);
+    }
+    der.extend(contents);
+    der
 }
 
 /// The PEM files the server reads, in a directory of their own.
@@ -261,6 +340,16 @@ fn mtls_requires_a_client_certificate_from_the_client_ca() {
             refused.is_err(),
             "a certificate from another CA was accepted: {refused:?}"
         );
+
+        // Nor one from the client CA that is X.509 v1; the client hears so at once.
+        let v1 = client_ca.version_1_client();
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            health_over(server.addr, &server_ca, Some(&v1)),
+        )
+        .await
+        .expect("the client was left waiting");
+        assert!(refused.is_err(), "a v1 certificate was accepted");
         server.stop().await;
     });
 }

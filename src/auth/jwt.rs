@@ -3,6 +3,7 @@
 //! key the one algorithm of its entry. The token's header merely picks among them.
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
@@ -16,6 +17,8 @@ use crate::domain::TenantId;
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// The shortest HS256 secret accepted (RFC 7518 §3.2: at least the hash size).
 pub const MIN_SECRET_LEN: usize = 32;
+/// The clock skew allowed on `exp` and `nbf` unless the operator sets another.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
 /// Why the JWT configuration is unusable (reported at start-up).
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,7 @@ impl Default for JwtSettings {
             jwks_file: None,
             issuer: None,
             audience: None,
-            leeway_secs: crate::config::defaults::JWT_LEEWAY.as_secs(),
+            leeway_secs: DEFAULT_LEEWAY.as_secs(),
         }
     }
 }

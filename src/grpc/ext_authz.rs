@@ -19,7 +19,7 @@ use crate::auth::bearer_token;
 use crate::domain::key::ApiKeySecret;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
-use crate::domain::usage::{Cost, LimitState, headline, seconds_until};
+use crate::domain::usage::{COST_MAX, Cost, LimitState, headline, seconds_until};
 use crate::domain::validate::{ValidationError, Validator};
 use crate::proto as pb;
 use crate::verification::Verification;
@@ -29,10 +29,8 @@ use crate::verification::meter::UsageReport;
 pub const REQUIRED_SCOPES: &str = "required_scopes";
 /// The route setting (`context_extensions`) naming what a request costs.
 pub const COST: &str = "cost";
-/// The highest cost a route may name.
-pub const MAX_COST: u32 = 1000;
 
-/// The upstream headers keyplane sets on an allowed request.
+// The upstream headers keyplane sets on an allowed request.
 pub const TENANT_HEADER: &str = "x-keyplane-tenant-id";
 pub const WORKSPACE_HEADER: &str = "x-keyplane-workspace-id";
 pub const KEY_HEADER: &str = "x-keyplane-key-id";
@@ -154,11 +152,11 @@ pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError
     let cost = match extensions.get(COST) {
         None => 1,
         Some(text) => match text.trim().parse::<u32>() {
-            Ok(cost) if cost <= MAX_COST => cost,
+            Ok(cost) if u64::from(cost) <= COST_MAX => cost,
             _ => {
                 v.add(
                     field(COST),
-                    format!("must be an integer from 0 to {MAX_COST}"),
+                    format!("must be an integer from 0 to {COST_MAX}"),
                 );
                 0
             }
@@ -253,7 +251,7 @@ fn metadata(key: &ApiKey, stale: bool) -> Struct {
     }
 }
 
-/// The `x-ratelimit-*` headers (and `retry-after`) of a response, in delta seconds.
+// The `x-ratelimit-*` headers (and `retry-after`) of a response, in delta seconds.
 pub const RETRY_AFTER: &str = "retry-after";
 pub const RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
 pub const RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";

@@ -1,5 +1,5 @@
 //! Transport: thin gRPC handlers over the domain and storage layers, the authentication
-//! layer in front of them, health and reflection.
+//! layer in front of them, health and reflection, and TLS on the port they share.
 pub mod api_keys;
 pub mod audit;
 pub mod auth_layer;
@@ -12,6 +12,7 @@ pub mod observe;
 pub mod rpc;
 pub mod scopes;
 pub mod size_limit;
+pub mod tls;
 pub mod workspaces;
 
 use std::sync::Arc;

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement,
-    sea_query::{CaseStatement, Expr, ExprTrait},
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+    sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
 
@@ -600,71 +600,6 @@ impl Store {
         scopes.sort();
         scopes.dedup();
         from_model(model, scopes, credits.first()).map(Some)
-    }
-
-    /// Writes coalesced `last_used_time` values, one statement per chunk of keys. A value
-    /// only moves forward, so batches from several replicas may land in any order.
-    pub async fn record_key_usage(
-        &self,
-        batch: &[(TenantId, Uuid, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            // The keys as three arrays joined through UNNEST: three bind parameters instead
-            // of 30,000, and one statement text whatever the chunk's length.
-            // Sorted by id, the nested loop over the arrays walks the `(tenant_id, id)`
-            // indexes in order and locks rows in the same order on every replica. Chunks
-            // bound how long one statement holds its row locks. Each row update stays
-            // cheap (HOT, no index writes) thanks to the fill factor the migration
-            // `m20261125_000003_api_keys_fillfactor` leaves free.
-            let mut sorted: Vec<_> = batch.iter().collect();
-            sorted.sort_unstable_by_key(|(_, id, _)| *id);
-            for chunk in sorted.chunks(10_000) {
-                let tenants: Vec<Uuid> = chunk.iter().map(|(t, _, _)| t.as_uuid()).collect();
-                let ids: Vec<Uuid> = chunk.iter().map(|(_, id, _)| *id).collect();
-                let used: Vec<DateTime<Utc>> = chunk.iter().map(|(_, _, at)| *at).collect();
-                self.db
-                    .execute_raw(Statement::from_sql_and_values(
-                        DbBackend::Postgres,
-                        "UPDATE api_keys AS k SET last_used_time = u.used \
-                         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) \
-                         AS u(tenant_id, id, used) \
-                         WHERE k.tenant_id = u.tenant_id AND k.id = u.id \
-                         AND (k.last_used_time IS NULL OR k.last_used_time < u.used)",
-                        [tenants.into(), ids.into(), used.into()],
-                    ))
-                    .await?;
-            }
-            return Ok(());
-        }
-        // SQLite (one process, modest batches): a CASE per key, whose cost grows with the
-        // square of the chunk, so chunks stay small.
-        for chunk in batch.chunks(200) {
-            let newer = |tenant: &TenantId, id: &Uuid, used: &DateTime<Utc>| {
-                api_key::Column::TenantId
-                    .eq(tenant.as_uuid())
-                    .and(api_key::Column::Id.eq(*id))
-                    .and(
-                        api_key::Column::LastUsedTime
-                            .is_null()
-                            .or(api_key::Column::LastUsedTime.lt(*used)),
-                    )
-            };
-            let case = chunk
-                .iter()
-                .fold(CaseStatement::new(), |case, (t, id, used)| {
-                    case.case(newer(t, id, used), Expr::value(*used))
-                });
-            api_key::Entity::update_many()
-                .col_expr(
-                    api_key::Column::LastUsedTime,
-                    case.finally(Expr::col(api_key::Column::LastUsedTime))
-                        .into(),
-                )
-                .filter(api_key::Column::Id.is_in(chunk.iter().map(|(_, id, _)| *id)))
-                .exec(&self.db)
-                .await?;
-        }
-        Ok(())
     }
 }
 

@@ -8,10 +8,10 @@ pub mod budgets;
 pub mod database;
 pub mod feed;
 pub mod invalidation;
+pub mod last_used;
 pub mod schema;
 mod scopes;
 mod update;
-pub mod usage;
 mod workspaces;
 
 use std::sync::Arc;

@@ -16,7 +16,7 @@ use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
 use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
-use crate::storage::usage::UsageRecorder;
+use crate::storage::last_used::LastUsedRecorder;
 use crate::storage::{Store, StoreError};
 use cache::{Entry, Lookup, VerificationCache};
 use meter::{Meter, Spend, UsageReport};
@@ -53,7 +53,7 @@ impl Verification {
 pub struct KeyVerifier {
     store: Store,
     cache: Arc<VerificationCache>,
-    usage: Arc<UsageRecorder>,
+    usage: Arc<LastUsedRecorder>,
     meter: Arc<Meter>,
     outage: Arc<Outage>,
 }
@@ -62,7 +62,7 @@ impl KeyVerifier {
     pub fn new(
         store: Store,
         cache: Arc<VerificationCache>,
-        usage: Arc<UsageRecorder>,
+        usage: Arc<LastUsedRecorder>,
         meter: Arc<Meter>,
         outage: Arc<Outage>,
     ) -> Self {

@@ -243,12 +243,12 @@ pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
 }
 
 impl TestApp {
-    /// The three services, called with `cred`.
+    /// Every service, called with `cred`.
     pub fn client(&self, cred: &Cred) -> Client {
         Client::new(self.channel.clone(), cred)
     }
 
-    /// The three services, called as [`TestApp::admin`].
+    /// Every service, called as [`TestApp::admin`].
     pub fn as_admin(&self) -> Client {
         self.client(&self.admin())
     }
@@ -604,9 +604,6 @@ pub fn seconds(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
-// ---- Assertions ----
-
-/// The `ErrorInfo.reason` of an error status (empty when there is none).
 /// A rate limit of `limit` per `period_secs`.
 pub fn rate_limit(name: &str, limit: i64, period_secs: i64, shared: bool) -> pb::RateLimit {
     pb::RateLimit {
@@ -617,6 +614,9 @@ pub fn rate_limit(name: &str, limit: i64, period_secs: i64, shared: bool) -> pb:
     }
 }
 
+// ---- Assertions ----
+
+/// The `ErrorInfo.reason` of an error status (empty when there is none).
 pub fn reason(status: &Status) -> String {
     status
         .get_details_error_info()

@@ -4,7 +4,7 @@
 //!   large pages until `--depth` keys have gone by, keeps that `next_page_token`, then times
 //!   `--requests` sequential calls of the first page and as many of the deep page.
 //! - `verify`: VerifyApiKey latency, `--requests` sequential calls of one key.
-//! - `flush`: times `Store::record_key_usage` (the usage flush) writing `last_used_time` for
+//! - `flush`: times `Store::record_last_used` (the usage flush) writing `last_used_time` for
 //!   every key id in `--ids` (one UUID a line) directly against the database.
 //!
 //! Each prints one line of `name=value` pairs for the shell.
@@ -61,7 +61,7 @@ enum Command {
         #[arg(long, default_value = "2000")]
         requests: usize,
     },
-    /// Time `Store::record_key_usage` for the key ids in a file.
+    /// Time `Store::record_last_used` for the key ids in a file.
     Flush {
         #[arg(long)]
         database_url: String,
@@ -268,9 +268,9 @@ async fn flush(
         let batch: Vec<_> = ids.iter().map(|id| (tenant, *id, now)).collect();
         let start = Instant::now();
         store
-            .record_key_usage(&batch)
+            .record_last_used(&batch)
             .await
-            .context("record_key_usage")?;
+            .context("record_last_used")?;
         millis.push(start.elapsed().as_secs_f64() * 1000.0);
         // Timestamps are compared strictly: make the next flush's newer.
         tokio::time::sleep(Duration::from_millis(5)).await;

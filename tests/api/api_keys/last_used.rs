@@ -84,7 +84,7 @@ async fn last_used_time_follows_successful_verifications(backend: Backend) {
     );
 }
 
-/// The flush statement itself (`Store::record_key_usage`), given what the recorder never
+/// The flush statement itself (`Store::record_last_used`), given what the recorder never
 /// sends but a statement joining on ids must still get right: a key id under another
 /// tenant, a time older than the stored one, and more keys than one statement takes.
 async fn usage_flush_only_moves_forward_within_the_tenant(backend: Backend) {
@@ -128,7 +128,7 @@ async fn usage_flush_only_moves_forward_within_the_tenant(backend: Backend) {
         .collect();
     batch.push((tenant, a_id, at(1_900_000_200)));
     batch.push((TenantId::new(Uuid::now_v7()), b_id, at(1_900_000_300)));
-    store.record_key_usage(&batch).await.unwrap();
+    store.record_last_used(&batch).await.unwrap();
     assert_eq!(used(&a.id).await, Some(1_900_000_200));
     assert_eq!(
         used(&b.id).await,
@@ -137,7 +137,7 @@ async fn usage_flush_only_moves_forward_within_the_tenant(backend: Backend) {
     );
 
     store
-        .record_key_usage(&[
+        .record_last_used(&[
             (tenant, b_id, at(1_900_000_100)),
             (tenant, a_id, at(1_900_000_100)),
         ])
@@ -151,7 +151,7 @@ async fn usage_flush_only_moves_forward_within_the_tenant(backend: Backend) {
     assert_eq!(used(&b.id).await, Some(1_900_000_100));
 
     store
-        .record_key_usage(&[(tenant, a_id, at(1_900_000_400))])
+        .record_last_used(&[(tenant, a_id, at(1_900_000_400))])
         .await
         .unwrap();
     assert_eq!(used(&a.id).await, Some(1_900_000_400));

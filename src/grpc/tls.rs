@@ -6,9 +6,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -247,9 +247,41 @@ impl Connected for TlsConnection {
 /// preface deadline of [`IdleTimeout`] is met by the ClientHello alone.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most one refused handshake is logged in this long.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(1);
+
+/// Which refused handshakes get a log line: a client that retries in a loop, or a scanner,
+/// must not flood the log, yet the operator must see that handshakes are being refused,
+/// and why (a refusal is silent on the server otherwise, and the client may only see a
+/// timeout).
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// `Some(n)`: log the refusal seen at `now`, saying that `n` were suppressed since the
+    /// last line. `None`: suppress it.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < REFUSALS_LOGGED_EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 /// Accepted TCP connections in, finished TLS connections out. Each handshake runs on its
-/// own task, so a slow client holds up nobody; a failed one is dropped (logged at debug,
-/// as it is the client's problem). Stops accepting when the server drops the stream.
+/// own task, so a slow client holds up nobody. One that TLS refused (an untrusted or X.509
+/// v1 client certificate, a plaintext client, no common protocol) is logged at warn,
+/// rate-limited by [`RefusalLog`]; one whose peer went away or timed out is logged at
+/// debug, as a TCP health check does that before any handshake. Stops accepting when the
+/// server drops the stream.
 pub fn incoming<S>(
     tls: Arc<Tls>,
     tcp: S,
@@ -259,6 +291,7 @@ where
     S: Stream<Item = io::Result<IdleTimeout>> + Send + 'static,
 {
     let timeout = HANDSHAKE_TIMEOUT.min(idle_timeout);
+    let refusals = Arc::new(Mutex::new(RefusalLog::default()));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         tokio::pin!(tcp);
@@ -273,13 +306,18 @@ where
                 Ok(stream) => {
                     let acceptor = tls.acceptor();
                     let tx = tx.clone();
+                    let refusals = refusals.clone();
                     tokio::spawn(async move {
+                        let peer = stream
+                            .connect_info()
+                            .remote_addr()
+                            .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                             Ok(Ok(conn)) => {
                                 let _ = tx.send(Ok(TlsConnection(conn))).await;
                             }
-                            Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                            Ok(Err(error)) => refused(&refusals, &peer, &error),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
                     });
                 }
@@ -292,4 +330,40 @@ where
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Logs a failed handshake: at warn when TLS refused it, with rustls's reason.
+fn refused(refusals: &Mutex<RefusalLog>, peer: &str, error: &io::Error) {
+    // tokio-rustls hands back rustls's own error inside the io::Error when TLS refused.
+    let Some(reason) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        tracing::debug!(%peer, %error, "TLS handshake failed");
+        return;
+    };
+    let admitted = refusals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .admit(Instant::now());
+    if let Some(suppressed) = admitted {
+        tracing::warn!(%peer, %reason, suppressed, "TLS handshake refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second_with_a_count_of_the_rest() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(log.admit(at(0)), Some(0));
+        assert_eq!(log.admit(at(1)), None);
+        assert_eq!(log.admit(at(999)), None);
+        assert_eq!(log.admit(at(1_000)), Some(2));
+        assert_eq!(log.admit(at(5_000)), Some(0));
+    }
 }
