@@ -94,22 +94,33 @@ impl Primary {
         }
     }
 
-    /// Keeps the pool on the primary until `stop`.
+    /// Keeps the pool on the primary until `stop`. The watcher asks over a connection of
+    /// its own, so a busy pool is never mistaken for a lost primary.
     pub async fn follow(self: Arc<Self>, db: DatabaseConnection, stop: CancellationToken) {
         let pool = db.get_postgres_connection_pool().clone();
         let mut ticker = tokio::time::interval(WATCH_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watching: Option<PgConnection> = None;
         let mut lost_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let healthy = tokio::time::timeout(PROBE_TIMEOUT, takes_writes(&pool, self.attrs()))
-                .await
-                .map_err(|_| "no answer".to_owned())
-                .and_then(|r| r);
-            let why = match healthy {
+            let answered = tokio::time::timeout(PROBE_TIMEOUT, async {
+                let conn = match &mut watching {
+                    Some(conn) => conn,
+                    None => watching.insert(
+                        PgConnection::connect_with(&self.options())
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    ),
+                };
+                check(conn, self.attrs()).await
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer".to_owned()));
+            let why = match answered {
                 Ok(()) => {
                     if let Some(since) = lost_since.take() {
                         tracing::info!(host = self.host(), after = ?since.elapsed(), "the PostgreSQL primary answers again");
@@ -118,6 +129,7 @@ impl Primary {
                 }
                 Err(why) => why,
             };
+            watching = None;
             if lost_since.is_none() {
                 lost_since = Some(Instant::now());
                 tracing::warn!(host = self.host(), reason = %self.url.scrub(&why), "the PostgreSQL primary does not take writes; looking for one among the URL's hosts");
@@ -167,10 +179,11 @@ async fn probe(options: &PgConnectOptions, attrs: SessionAttrs) -> Result<(), St
     checked
 }
 
-/// Whether a connection's server takes writes, when that is what the URL asks for.
+/// Whether a connection's server answers, and takes writes when that is what the URL asks
+/// for.
 pub async fn check(conn: &mut PgConnection, attrs: SessionAttrs) -> Result<(), String> {
     if attrs == SessionAttrs::Any {
-        return Ok(());
+        return conn.ping().await.map_err(|e| e.to_string());
     }
     let in_recovery: bool = sea_orm::sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .fetch_one(&mut *conn)
@@ -181,9 +194,4 @@ pub async fn check(conn: &mut PgConnection, attrs: SessionAttrs) -> Result<(), S
     } else {
         Ok(())
     }
-}
-
-async fn takes_writes(pool: &PgPool, attrs: SessionAttrs) -> Result<(), String> {
-    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
-    check(&mut conn, attrs).await
 }
