@@ -94,8 +94,9 @@ impl KeyVerifier {
         // The cache holds every tenant's keys; who may see which is decided below, per call.
         let (found, stale) = match self.cache.lookup(&digest) {
             Lookup::Hit(entry) => (entry, false),
+            // The feed is up, so the database answers: a slow read is waited for.
             Lookup::Miss(epoch) => {
-                let entry = self.read(&digest).await?;
+                let entry = self.find(&digest).await?;
                 self.cache.fill(digest, entry.clone(), epoch);
                 (entry, false)
             }
@@ -131,36 +132,45 @@ impl KeyVerifier {
     }
 
     /// A verification the cache may not answer normally (turned off, or its feed is down):
-    /// the database's answer, or, when the database does not answer, the frozen cache's
-    /// (`stale`) while the stale window is open. See [`outage`].
+    /// the database's answer; or, when the database fails or takes longer than
+    /// `--database-timeout`, the frozen cache's (`stale`) while the stale window is open.
+    /// A key with no stale answer to fall back on waits for the database as long as it
+    /// takes (UNAVAILABLE if it fails). See [`outage`].
     async fn read_through(&self, digest: &KeyDigest) -> Result<(Entry, bool), StoreError> {
-        if !self.outage.enabled() {
-            return Ok((self.read(digest).await?, false));
-        }
-        let failure = if self.outage.may_read() {
-            match self.read(digest).await {
-                Ok(entry) => {
-                    self.outage.database_answered();
-                    return Ok((entry, false));
-                }
-                Err(err @ (StoreError::Unavailable(_) | StoreError::NotAnswering(_))) => err,
-                Err(err) => return Err(err),
-            }
-        } else {
-            StoreError::NotAnswering("resting after failed reads")
-        };
-        match self
+        let frozen = self
             .outage
             .window_open()
             .then(|| self.cache.frozen(digest))
-            .flatten()
-        {
-            Some(entry) => {
-                self.outage.served_stale();
-                Ok((entry, true))
+            .flatten();
+        let Some(frozen) = frozen else {
+            if self.outage.enabled() && !self.outage.may_read() {
+                return Err(StoreError::NotAnswering("resting after failed reads"));
             }
-            None => Err(failure),
+            return match self.find(digest).await {
+                Ok(entry) => {
+                    self.outage.database_answered();
+                    Ok((entry, false))
+                }
+                Err(err) => {
+                    if matches!(err, StoreError::Unavailable(_)) {
+                        self.outage.read_failed();
+                    }
+                    Err(err)
+                }
+            };
+        };
+        if self.outage.may_read() {
+            match tokio::time::timeout(self.outage.timeout(), self.find(digest)).await {
+                Ok(Ok(entry)) => {
+                    self.outage.database_answered();
+                    return Ok((entry, false));
+                }
+                Ok(Err(StoreError::Unavailable(_))) | Err(_) => self.outage.read_failed(),
+                Ok(Err(other)) => return Err(other),
+            }
         }
+        self.outage.served_stale();
+        Ok((frozen, true))
     }
 
     /// What this replica does about a database that does not answer.
@@ -171,20 +181,6 @@ impl KeyVerifier {
     /// The credits of this key's account that this replica holds and may still spend.
     pub fn held_credits(&self, key: &ApiKey) -> u64 {
         self.meter.held_credits(key)
-    }
-
-    /// [`find`](Self::find) within `--database-timeout`; a read that fails for want of a
-    /// database, or takes longer, starts (or extends) the verifications' backoff.
-    async fn read(&self, digest: &KeyDigest) -> Result<Entry, StoreError> {
-        let read = tokio::time::timeout(self.outage.timeout(), self.find(digest)).await;
-        let err = match read {
-            Ok(Ok(entry)) => return Ok(entry),
-            Ok(Err(err @ StoreError::Unavailable(_))) => err,
-            Ok(Err(other)) => return Err(other),
-            Err(_) => StoreError::NotAnswering("a verification's read timed out"),
-        };
-        self.outage.read_failed();
-        Err(err)
     }
 
     async fn find(&self, digest: &KeyDigest) -> Result<Option<Arc<ApiKey>>, StoreError> {

@@ -5,7 +5,8 @@
 //! either (a read fails, or takes longer than `--database-timeout`), a verification of a key
 //! in the cache is answered from the cache as it stood when the feed was last known good,
 //! for at most `--stale-if-error` counted from that moment, and says so (`stale`). A key
-//! not in the cache is UNAVAILABLE. Expiry and grace periods are evaluated against the
+//! not in the cache has no stale answer to give: its verification waits for the database
+//! (UNAVAILABLE when that fails, and at once while verifications are resting, below). Expiry and grace periods are evaluated against the
 //! clock as always; a key with usage controls spends only budget this replica already
 //! holds.
 //!
