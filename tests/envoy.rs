@@ -3,9 +3,6 @@
 //! over gRPC with a platform token. Skipped, loudly, when `envoy` is not on the PATH.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::domain::key::{ApiKeySecret, KeyPrefix};
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

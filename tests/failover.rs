@@ -13,18 +13,14 @@
 //! test says SKIPPED. `bench/failover.sh` runs it for BENCHMARKS.md.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
@@ -102,7 +98,6 @@ fn runnable() -> bool {
 /// One keyplane process on the formation's multi-host URL.
 struct Replica {
     child: Child,
-    addr: SocketAddr,
     channel: Channel,
 }
 
@@ -151,11 +146,7 @@ async fn start_replica(url: &str, migrate: bool) -> Replica {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    Replica {
-        child,
-        addr,
-        channel,
-    }
+    Replica { child, channel }
 }
 
 /// What the load saw in one phase.

@@ -5,11 +5,6 @@
 //! never from an unconfirmable cache; `tests/outage.rs` covers stale answers).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
-#[path = "support/proxy.rs"]
-mod proxy;
 
 use std::error::Error as _;
 use std::net::SocketAddr;
@@ -22,9 +17,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest,
     attribute_context::{HttpRequest, Request as HttpAttributes},
 };
-use helpers::*;
 use keyplane::proto as pb;
-use proxy::CuttableProxy;
+use keyplane_testkit::*;
 use tokio::sync::Mutex;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;

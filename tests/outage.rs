@@ -8,11 +8,6 @@
 //! pair.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
-#[path = "support/proxy.rs"]
-mod proxy;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,9 +18,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Request as HttpAttributes},
 };
 use envoy_types::pb::google::protobuf::value::Kind;
-use helpers::*;
 use keyplane::proto as pb;
-use proxy::CuttableProxy;
+use keyplane_testkit::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -4,14 +4,11 @@
 //! (`pg_terminate_backend`), and the feeds recover.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use sea_orm::ConnectionTrait;
 
 /// The bound every replica must keep.

@@ -10,9 +10,6 @@
 //! `.ci/build-previous-release`); without them it says `SKIPPED` on stderr.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -20,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::proto as pb;
 use keyplane::storage::schema;
 use keyplane::storage::{Migrator, MigratorTrait};
+use keyplane_testkit::*;
 use sea_orm::ConnectionTrait;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -11,8 +11,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     every_write_records_one_event_with_its_actor_and_fields,

@@ -6,8 +6,7 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     every_write_is_seen_by_the_next_verification,

@@ -4,8 +4,7 @@ use keyplane::proto as pb;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     another_tenant_can_neither_see_nor_change_anything,

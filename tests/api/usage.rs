@@ -7,8 +7,7 @@ use futures::future::join_all;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     credits_are_spent_exactly_and_read_back,

@@ -5,8 +5,7 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     malformed_keys_are_an_answer_not_an_error,

@@ -8,8 +8,7 @@ use keyplane::storage::{Store, connect};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     last_used_time_follows_successful_verifications,

@@ -4,8 +4,7 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(revoke_is_final_and_idempotent, delete_forgets_the_key,);
 

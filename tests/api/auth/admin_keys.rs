@@ -9,7 +9,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     admin_key_acts_for_its_tenant_with_its_scopes,

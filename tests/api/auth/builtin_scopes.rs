@@ -6,7 +6,6 @@ use tonic_types::StatusExt;
 
 use super::*;
 use crate::matrix::{Fixture, Row, call, rows};
-use crate::on_both_backends;
 
 on_both_backends!(
     every_rpc_needs_its_builtin_scope,

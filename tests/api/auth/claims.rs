@@ -8,7 +8,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     exp_and_nbf_of_the_wrong_type_are_rejected,

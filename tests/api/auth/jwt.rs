@@ -8,7 +8,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     no_credential_is_credentials_missing,

@@ -7,7 +7,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     ed25519_public_key_accepts_only_eddsa,

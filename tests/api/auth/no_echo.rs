@@ -8,7 +8,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(errors_never_echo_the_credential,);
 

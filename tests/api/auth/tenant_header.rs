@@ -6,7 +6,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     tenant_token_and_tenant_header,

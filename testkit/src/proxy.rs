@@ -11,12 +11,14 @@ use tokio::task::JoinHandle;
 /// A TCP proxy in front of PostgreSQL that can be "stopped": live connections are cut and
 /// new ones are closed at once, as when the server goes down.
 pub struct CuttableProxy {
+    /// Where the proxy listens: the address to give the server instead of the database's.
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl CuttableProxy {
+    /// A proxy on a free loopback port, up, forwarding every connection to `target`.
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -39,6 +41,7 @@ impl CuttableProxy {
         Self { addr, up, links }
     }
 
+    /// Cuts every live connection and closes each new one at once, until [`Self::resume`].
     pub async fn stop(&self) {
         self.up.store(false, Ordering::SeqCst);
         for link in self.links.lock().await.drain(..) {
@@ -46,6 +49,7 @@ impl CuttableProxy {
         }
     }
 
+    /// Forwards new connections again.
     pub fn resume(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
