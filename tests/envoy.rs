@@ -539,11 +539,7 @@ async fn through_envoy(backend: Backend) {
     );
 
     let (revoked, revoked_secret) = create_key(&app, &ws, &["crm:read"], "", None).await;
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: revoked.id })
-        .await
-        .unwrap();
+    app.revoke_key(&revoked.id).await;
     assert_denied(
         &get(port, "/crm", &[("x-api-key", &revoked_secret)])
             .await
@@ -553,19 +549,7 @@ async fn through_envoy(backend: Backend) {
         "revoked key",
     );
     let (disabled, disabled_secret) = create_key(&app, &ws, &["crm:read"], "", None).await;
-    app.as_admin()
-        .keys
-        .update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: disabled.id,
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: String::new(),
-        })
-        .await
-        .unwrap();
+    app.disable_key(&disabled.id).await;
     assert_denied(
         &get(port, "/crm", &[("x-api-key", &disabled_secret)])
             .await
@@ -593,13 +577,7 @@ async fn through_envoy(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(reply.status, 200);
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: ownerless.id.clone(),
-        })
-        .await
-        .unwrap();
+    app.revoke_key(&ownerless.id).await;
     let revoked_at = Instant::now();
     loop {
         let reply = get(port, "/crm", &[("x-api-key", &ownerless_secret)])

@@ -84,12 +84,7 @@ async fn postgres_stopped_mid_run() {
         assert_err(get, Code::Unavailable, "DATABASE_UNAVAILABLE");
         let verify = app
             .as_admin()
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: "kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5".into(),
-                required_scopes: vec![],
-                cost: None,
-            })
+            .try_verify("kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5", &[])
             .await;
         assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");
     }

@@ -23,15 +23,8 @@ async fn verify_on(
 ) -> pb::VerifyCode {
     replica
         .client(&writer.admin())
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.into(),
-            required_scopes: strings(required),
-            cost: None,
-        })
+        .verify(secret, required)
         .await
-        .expect("verify")
-        .into_inner()
         .code()
 }
 
@@ -83,23 +76,11 @@ async fn honoured_everywhere(all: &[TestApp], change: &str) -> Duration {
     let mut keys = writer.as_admin().keys;
     let expected = match change {
         "revoke" => {
-            keys.revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
-                .await
-                .expect("revoke");
+            writer.revoke_key(&key.id).await;
             pb::VerifyCode::Revoked
         }
         "disable" => {
-            keys.update_api_key(pb::UpdateApiKeyRequest {
-                api_key: Some(pb::ApiKey {
-                    id: key.id,
-                    disabled: true,
-                    ..Default::default()
-                }),
-                update_mask: mask(&["disabled"]),
-                etag: String::new(),
-            })
-            .await
-            .expect("disable");
+            writer.disable_key(&key.id).await;
             pb::VerifyCode::Disabled
         }
         "rescope" => {
@@ -179,12 +160,7 @@ fn revocations_are_honoured_while_the_feeds_are_cut_and_after_they_recover() {
             }
             let cut = cut_feeds(&writer.db.url).await;
             assert!(cut >= 3, "round {round}: only {cut} feeds to cut");
-            writer
-                .as_admin()
-                .keys
-                .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
-                .await
-                .expect("revoke");
+            writer.revoke_key(&key.id).await;
             let since = Instant::now();
             let others: Vec<&TestApp> = all[1..].iter().collect();
             let took = until_everywhere(

@@ -376,15 +376,8 @@ impl Drop for Replica {
 async fn verify_on(replica: &Replica, cred: &Cred, secret: &str) -> pb::VerifyCode {
     replica
         .client(cred)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.into(),
-            required_scopes: strings(&["crm:read"]),
-            cost: None,
-        })
+        .verify(secret, &["crm:read"])
         .await
-        .expect("verify")
-        .into_inner()
         .code()
 }
 
@@ -456,24 +449,12 @@ async fn crosses_versions(
         other.name
     );
     let heard = other.metric("keyplane_invalidations_received_total");
-    let mut keys = writer.client(cred).keys;
+    let as_writer = writer.client(cred);
     let expected = if change == "revoke" {
-        keys.revoke_api_key(pb::RevokeApiKeyRequest { id: id.clone() })
-            .await
-            .expect("revoke");
+        as_writer.revoke_key(&id).await;
         pb::VerifyCode::Revoked
     } else {
-        keys.update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: id.clone(),
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: String::new(),
-        })
-        .await
-        .expect("disable");
+        as_writer.disable_key(&id).await;
         pb::VerifyCode::Disabled
     };
     ledger.expect(&id, expected);
@@ -554,16 +535,8 @@ fn rolling_upgrade_from_the_previous_release() {
             .expect("create scope");
         let workspace = old
             .client(&cred)
-            .workspaces
-            .create_workspace(pb::CreateWorkspaceRequest {
-                name: "made on the previous release".into(),
-                ..Default::default()
-            })
+            .create_workspace("made on the previous release")
             .await
-            .expect("create workspace")
-            .into_inner()
-            .workspace
-            .unwrap()
             .id;
         let (_, made_on_old) = ledger.create(&old, &cred, &workspace).await;
 

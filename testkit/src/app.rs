@@ -222,19 +222,9 @@ impl TestApp {
         (result, db)
     }
 
-    /// A workspace of the admin's tenant.
+    /// A workspace of the admin's tenant ([`Client::create_workspace`]).
     pub async fn create_workspace(&self, name: &str) -> pb::Workspace {
-        self.as_admin()
-            .workspaces
-            .create_workspace(pb::CreateWorkspaceRequest {
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("create workspace")
-            .into_inner()
-            .workspace
-            .unwrap()
+        self.as_admin().create_workspace(name).await
     }
 
     /// A scope in `workspace_id`.
@@ -325,18 +315,19 @@ impl TestApp {
             .resource()
     }
 
-    /// The admin's verdict on `key` requiring `required`.
+    /// The admin's verdict on `key` requiring `required` ([`Client::verify`]).
     pub async fn verify(&self, key: &str, required: &[&str]) -> pb::VerifyApiKeyResponse {
-        self.as_admin()
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: key.into(),
-                required_scopes: strings(required),
-                cost: None,
-            })
-            .await
-            .expect("verify")
-            .into_inner()
+        self.as_admin().verify(key, required).await
+    }
+
+    /// Revokes key `id` as the admin ([`Client::revoke_key`]).
+    pub async fn revoke_key(&self, id: &str) -> pb::ApiKey {
+        self.as_admin().revoke_key(id).await
+    }
+
+    /// Disables key `id` as the admin ([`Client::disable_key`]).
+    pub async fn disable_key(&self, id: &str) -> pb::ApiKey {
+        self.as_admin().disable_key(id).await
     }
 }
 

@@ -1,8 +1,15 @@
 //! Credentials and typed clients: test tokens ([`token`], [`stranger`]), a [`Client`] of
-//! every service that calls as one [`Cred`], `.inner()` and `.resource()` on responses,
-//! and small request builders.
+//! every service that calls as one [`Cred`], the actions a scenario takes with it
+//! ([`Client::create_workspace`], [`Client::verify`], [`Client::revoke_key`],
+//! [`Client::disable_key`]), `.inner()` and
+//! `.resource()` on responses, and small request builders.
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest,
+    attribute_context::{HttpRequest, Request as HttpAttributes},
+};
 use keyplane::auth::jwt::{MintClaims, mint_hs256};
 use keyplane::domain::scope::BuiltinScope;
 use keyplane::proto::{
@@ -126,6 +133,94 @@ impl Client {
             self.channel.clone(),
             self.auth.clone(),
         ))
+    }
+
+    /// Envoy's `envoy.service.auth.v3.Authorization` (`Check`), called as this caller.
+    pub fn authorization(&self) -> AuthorizationClient<Authed> {
+        AuthorizationClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// Creates a workspace named `name`, with every other field at its default; returns
+    /// it. Fails the test if refused.
+    pub async fn create_workspace(&self, name: &str) -> pb::Workspace {
+        self.workspaces
+            .clone()
+            .create_workspace(pb::CreateWorkspaceRequest {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .resource()
+            .expect("create workspace")
+    }
+
+    /// `VerifyApiKey` of `key` requiring `required`, at no cost: the verdict, or the status
+    /// of a refused call.
+    pub async fn try_verify(
+        &self,
+        key: &str,
+        required: &[&str],
+    ) -> Result<pb::VerifyApiKeyResponse, Status> {
+        self.keys
+            .clone()
+            .verify_api_key(pb::VerifyApiKeyRequest {
+                key: key.into(),
+                required_scopes: strings(required),
+                cost: None,
+            })
+            .await
+            .inner()
+    }
+
+    /// The verdict on `key` requiring `required` ([`Client::try_verify`]); fails the test
+    /// if the call is refused.
+    pub async fn verify(&self, key: &str, required: &[&str]) -> pb::VerifyApiKeyResponse {
+        self.try_verify(key, required).await.expect("verify")
+    }
+
+    /// Revokes key `id` now; returns the revoked key. Fails the test if refused.
+    pub async fn revoke_key(&self, id: &str) -> pb::ApiKey {
+        self.keys
+            .clone()
+            .revoke_api_key(pb::RevokeApiKeyRequest { id: id.into() })
+            .await
+            .resource()
+            .expect("revoke the key")
+    }
+
+    /// Disables key `id`, whatever its etag; returns the disabled key. Fails the test if
+    /// refused.
+    pub async fn disable_key(&self, id: &str) -> pb::ApiKey {
+        self.keys
+            .clone()
+            .update_api_key(pb::UpdateApiKeyRequest {
+                api_key: Some(pb::ApiKey {
+                    id: id.into(),
+                    disabled: true,
+                    ..Default::default()
+                }),
+                update_mask: mask(&["disabled"]),
+                etag: String::new(),
+            })
+            .await
+            .resource()
+            .expect("disable the key")
+    }
+}
+
+/// An Envoy `Check` of an HTTP request presenting `key` in `x-api-key`, and nothing else.
+pub fn envoy_check(key: &str) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(HttpAttributes {
+                http: Some(HttpRequest {
+                    headers: [("x-api-key".to_owned(), key.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
     }
 }
 

@@ -7,7 +7,9 @@
 //! By concern:
 //! - [`app`]: databases, servers ([`TestApp`]) and the admin's actions on them, and the
 //!   SQLite + PostgreSQL test pairs ([`on_both_backends!`]);
-//! - [`client`]: credentials and tokens, the typed [`Client`], request builders;
+//! - [`client`]: credentials and tokens, the typed [`Client`] and its actions
+//!   ([`Client::verify`], [`Client::revoke_key`], [`Client::disable_key`]), request
+//!   builders;
 //! - [`assertions`]: error codes, `ErrorInfo` reasons, field violations, secret shapes;
 //! - [`leaks`]: the secret-leak scanner and [`run_test`], which files what a test's server
 //!   logs under that test;

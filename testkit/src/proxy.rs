@@ -8,6 +8,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
+/// The address of the PostgreSQL server of `db_url`: what a [`CuttableProxy`] forwards to.
+pub fn database_addr(db_url: &str) -> SocketAddr {
+    let url = url::Url::parse(db_url).unwrap();
+    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+        .parse()
+        .unwrap()
+}
+
 /// A TCP proxy in front of PostgreSQL that can be "stopped": live connections are cut and
 /// new ones are closed at once, as when the server goes down.
 pub struct CuttableProxy {

@@ -1,5 +1,5 @@
 //! Replicas and health waits: several servers on one PostgreSQL database ([`replicas`]),
-//! and polling a server's health until it says what a test waits for.
+//! a server's health ([`health`]), and polling it until it says what a test waits for.
 use std::time::Duration;
 
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -35,6 +35,18 @@ pub async fn replicas(n: usize, settle: Duration) -> Vec<TestApp> {
     all
 }
 
+/// The health a server reports now for `service` (`""`: overall).
+pub async fn health(app: &TestApp, service: &str) -> ServingStatus {
+    HealthClient::new(app.channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
 /// Polls the overall health (`""`) until it is `wanted`; returns how long that took. Fails
 /// the test after `within`.
 pub async fn wait_for_health(app: &TestApp, wanted: ServingStatus, within: Duration) -> Duration {
@@ -49,18 +61,9 @@ pub async fn wait_for_service_health(
     wanted: ServingStatus,
     within: Duration,
 ) -> Duration {
-    let mut health = HealthClient::new(app.channel.clone());
     let started = tokio::time::Instant::now();
     loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        if status == wanted {
+        if health(app, service).await == wanted {
             return started.elapsed();
         }
         assert!(

@@ -289,14 +289,7 @@ async fn rotate_refuses_revoked_keys_and_bad_grace_periods(backend: Backend) {
     let app = spawn_app(backend).await;
     let w = app.create_workspace("w").await;
     let (revoked, _) = app.create_key(&w.id, &[]).await;
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: revoked.id.clone(),
-        })
-        .await
-        .resource()
-        .unwrap();
+    app.revoke_key(&revoked.id).await;
     let status = app
         .as_admin()
         .keys
