@@ -3,9 +3,6 @@
 //! over gRPC with a platform token. Skipped, loudly, when `envoy` is not on the PATH.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::domain::key::{ApiKeySecret, KeyPrefix};
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -542,11 +539,7 @@ async fn through_envoy(backend: Backend) {
     );
 
     let (revoked, revoked_secret) = create_key(&app, &ws, &["crm:read"], "", None).await;
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: revoked.id })
-        .await
-        .unwrap();
+    app.revoke_key(&revoked.id).await;
     assert_denied(
         &get(port, "/crm", &[("x-api-key", &revoked_secret)])
             .await
@@ -556,19 +549,7 @@ async fn through_envoy(backend: Backend) {
         "revoked key",
     );
     let (disabled, disabled_secret) = create_key(&app, &ws, &["crm:read"], "", None).await;
-    app.as_admin()
-        .keys
-        .update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: disabled.id,
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: String::new(),
-        })
-        .await
-        .unwrap();
+    app.disable_key(&disabled.id).await;
     assert_denied(
         &get(port, "/crm", &[("x-api-key", &disabled_secret)])
             .await
@@ -596,13 +577,7 @@ async fn through_envoy(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(reply.status, 200);
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: ownerless.id.clone(),
-        })
-        .await
-        .unwrap();
+    app.revoke_key(&ownerless.id).await;
     let revoked_at = Instant::now();
     loop {
         let reply = get(port, "/crm", &[("x-api-key", &ownerless_secret)])

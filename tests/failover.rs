@@ -13,18 +13,14 @@
 //! test says SKIPPED. `bench/failover.sh` runs it for BENCHMARKS.md.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
@@ -102,7 +98,6 @@ fn runnable() -> bool {
 /// One keyplane process on the formation's multi-host URL.
 struct Replica {
     child: Child,
-    addr: SocketAddr,
     channel: Channel,
 }
 
@@ -151,11 +146,7 @@ async fn start_replica(url: &str, migrate: bool) -> Replica {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    Replica {
-        child,
-        addr,
-        channel,
-    }
+    Replica { child, channel }
 }
 
 /// What the load saw in one phase.
@@ -311,35 +302,18 @@ async fn revocation_after_switch(clients: &[Client], ws: &str) -> Duration {
         .unwrap()
         .into_inner();
     let secret = created.secret;
-    let verify = |client: &Client| {
-        let (mut keys, secret) = (client.keys.clone(), secret.clone());
-        async move {
-            keys.verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret,
-                required_scopes: vec![],
-                cost: None,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
     for client in clients {
-        assert_eq!(verify(client).await.code(), pb::VerifyCode::Valid);
+        assert_eq!(
+            client.verify(&secret, &[]).await.code(),
+            pb::VerifyCode::Valid
+        );
     }
-    clients[1]
-        .keys
-        .clone()
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: created.api_key.unwrap().id,
-        })
-        .await
-        .unwrap();
+    clients[1].revoke_key(&created.api_key.unwrap().id).await;
     let revoked = Instant::now();
     let mut slowest = Duration::ZERO;
     for client in clients {
         loop {
-            if verify(client).await.code() == pb::VerifyCode::Revoked {
+            if client.verify(&secret, &[]).await.code() == pb::VerifyCode::Revoked {
                 slowest = slowest.max(revoked.elapsed());
                 break;
             }
@@ -429,19 +403,7 @@ fn keyplane_rides_through_a_planned_and_an_unplanned_postgres_failover() {
             .iter()
             .map(|r| Client::new(r.channel.clone(), &admin))
             .collect();
-        let ws = clients[0]
-            .workspaces
-            .clone()
-            .create_workspace(pb::CreateWorkspaceRequest {
-                name: "failover".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .workspace
-            .unwrap()
-            .id;
+        let ws = clients[0].create_workspace("failover").await.id;
         let mut cached = Vec::new();
         let mut spare = Vec::new();
         for i in 0..60 {
@@ -466,17 +428,7 @@ fn keyplane_rides_through_a_planned_and_an_unplanned_postgres_failover() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for client in &clients {
             for key in &cached {
-                let r = client
-                    .keys
-                    .clone()
-                    .verify_api_key(pb::VerifyApiKeyRequest {
-                        key: key.clone(),
-                        required_scopes: vec![],
-                        cost: None,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let r = client.verify(key, &[]).await;
                 assert_eq!(r.code(), pb::VerifyCode::Valid);
             }
         }

@@ -5,11 +5,6 @@
 //! never from an unconfirmable cache; `tests/outage.rs` covers stale answers).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
-#[path = "support/proxy.rs"]
-mod proxy;
 
 use std::error::Error as _;
 use std::net::SocketAddr;
@@ -17,14 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest,
-    attribute_context::{HttpRequest, Request as HttpAttributes},
-};
-use helpers::*;
 use keyplane::proto as pb;
-use proxy::CuttableProxy;
+use keyplane_testkit::*;
 use tokio::sync::Mutex;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -46,10 +35,7 @@ async fn postgres_going_away() {
     let db = fresh_database(Backend::Postgres).await;
     // Route the server's connections through the proxy.
     let url = url::Url::parse(&db.url).unwrap();
-    let target: SocketAddr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
-        .parse()
-        .unwrap();
-    let proxy = CuttableProxy::start(target).await;
+    let proxy = CuttableProxy::start(database_addr(&db.url)).await;
     let mut proxied = url.clone();
     proxied.set_port(Some(proxy.addr.port())).unwrap();
     let mut settings = test_settings(proxied.as_str());
@@ -61,30 +47,16 @@ async fn postgres_going_away() {
     // invalidation feed, and with --stale-if-error 0 keyplane must not answer from memory
     // what it cannot confirm.
     let (_, secret) = app.create_key(&workspace.id, &[]).await;
-    let mut envoy = AuthorizationClient::with_interceptor(app.channel.clone(), {
-        let token = token(Some(app.tenant), &["keyplane.api_keys:verify"]);
-        move |mut request: tonic::Request<()>| {
-            let value = format!("Bearer {token}").parse().unwrap();
-            request.metadata_mut().insert("authorization", value);
-            Ok(request)
-        }
-    });
-    let check = |secret: &str| CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(HttpAttributes {
-                http: Some(HttpRequest {
-                    headers: [("x-api-key".to_owned(), secret.to_owned())].into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let mut envoy = app
+        .client(&bearer(token(
+            Some(app.tenant),
+            &["keyplane.api_keys:verify"],
+        )))
+        .authorization();
     for _ in 0..2 {
         assert_eq!(app.verify(&secret, &[]).await.code(), pb::VerifyCode::Valid);
         let allowed = envoy
-            .check(check(&secret))
+            .check(envoy_check(&secret))
             .await
             .expect("check")
             .into_inner();
@@ -109,18 +81,10 @@ async fn postgres_going_away() {
             .create_workspace(pb::CreateWorkspaceRequest::default())
             .await;
         assert_err(create, Code::Unavailable, "DATABASE_UNAVAILABLE");
-        let verify = app
-            .as_admin()
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: vec![],
-                cost: None,
-            })
-            .await;
+        let verify = app.as_admin().try_verify(&secret, &[]).await;
         assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");
         // Envoy gets an error, which its status_on_error turns into a deny: never an allow.
-        let refused = envoy.check(check(&secret)).await;
+        let refused = envoy.check(envoy_check(&secret)).await;
         assert_eq!(
             refused.expect_err("no answer without the database").code(),
             Code::Unavailable

@@ -8,27 +8,15 @@
 //! pair.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
-#[path = "support/proxy.rs"]
-mod proxy;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest,
-    attribute_context::{HttpRequest, Request as HttpAttributes},
-};
 use envoy_types::pb::google::protobuf::value::Kind;
-use helpers::*;
 use keyplane::proto as pb;
-use proxy::CuttableProxy;
+use keyplane_testkit::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// How long the database stays away in the long outage test: 60 s, as the quality bar
 /// says; `KEYPLANE_TEST_OUTAGE_SECS` shortens it for a quick local run.
@@ -38,14 +26,6 @@ fn outage_length() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     Duration::from_secs(secs)
-}
-
-/// The database's address, from its URL.
-fn target(db_url: &str) -> SocketAddr {
-    let url = url::Url::parse(db_url).unwrap();
-    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
-        .parse()
-        .unwrap()
 }
 
 /// `db_url` with its host and port replaced by these hosts (libpq's multi-host form when
@@ -63,7 +43,7 @@ fn through(db_url: &str, hosts: &[SocketAddr], query: &str) -> String {
 
 /// A replica whose every database connection goes through its own proxy.
 async fn proxied_replica(db: TestDb, stale_if_error: Duration) -> (TestApp, CuttableProxy) {
-    let proxy = CuttableProxy::start(target(&db.url)).await;
+    let proxy = CuttableProxy::start(database_addr(&db.url)).await;
     let mut settings = test_settings(&through(&db.url, &[proxy.addr], ""));
     settings.stale_if_error = stale_if_error;
     let app = spawn_with(db, settings).await;
@@ -73,66 +53,8 @@ async fn proxied_replica(db: TestDb, stale_if_error: Duration) -> (TestApp, Cutt
     (app, proxy)
 }
 
-async fn health(app: &TestApp, service: &str) -> ServingStatus {
-    HealthClient::new(app.channel.clone())
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
-}
-
-/// Polls a service's health until it is `wanted`; fails after `within`.
-async fn wait_for(app: &TestApp, service: &str, wanted: ServingStatus, within: Duration) {
-    let started = Instant::now();
-    while health(app, service).await != wanted {
-        assert!(
-            started.elapsed() < within,
-            "{service:?} not {wanted:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const WRITE_SERVICE: &str = "keyplane.v1.ApiKeyService";
 const ENVOY_SERVICE: &str = "envoy.service.auth.v3.Authorization";
-
-async fn try_verify(app: &TestApp, key: &str) -> Result<pb::VerifyApiKeyResponse, tonic::Status> {
-    app.as_admin()
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: key.into(),
-            required_scopes: vec![],
-            cost: None,
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn revoke(app: &TestApp, id: &str) {
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: id.into() })
-        .await
-        .expect("revoke");
-}
-
-fn check_request(secret: &str) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(HttpAttributes {
-                http: Some(HttpRequest {
-                    headers: [("x-api-key".to_owned(), secret.to_owned())].into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
 
 /// Polls until a verification of `key` is a normal (not stale) answer with `code`; returns
 /// how long that took. Fails after `within`.
@@ -144,7 +66,7 @@ async fn wait_for_fresh(
 ) -> Duration {
     let started = Instant::now();
     loop {
-        if let Ok(r) = try_verify(app, key).await
+        if let Ok(r) = app.as_admin().try_verify(key, &[]).await
             && !r.stale
             && r.code() == code
         {
@@ -184,7 +106,7 @@ fn cached_keys_answer_stale_through_a_database_outage() {
             .unwrap()
             .into_inner()
             .secret;
-        revoke(&app, &revoked.id).await;
+        app.revoke_key(&revoked.id).await;
         // Cache them: the revoked key as revoked.
         assert_eq!(app.verify(&hot, &[]).await.code(), pb::VerifyCode::Valid);
         assert_eq!(
@@ -203,7 +125,7 @@ fn cached_keys_answer_stale_through_a_database_outage() {
 
         proxy.stop().await;
         let stopped = Instant::now();
-        wait_for(
+        wait_for_service_health(
             &app,
             WRITE_SERVICE,
             ServingStatus::NotServing,
@@ -259,10 +181,14 @@ fn cached_keys_answer_stale_through_a_database_outage() {
         let still_revoked = app.verify(&revoked_secret, &[]).await;
         assert_eq!(still_revoked.code(), pb::VerifyCode::Revoked);
         assert!(still_revoked.stale);
-        let err = try_verify(&app, &cold).await.expect_err("an uncached key");
+        let err = app
+            .as_admin()
+            .try_verify(&cold, &[])
+            .await
+            .expect_err("an uncached key");
         assert_eq!(err.code(), Code::Unavailable);
         for _ in 0..10 {
-            match try_verify(&app, &metered).await {
+            match app.as_admin().try_verify(&metered, &[]).await {
                 Ok(r) if r.code() == pb::VerifyCode::Valid => metered_admitted += 1,
                 Ok(r) => assert_eq!(r.code(), pb::VerifyCode::UsageExceeded),
                 Err(e) => assert_eq!(e.code(), Code::Unavailable),
@@ -272,22 +198,20 @@ fn cached_keys_answer_stale_through_a_database_outage() {
             metered_admitted <= 5,
             "{metered_admitted} uses of 5 credits"
         );
-        let mut envoy = AuthorizationClient::with_interceptor(app.channel.clone(), {
-            let token = token(Some(app.tenant), &["keyplane.api_keys:verify"]);
-            move |mut request: tonic::Request<()>| {
-                let value = format!("Bearer {token}").parse().unwrap();
-                request.metadata_mut().insert("authorization", value);
-                Ok(request)
-            }
-        });
-        let allowed = envoy.check(check_request(&hot)).await.unwrap().into_inner();
+        let mut envoy = app
+            .client(&bearer(token(
+                Some(app.tenant),
+                &["keyplane.api_keys:verify"],
+            )))
+            .authorization();
+        let allowed = envoy.check(envoy_check(&hot)).await.unwrap().into_inner();
         assert_eq!(allowed.status.map(|s| s.code), Some(0), "allowed, stale");
         let meta = &allowed.dynamic_metadata.unwrap().fields["keyplane"];
         let Some(Kind::StructValue(meta)) = &meta.kind else {
             panic!("{meta:?}")
         };
         assert_eq!(meta.fields["stale"].kind, Some(Kind::BoolValue(true)));
-        let refused = envoy.check(check_request(&cold)).await;
+        let refused = envoy.check(envoy_check(&cold)).await;
         assert_eq!(
             refused.unwrap_err().code(),
             Code::Unavailable,
@@ -327,7 +251,7 @@ fn cached_keys_answer_stale_through_a_database_outage() {
         let back = wait_for_fresh(&app, &hot, pb::VerifyCode::Valid, Duration::from_secs(5)).await;
         eprintln!("normal answers {back:?} after the database came back");
         assert!(back < Duration::from_secs(1), "{back:?}");
-        wait_for(
+        wait_for_service_health(
             &app,
             WRITE_SERVICE,
             ServingStatus::Serving,
@@ -354,7 +278,7 @@ fn stale_answers_end_when_the_bound_runs_out_and_normal_ones_resume_on_return() 
         proxy.stop().await;
         let stopped = Instant::now();
         let turned = loop {
-            match try_verify(&app, &hot).await {
+            match app.as_admin().try_verify(&hot, &[]).await {
                 Ok(r) => assert!(r.valid, "{r:?}"),
                 Err(e) => {
                     assert_eq!(e.code(), Code::Unavailable);
@@ -374,13 +298,13 @@ fn stale_answers_end_when_the_bound_runs_out_and_normal_ones_resume_on_return() 
                 && turned < bound + Duration::from_millis(300),
             "{turned:?}"
         );
-        wait_for(&app, "", ServingStatus::NotServing, Duration::from_secs(2)).await;
+        wait_for_health(&app, ServingStatus::NotServing, Duration::from_secs(2)).await;
 
         proxy.resume();
         let back = wait_for_fresh(&app, &hot, pb::VerifyCode::Valid, Duration::from_secs(5)).await;
         eprintln!("normal answers {back:?} after the database came back");
         assert!(back < Duration::from_secs(1), "{back:?}");
-        wait_for(&app, "", ServingStatus::Serving, Duration::from_secs(2)).await;
+        wait_for_health(&app, ServingStatus::Serving, Duration::from_secs(2)).await;
     });
 }
 
@@ -398,36 +322,18 @@ fn a_partitioned_replica_refuses_a_revocation_within_its_bound_and_on_healing() 
         let ws = writer.create_workspace("partition").await;
         let (key, secret) = writer.create_key(&ws.id, &[]).await;
         for replica in [&short, &long] {
-            let mut as_writer = replica.client(&writer.admin());
-            let r = as_writer
-                .keys
-                .verify_api_key(pb::VerifyApiKeyRequest {
-                    key: secret.clone(),
-                    required_scopes: vec![],
-                    cost: None,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let r = replica.client(&writer.admin()).verify(&secret, &[]).await;
             assert_eq!(r.code(), pb::VerifyCode::Valid);
         }
         short_proxy.stop().await;
         long_proxy.stop().await;
         let cut = Instant::now();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        revoke(&writer, &key.id).await;
+        writer.revoke_key(&key.id).await;
         let verify_on = |app: &TestApp| {
-            let mut keys = app.client(&writer.admin()).keys;
+            let as_writer = app.client(&writer.admin());
             let secret = secret.clone();
-            async move {
-                keys.verify_api_key(pb::VerifyApiKeyRequest {
-                    key: secret,
-                    required_scopes: vec![],
-                    cost: None,
-                })
-                .await
-                .map(tonic::Response::into_inner)
-            }
+            async move { as_writer.try_verify(&secret, &[]).await }
         };
         // The short-bound replica stops saying VALID within its bound of the cut.
         let refused = loop {
@@ -478,7 +384,7 @@ fn a_multi_host_url_moves_to_the_next_host_that_takes_writes() {
     }
     run_test(async {
         let db = fresh_database(Backend::Postgres).await;
-        let real = target(&db.url);
+        let real = database_addr(&db.url);
         // Nothing listens on the first host; the second and third lead to the same server.
         let dead = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -515,7 +421,7 @@ fn a_multi_host_url_moves_to_the_next_host_that_takes_writes() {
         eprintln!("writes went to the next host {moved:?} after the first was lost");
         assert!(moved < Duration::from_secs(3), "{moved:?}");
         // A revocation through another replica is refused here within the usual second.
-        wait_for(
+        wait_for_service_health(
             &app,
             WRITE_SERVICE,
             ServingStatus::Serving,
@@ -528,12 +434,7 @@ fn a_multi_host_url_moves_to_the_next_host_that_takes_writes() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(app.verify(&secret, &[]).await.code(), pb::VerifyCode::Valid);
         let revoked = Instant::now();
-        other
-            .client(&app.admin())
-            .keys
-            .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
-            .await
-            .unwrap();
+        other.client(&app.admin()).revoke_key(&key.id).await;
         wait_for_fresh(
             &app,
             &secret,

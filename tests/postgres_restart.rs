@@ -5,15 +5,12 @@
 //! `KEYPLANE_TEST_PG_CONTROL=1` (set by `.ci/run`, which runs as root beside the cluster).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::process::Command;
 use std::time::Duration;
 
-use helpers::*;
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -87,12 +84,7 @@ async fn postgres_stopped_mid_run() {
         assert_err(get, Code::Unavailable, "DATABASE_UNAVAILABLE");
         let verify = app
             .as_admin()
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: "kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5".into(),
-                required_scopes: vec![],
-                cost: None,
-            })
+            .try_verify("kp_0oKuAEFsoLCI87Y4g2KCZxUgWNEG5Ce34LHSU1e7AS31U8go5", &[])
             .await;
         assert_err(verify, Code::Unavailable, "DATABASE_UNAVAILABLE");
     }

@@ -4,14 +4,11 @@
 //! (`pg_terminate_backend`), and the feeds recover.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::proto as pb;
+use keyplane_testkit::*;
 use sea_orm::ConnectionTrait;
 
 /// The bound every replica must keep.
@@ -26,15 +23,8 @@ async fn verify_on(
 ) -> pb::VerifyCode {
     replica
         .client(&writer.admin())
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.into(),
-            required_scopes: strings(required),
-            cost: None,
-        })
+        .verify(secret, required)
         .await
-        .expect("verify")
-        .into_inner()
         .code()
 }
 
@@ -86,23 +76,11 @@ async fn honoured_everywhere(all: &[TestApp], change: &str) -> Duration {
     let mut keys = writer.as_admin().keys;
     let expected = match change {
         "revoke" => {
-            keys.revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
-                .await
-                .expect("revoke");
+            writer.revoke_key(&key.id).await;
             pb::VerifyCode::Revoked
         }
         "disable" => {
-            keys.update_api_key(pb::UpdateApiKeyRequest {
-                api_key: Some(pb::ApiKey {
-                    id: key.id,
-                    disabled: true,
-                    ..Default::default()
-                }),
-                update_mask: mask(&["disabled"]),
-                etag: String::new(),
-            })
-            .await
-            .expect("disable");
+            writer.disable_key(&key.id).await;
             pb::VerifyCode::Disabled
         }
         "rescope" => {
@@ -182,12 +160,7 @@ fn revocations_are_honoured_while_the_feeds_are_cut_and_after_they_recover() {
             }
             let cut = cut_feeds(&writer.db.url).await;
             assert!(cut >= 3, "round {round}: only {cut} feeds to cut");
-            writer
-                .as_admin()
-                .keys
-                .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
-                .await
-                .expect("revoke");
+            writer.revoke_key(&key.id).await;
             let since = Instant::now();
             let others: Vec<&TestApp> = all[1..].iter().collect();
             let took = until_everywhere(

@@ -10,9 +10,6 @@
 //! `.ci/build-previous-release`); without them it says `SKIPPED` on stderr.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -20,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use helpers::*;
 use keyplane::proto as pb;
 use keyplane::storage::schema;
 use keyplane::storage::{Migrator, MigratorTrait};
+use keyplane_testkit::*;
 use sea_orm::ConnectionTrait;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -379,15 +376,8 @@ impl Drop for Replica {
 async fn verify_on(replica: &Replica, cred: &Cred, secret: &str) -> pb::VerifyCode {
     replica
         .client(cred)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.into(),
-            required_scopes: strings(&["crm:read"]),
-            cost: None,
-        })
+        .verify(secret, &["crm:read"])
         .await
-        .expect("verify")
-        .into_inner()
         .code()
 }
 
@@ -459,24 +449,12 @@ async fn crosses_versions(
         other.name
     );
     let heard = other.metric("keyplane_invalidations_received_total");
-    let mut keys = writer.client(cred).keys;
+    let as_writer = writer.client(cred);
     let expected = if change == "revoke" {
-        keys.revoke_api_key(pb::RevokeApiKeyRequest { id: id.clone() })
-            .await
-            .expect("revoke");
+        as_writer.revoke_key(&id).await;
         pb::VerifyCode::Revoked
     } else {
-        keys.update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: id.clone(),
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: String::new(),
-        })
-        .await
-        .expect("disable");
+        as_writer.disable_key(&id).await;
         pb::VerifyCode::Disabled
     };
     ledger.expect(&id, expected);
@@ -557,16 +535,8 @@ fn rolling_upgrade_from_the_previous_release() {
             .expect("create scope");
         let workspace = old
             .client(&cred)
-            .workspaces
-            .create_workspace(pb::CreateWorkspaceRequest {
-                name: "made on the previous release".into(),
-                ..Default::default()
-            })
+            .create_workspace("made on the previous release")
             .await
-            .expect("create workspace")
-            .into_inner()
-            .workspace
-            .unwrap()
             .id;
         let (_, made_on_old) = ledger.create(&old, &cred, &workspace).await;
 

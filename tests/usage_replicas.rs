@@ -4,18 +4,15 @@
 //! a rate limit admits between 95% and 105% (plus one per replica) of its limit in a window.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
-use helpers::*;
 use keyplane::proto as pb;
 use keyplane::proto::api_key_service_client::ApiKeyServiceClient;
+use keyplane_testkit::*;
 use tonic::transport::Channel;
 
 /// `n` verifications of `secret` at once, spread round-robin over `clients`.

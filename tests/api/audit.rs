@@ -11,8 +11,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     every_write_records_one_event_with_its_actor_and_fields,
@@ -125,14 +124,7 @@ async fn every_write_records_one_event_with_its_actor_and_fields(backend: Backen
         .unwrap()
         .to_owned();
     let successor = rotated.into_inner().api_key.unwrap();
-    admin
-        .keys
-        .clone()
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: successor.id.clone(),
-        })
-        .await
-        .unwrap();
+    admin.revoke_key(&successor.id).await;
     admin
         .keys
         .clone()
@@ -308,12 +300,7 @@ async fn failed_refused_and_repeated_writes_record_nothing(backend: Backend) {
             .unwrap();
     }
     for _ in 0..2 {
-        admin
-            .keys
-            .clone()
-            .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
-            .await
-            .unwrap();
+        admin.revoke_key(&key.id).await;
     }
     let events = all_events(&app, Default::default()).await;
     assert_eq!(
@@ -333,22 +320,12 @@ async fn admin_keys_and_platform_tokens_are_named_as_such(backend: Backend) {
     let ws = app.create_workspace("w").await;
     let (admin_key, admin_secret) = app.create_key(&ws.id, &["keyplane.workspaces:write"]).await;
     app.client(&Cred::ApiKey(admin_secret))
-        .workspaces
-        .create_workspace(pb::CreateWorkspaceRequest {
-            name: "by key".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        .create_workspace("by key")
+        .await;
     app.client(&bearer(token(None, &["keyplane.workspaces:write"])))
         .tenant(app.tenant)
-        .workspaces
-        .create_workspace(pb::CreateWorkspaceRequest {
-            name: "by platform".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        .create_workspace("by platform")
+        .await;
     let events = all_events(&app, Default::default()).await;
     let platform = events[0].actor.clone().unwrap();
     assert_eq!(platform.kind(), pb::ActorKind::PlatformToken);

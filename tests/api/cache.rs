@@ -6,8 +6,7 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     every_write_is_seen_by_the_next_verification,
@@ -103,13 +102,7 @@ async fn every_write_is_seen_by_the_next_verification(backend: Backend) {
     cached(&app, &rotated.secret, &["crm:write"], pb::VerifyCode::Valid).await;
 
     let successor = rotated.api_key.unwrap().id;
-    admin
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: successor.clone(),
-        })
-        .await
-        .expect("revoke");
+    admin.revoke_key(&successor).await;
     cached(&app, &rotated.secret, &[], pb::VerifyCode::Revoked).await;
     admin
         .keys
@@ -195,16 +188,9 @@ async fn a_tenant_never_sees_another_tenants_cached_key(backend: Backend) {
     cached(&app, &secret, &[], pb::VerifyCode::Valid).await;
     let platform = app.client(&bearer(token(None, &["keyplane.api_keys:verify"])));
     let seen = platform
-        .keys
-        .clone()
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: vec![],
-            cost: None,
-        })
+        .try_verify(&secret, &[])
         .await
-        .expect("platform verify")
-        .into_inner();
+        .expect("platform verify");
     assert_eq!(seen.tenant_id, key.tenant_id);
 
     let stranger = app.client(&bearer(token(
@@ -212,17 +198,7 @@ async fn a_tenant_never_sees_another_tenants_cached_key(backend: Backend) {
         &["keyplane.api_keys:verify"],
     )));
     for _ in 0..2 {
-        let seen = stranger
-            .keys
-            .clone()
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: vec![],
-                cost: None,
-            })
-            .await
-            .expect("verify")
-            .into_inner();
+        let seen = stranger.verify(&secret, &[]).await;
         assert_eq!(seen.code(), pb::VerifyCode::NotFound);
         assert!(seen.api_key.is_none() && seen.tenant_id.is_empty());
     }
@@ -241,11 +217,7 @@ async fn an_admin_key_is_refused_as_soon_as_it_is_revoked(backend: Backend) {
             .await
             .expect("the admin key works");
     }
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id })
-        .await
-        .expect("revoke");
+    app.revoke_key(&key.id).await;
     let refused = as_key
         .workspaces
         .clone()

@@ -4,8 +4,7 @@ use keyplane::proto as pb;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     another_tenant_can_neither_see_nor_change_anything,
@@ -389,18 +388,7 @@ async fn another_tenant_lists_none_of_it_and_cannot_use_its_scopes(backend: Back
     assert!(customs.scopes.is_empty(), "{customs:?}");
 
     // B's own workspace cannot hold A's scopes, tenant-wide or not.
-    let theirs = app
-        .client(&b)
-        .workspaces
-        .create_workspace(pb::CreateWorkspaceRequest {
-            name: "tenant B".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .workspace
-        .unwrap();
+    let theirs = app.client(&b).create_workspace("tenant B").await;
     for scope in ["crm:read", "local:read"] {
         let r = app
             .client(&b)
@@ -636,17 +624,7 @@ async fn an_admin_key_of_another_tenant_sees_nothing(backend: Backend) {
             .collect::<Vec<_>>(),
         [b_ws.id.as_str()]
     );
-    let verdict = app
-        .client(&b_key)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: owned.secret.clone(),
-            required_scopes: vec![],
-            cost: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let verdict = app.client(&b_key).verify(&owned.secret, &[]).await;
     assert_eq!(verdict.code(), pb::VerifyCode::NotFound);
     assert!(verdict.api_key.is_none() && verdict.tenant_id.is_empty());
 

@@ -1,8 +1,8 @@
-//! The secret-leak scanner of the harness (`helpers.rs`): what it recognises, and that a
-//! leak fails the test that leaked it and no other.
+//! The secret-leak scanner of the test kit (`keyplane_testkit::leaks`): what it recognises,
+//! and that a leak fails the test that leaked it and no other.
 use keyplane::domain::key::{ApiKeySecret, KeyPrefix};
 
-use crate::helpers::*;
+use keyplane_testkit::*;
 
 fn a_secret() -> String {
     ApiKeySecret::generate(&KeyPrefix::default_prefix())

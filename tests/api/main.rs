@@ -1,9 +1,8 @@
 //! Integration tests: the real server, real sockets, real SQL (SQLite always, PostgreSQL
-//! when `KEYPLANE_TEST_POSTGRES_URL` is set).
+//! when `KEYPLANE_TEST_POSTGRES_URL` is set), through the test kit (`testkit/`,
+//! `keyplane_testkit`).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-mod helpers;
-
 mod api_keys;
 mod audit;
 mod auth;

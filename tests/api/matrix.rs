@@ -16,8 +16,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(authorization_matrix);
 
@@ -458,13 +457,7 @@ async fn authorization_matrix(backend: Backend) {
     let other = Uuid::now_v7();
     let all = all_builtin();
     let (revoked_admin_id, revoked_admin) = admin_key(&app, &all).await;
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: revoked_admin_id,
-        })
-        .await
-        .unwrap();
+    app.revoke_key(&revoked_admin_id).await;
 
     let mut failures = Vec::new();
     for row in rows() {

@@ -7,9 +7,8 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::api_keys::new_key;
-use crate::helpers::*;
-use crate::on_both_backends;
 use crate::scopes::{list_all, repr, representations};
+use keyplane_testkit::*;
 
 on_both_backends!(
     fifty_concurrent_creates_of_one_scope_make_one,

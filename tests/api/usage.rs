@@ -7,8 +7,7 @@ use futures::future::join_all;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     credits_are_spent_exactly_and_read_back,
@@ -104,19 +103,7 @@ async fn cost_zero_spends_nothing_and_a_failed_check_spends_nothing(backend: Bac
         .unwrap()
         .into_inner();
     assert_eq!(missing.code(), pb::VerifyCode::InsufficientScopes);
-    app.as_admin()
-        .keys
-        .update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: key.id.clone(),
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    app.disable_key(&key.id).await;
     assert_eq!(
         verify_cost(&app, &secret, Some(1)).await.code(),
         pb::VerifyCode::Disabled

@@ -5,8 +5,7 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     malformed_keys_are_an_answer_not_an_error,
@@ -172,17 +171,7 @@ async fn unknown_keys_are_not_found(backend: Backend) {
     assert_keyless(&v, pb::VerifyCode::NotFound, "another tenant's key");
     assert_no_secret(&v, &theirs.secret);
     // Its own tenant sees it.
-    let v = app
-        .client(&other)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: theirs.secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&other).verify(&theirs.secret, &[]).await;
     assert_eq!(v.code(), pb::VerifyCode::Valid);
     assert_eq!(v.tenant_id, other_tenant.to_string());
 }
@@ -217,19 +206,7 @@ async fn checks_run_in_the_specified_order(backend: Backend) {
     assert_eq!(v.missing_scopes, ["erp:read"]);
 
     // Disabled beats insufficient scopes.
-    app.as_admin()
-        .keys
-        .update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: key.id.clone(),
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: String::new(),
-        })
-        .await
-        .unwrap();
+    app.disable_key(&key.id).await;
     let v = app.verify(&secret, &need).await;
     assert_found(&v, pb::VerifyCode::Disabled, &key);
     assert!(v.api_key.as_ref().unwrap().disabled);
@@ -250,11 +227,7 @@ async fn checks_run_in_the_specified_order(backend: Backend) {
     );
 
     // Revoked beats expired.
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap();
+    app.revoke_key(&key.id).await;
     let v = app.verify(&secret, &need).await;
     assert_found(&v, pb::VerifyCode::Revoked, &key);
     assert!(v.api_key.as_ref().unwrap().revoke_time.is_some());
@@ -306,19 +279,7 @@ async fn a_rotated_key_past_its_grace_is_expired_before_disabled(backend: Backen
         pb::VerifyCode::Valid,
         &old,
     );
-    app.as_admin()
-        .keys
-        .update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: old.id.clone(),
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: String::new(),
-        })
-        .await
-        .unwrap();
+    app.disable_key(&old.id).await;
     assert_found(
         &app.verify(&old_secret, &[]).await,
         pb::VerifyCode::Disabled,
@@ -434,15 +395,7 @@ async fn invalid_required_scopes_are_an_error(backend: Backend) {
     ] {
         for key in [secret.as_str(), "garbage"] {
             let status = assert_err(
-                app.as_admin()
-                    .keys
-                    .verify_api_key(pb::VerifyApiKeyRequest {
-                        key: key.into(),
-                        required_scopes: strings(required),
-                        cost: None,
-                    })
-                    .await
-                    .inner(),
+                app.as_admin().try_verify(key, required).await,
                 Code::InvalidArgument,
                 "INVALID_ARGUMENT",
             );
@@ -504,11 +457,7 @@ async fn found_keys_carry_their_identity_but_never_the_secret(backend: Backend) 
     let v = app.verify(&secret, &["erp:read"]).await;
     assert_found(&v, pb::VerifyCode::InsufficientScopes, &key);
     assert_no_secret(&v, &secret);
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap();
+    app.revoke_key(&key.id).await;
     let v = app.verify(&secret, &[]).await;
     assert_found(&v, pb::VerifyCode::Revoked, &key);
     assert_eq!(v.api_key.as_ref().unwrap().name, "billing");
@@ -521,17 +470,7 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
     let (key, secret) = app.create_key(&w.id, &[]).await;
     let platform = Cred::Bearer(token(None, &["keyplane.api_keys:verify"]));
 
-    let v = app
-        .client(&platform)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&platform).verify(&secret, &[]).await;
     assert_found(&v, pb::VerifyCode::Valid, &key);
     assert_eq!(v.tenant_id, app.tenant.to_string());
 
@@ -539,30 +478,16 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
     let v = app
         .client(&platform)
         .tenant(&tenant)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+        .verify(&secret, &[])
+        .await;
     assert_found(&v, pb::VerifyCode::Valid, &key);
 
     let elsewhere = uuid::Uuid::now_v7().to_string();
     let v = app
         .client(&platform)
         .tenant(&elsewhere)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+        .verify(&secret, &[])
+        .await;
     assert_keyless(
         &v,
         pb::VerifyCode::NotFound,
@@ -570,45 +495,15 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
     );
 
     // Without x-tenant-id, every outcome is still reported for any tenant's key.
-    let v = app
-        .client(&platform)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&["crm:read"]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&platform).verify(&secret, &["crm:read"]).await;
     assert_found(&v, pb::VerifyCode::InsufficientScopes, &key);
-    let v = app
-        .client(&platform)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: "kp_nope".into(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&platform).verify("kp_nope", &[]).await;
     assert_keyless(&v, pb::VerifyCode::Malformed, "platform, malformed");
 
     // A tenant token of another tenant does not see the key; sending that tenant's header
     // does not help either.
     let stranger = stranger();
-    let v = app
-        .client(&stranger)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&stranger).verify(&secret, &[]).await;
     assert_keyless(
         &v,
         pb::VerifyCode::NotFound,
@@ -617,14 +512,8 @@ async fn platform_tokens_verify_any_tenant(backend: Backend) {
     assert_err(
         app.client(&stranger)
             .tenant(&tenant)
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: strings(&[]),
-                cost: None,
-            })
-            .await
-            .inner(),
+            .try_verify(&secret, &[])
+            .await,
         Code::PermissionDenied,
         "TENANT_MISMATCH",
     );
@@ -645,15 +534,7 @@ async fn callers_need_the_verify_scope(backend: Backend) {
     ));
     for candidate in [secret.as_str(), "garbage"] {
         let status = assert_err(
-            app.client(&without)
-                .keys
-                .verify_api_key(pb::VerifyApiKeyRequest {
-                    key: candidate.into(),
-                    required_scopes: strings(&[]),
-                    cost: None,
-                })
-                .await
-                .inner(),
+            app.client(&without).try_verify(candidate, &[]).await,
             Code::PermissionDenied,
             "MISSING_SCOPE",
         );
@@ -667,87 +548,38 @@ async fn callers_need_the_verify_scope(backend: Backend) {
     }
     let platform_without = Cred::Bearer(token(None, &["keyplane.api_keys:read"]));
     assert_err(
-        app.client(&platform_without)
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: strings(&[]),
-                cost: None,
-            })
-            .await
-            .inner(),
+        app.client(&platform_without).try_verify(&secret, &[]).await,
         Code::PermissionDenied,
         "MISSING_SCOPE",
     );
 
     // `keyplane.api_keys:*` satisfies `keyplane.api_keys:verify`.
     let wildcard = Cred::Bearer(token(Some(app.tenant), &["keyplane.api_keys:*"]));
-    let v = app
-        .client(&wildcard)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&wildcard).verify(&secret, &[]).await;
     assert_found(&v, pb::VerifyCode::Valid, &key);
     let narrow = Cred::Bearer(token(Some(app.tenant), &["keyplane.api_keys:verify"]));
-    let v = app
-        .client(&narrow)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let v = app.client(&narrow).verify(&secret, &[]).await;
     assert_found(&v, pb::VerifyCode::Valid, &key);
 
     // Admin keys (x-api-key) follow the same rule.
     let (_, weak_admin) = app.create_key(&w.id, &["keyplane.api_keys:read"]).await;
     assert_err(
         app.client(&Cred::ApiKey(weak_admin))
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: strings(&[]),
-                cost: None,
-            })
-            .await
-            .inner(),
+            .try_verify(&secret, &[])
+            .await,
         Code::PermissionDenied,
         "MISSING_SCOPE",
     );
     let (_, verifier) = app.create_key(&w.id, &["keyplane.api_keys:verify"]).await;
     let v = app
         .client(&Cred::ApiKey(verifier))
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: strings(&[]),
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+        .verify(&secret, &[])
+        .await;
     assert_found(&v, pb::VerifyCode::Valid, &key);
 
     // No credential at all.
     assert_err(
-        app.client(&Cred::None)
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: strings(&[]),
-                cost: None,
-            })
-            .await
-            .inner(),
+        app.client(&Cred::None).try_verify(&secret, &[]).await,
         Code::Unauthenticated,
         "CREDENTIALS_MISSING",
     );

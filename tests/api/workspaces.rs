@@ -2,8 +2,7 @@
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     create_applies_defaults_and_get_returns_it,

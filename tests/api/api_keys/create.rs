@@ -5,8 +5,7 @@ use keyplane::proto as pb;
 use tonic::Code;
 
 use super::new_key;
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     create_returns_the_secret_once_and_never_again,

@@ -8,8 +8,7 @@ use keyplane::storage::{Store, connect};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use uuid::Uuid;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     last_used_time_follows_successful_verifications,
@@ -56,20 +55,7 @@ async fn last_used_time_follows_successful_verifications(backend: Backend) {
     // A disabled key's failed verification leaves another key's state alone, and does not
     // set its own.
     let (other, other_secret) = app.create_key(&w.id, &[]).await;
-    app.as_admin()
-        .keys
-        .update_api_key(pb::UpdateApiKeyRequest {
-            api_key: Some(pb::ApiKey {
-                id: other.id.clone(),
-                disabled: true,
-                ..Default::default()
-            }),
-            update_mask: mask(&["disabled"]),
-            etag: "".into(),
-        })
-        .await
-        .resource()
-        .unwrap();
+    app.disable_key(&other.id).await;
     assert_eq!(
         app.verify(&other_secret, &[]).await.code(),
         pb::VerifyCode::Disabled

@@ -4,8 +4,7 @@ use keyplane::proto as pb;
 use tonic::Code;
 
 use super::new_key;
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(list_pages_through_keys_with_filters,);
 

@@ -4,8 +4,7 @@ use std::time::Duration;
 use keyplane::proto as pb;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(revoke_is_final_and_idempotent, delete_forgets_the_key,);
 
@@ -13,13 +12,7 @@ async fn revoke_is_final_and_idempotent(backend: Backend) {
     let app = spawn_app(backend).await;
     let w = app.create_workspace("w").await;
     let (key, secret) = app.create_key(&w.id, &[]).await;
-    let revoked = app
-        .as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
-        .await
-        .resource()
-        .unwrap();
+    let revoked = app.revoke_key(&key.id).await;
     let revoke_time = revoked.revoke_time.expect("revoke_time set");
     assert_ne!(revoked.etag, key.etag);
     let v = app.verify(&secret, &[]).await;
@@ -28,13 +21,7 @@ async fn revoke_is_final_and_idempotent(backend: Backend) {
     assert_eq!(app.get_key(&key.id).await.unwrap(), revoked);
 
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let again = app
-        .as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
-        .await
-        .resource()
-        .unwrap();
+    let again = app.revoke_key(&key.id).await;
     assert_eq!(
         again.revoke_time,
         Some(revoke_time),

@@ -5,8 +5,7 @@ use keyplane::proto as pb;
 use tonic::Code;
 
 use super::new_key;
-use crate::helpers::*;
-use crate::on_both_backends;
+use keyplane_testkit::*;
 
 on_both_backends!(
     rotate_issues_a_successor_and_revokes_at_once,
@@ -290,14 +289,7 @@ async fn rotate_refuses_revoked_keys_and_bad_grace_periods(backend: Backend) {
     let app = spawn_app(backend).await;
     let w = app.create_workspace("w").await;
     let (revoked, _) = app.create_key(&w.id, &[]).await;
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            id: revoked.id.clone(),
-        })
-        .await
-        .resource()
-        .unwrap();
+    app.revoke_key(&revoked.id).await;
     let status = app
         .as_admin()
         .keys

@@ -9,7 +9,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     admin_key_acts_for_its_tenant_with_its_scopes,
@@ -86,15 +85,7 @@ async fn admin_key_acts_for_its_tenant_with_its_scopes(backend: Backend) {
         WS_WRITE
     );
     let status = assert_err(
-        app.client(&cred)
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: secret.clone(),
-                required_scopes: vec![],
-                cost: None,
-            })
-            .await
-            .inner(),
+        app.client(&cred).try_verify(&secret, &[]).await,
         Code::PermissionDenied,
         "MISSING_SCOPE",
     );
@@ -230,11 +221,7 @@ async fn invalid_admin_keys_are_api_key_invalid(backend: Backend) {
         .await
         .inner()
         .expect("before revoke");
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: revoked.id })
-        .await
-        .unwrap();
+    app.revoke_key(&revoked.id).await;
     assert_err(
         app.client(&revoked_cred)
             .workspaces

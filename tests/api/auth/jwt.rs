@@ -8,7 +8,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     no_credential_is_credentials_missing,
@@ -43,15 +42,7 @@ async fn no_credential_is_credentials_missing(backend: Backend) {
         "CREDENTIALS_MISSING",
     );
     assert_err(
-        app.client(&Cred::None)
-            .keys
-            .verify_api_key(pb::VerifyApiKeyRequest {
-                key: "kp_whatever".into(),
-                required_scopes: vec![],
-                cost: None,
-            })
-            .await
-            .inner(),
+        app.client(&Cred::None).try_verify("kp_whatever", &[]).await,
         Code::Unauthenticated,
         "CREDENTIALS_MISSING",
     );
@@ -179,15 +170,7 @@ async fn forged_and_malformed_tokens_are_token_invalid(backend: Backend) {
             what,
         );
         assert_token_invalid(
-            app.client(&bearer(token))
-                .keys
-                .verify_api_key(pb::VerifyApiKeyRequest {
-                    key: "kp_x".into(),
-                    required_scopes: vec![],
-                    cost: None,
-                })
-                .await
-                .inner(),
+            app.client(&bearer(token)).try_verify("kp_x", &[]).await,
             what,
         );
     }
@@ -293,15 +276,7 @@ async fn expired_and_premature_tokens(backend: Backend) {
             "TOKEN_EXPIRED",
         );
         assert_err(
-            app.client(&expired)
-                .keys
-                .verify_api_key(pb::VerifyApiKeyRequest {
-                    key: "kp_x".into(),
-                    required_scopes: vec![],
-                    cost: None,
-                })
-                .await
-                .inner(),
+            app.client(&expired).try_verify("kp_x", &[]).await,
             Code::Unauthenticated,
             "TOKEN_EXPIRED",
         );

@@ -7,7 +7,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     ed25519_public_key_accepts_only_eddsa,
@@ -167,14 +166,8 @@ async fn jwks_kid_selects_the_key(backend: Backend) {
         .inner()
         .expect("kid test-ed");
     app.client(&good)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: "kp_x".into(),
-            required_scopes: vec![],
-            cost: None,
-        })
+        .try_verify("kp_x", &[])
         .await
-        .inner()
         .expect("kid test-ed");
 
     let jwks = fixture_bytes("jwks.json");
@@ -235,15 +228,7 @@ async fn jwks_kid_selects_the_key(backend: Backend) {
             what,
         );
         assert_token_invalid(
-            app.client(&bearer(token))
-                .keys
-                .verify_api_key(pb::VerifyApiKeyRequest {
-                    key: "kp_x".into(),
-                    required_scopes: vec![],
-                    cost: None,
-                })
-                .await
-                .inner(),
+            app.client(&bearer(token)).try_verify("kp_x", &[]).await,
             what,
         );
     }

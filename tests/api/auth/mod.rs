@@ -15,7 +15,7 @@ use sha2::Sha256;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::helpers::*;
+use keyplane_testkit::*;
 
 mod admin_keys;
 mod builtin_scopes;

@@ -8,7 +8,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(errors_never_echo_the_credential,);
 
@@ -155,11 +154,7 @@ async fn errors_never_echo_the_credential(backend: Backend) {
 
     // Admin keys.
     let (revoked, revoked_secret) = app.create_key(&ws.id, &[WS_READ]).await;
-    app.as_admin()
-        .keys
-        .revoke_api_key(pb::RevokeApiKeyRequest { id: revoked.id })
-        .await
-        .unwrap();
+    app.revoke_key(&revoked.id).await;
     let (_, reader_secret) = app.create_key(&ws.id, &[WS_READ]).await;
     let mut mistyped = reader_secret.clone();
     let last = mistyped.pop().unwrap();
@@ -207,14 +202,8 @@ async fn errors_never_echo_the_credential(backend: Backend) {
     // Nor does a failed bearer check echo a key sent alongside (or vice versa).
     let status = app
         .client(&bearer(&forged))
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: reader_secret.clone(),
-            required_scopes: vec![],
-            cost: None,
-        })
+        .try_verify(&reader_secret, &[])
         .await
-        .inner()
         .expect_err("forged token");
     assert_not_echoed(&status, &forged, "verify with a forged token");
     assert_not_echoed(&status, &reader_secret, "verify with a forged token");

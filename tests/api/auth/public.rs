@@ -5,7 +5,6 @@ use keyplane::proto as pb;
 use tonic::Code;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(health_and_reflection_need_no_credential,);
 

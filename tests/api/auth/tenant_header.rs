@@ -6,7 +6,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     tenant_token_and_tenant_header,
@@ -245,32 +244,15 @@ async fn platform_token_acts_for_the_named_tenant(backend: Backend) {
     let ws = app.create_workspace("keys").await;
     let (_, secret) = app.create_key(&ws.id, &[]).await;
     let verifier = bearer(token(None, &[VERIFY]));
-    let r = app
-        .client(&verifier)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: vec![],
-            cost: None,
-        })
-        .await
-        .inner()
-        .unwrap();
+    let r = app.client(&verifier).verify(&secret, &[]).await;
     assert!(r.valid, "{r:?}");
     assert_eq!(r.tenant_id, app.tenant.to_string());
     // With another tenant named, the key is not that tenant's.
     let r = app
         .client(&verifier)
         .tenant(&tenant_b)
-        .keys
-        .verify_api_key(pb::VerifyApiKeyRequest {
-            key: secret.clone(),
-            required_scopes: vec![],
-            cost: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .verify(&secret, &[])
+        .await;
     assert!(!r.valid);
     assert_eq!(r.code(), pb::VerifyCode::NotFound);
 }

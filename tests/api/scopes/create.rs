@@ -6,7 +6,6 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     create_from_parts_or_representation_applies_defaults,

@@ -4,7 +4,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     get_returns_custom_and_builtin_scopes,

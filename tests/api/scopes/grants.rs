@@ -4,7 +4,6 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     delete_refuses_scopes_in_use_unless_forced,

@@ -4,7 +4,7 @@
 //! keys hold. (Concurrent creates: `races.rs`.)
 use keyplane::proto as pb;
 
-use crate::helpers::*;
+use keyplane_testkit::*;
 
 mod create;
 mod get_list;

@@ -5,7 +5,6 @@ use tonic::Code;
 use uuid::Uuid;
 
 use super::*;
-use crate::on_both_backends;
 
 on_both_backends!(
     update_follows_the_mask_and_the_etag,

@@ -8,15 +8,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
+/// The address of the PostgreSQL server of `db_url`: what a [`CuttableProxy`] forwards to.
+pub fn database_addr(db_url: &str) -> SocketAddr {
+    let url = url::Url::parse(db_url).unwrap();
+    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+        .parse()
+        .unwrap()
+}
+
 /// A TCP proxy in front of PostgreSQL that can be "stopped": live connections are cut and
 /// new ones are closed at once, as when the server goes down.
 pub struct CuttableProxy {
+    /// Where the proxy listens: the address to give the server instead of the database's.
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl CuttableProxy {
+    /// A proxy on a free loopback port, up, forwarding every connection to `target`.
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -39,6 +49,7 @@ impl CuttableProxy {
         Self { addr, up, links }
     }
 
+    /// Cuts every live connection and closes each new one at once, until [`Self::resume`].
     pub async fn stop(&self) {
         self.up.store(false, Ordering::SeqCst);
         for link in self.links.lock().await.drain(..) {
@@ -46,6 +57,7 @@ impl CuttableProxy {
         }
     }
 
+    /// Forwards new connections again.
     pub fn resume(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
