@@ -107,7 +107,9 @@ fn cached_keys_answer_stale_through_a_database_outage() {
             .into_inner()
             .secret;
         app.revoke_key(&revoked.id).await;
-        // Cache them: the revoked key as revoked.
+        // Each write's NOTIFY comes back to this replica too and evicts its keys again: let
+        // those arrive, then cache the keys (the revoked one as revoked).
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(app.verify(&hot, &[]).await.code(), pb::VerifyCode::Valid);
         assert_eq!(
             app.verify(&expiring, &[]).await.code(),
@@ -273,6 +275,8 @@ fn stale_answers_end_when_the_bound_runs_out_and_normal_ones_resume_on_return() 
         let (app, proxy) = proxied_replica(db, bound).await;
         let ws = app.create_workspace("bound").await;
         let (_, hot) = app.create_key(&ws.id, &[]).await;
+        // The create's own NOTIFY evicts the key's digest when it comes back: cache after it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(app.verify(&hot, &[]).await.code(), pb::VerifyCode::Valid);
 
         proxy.stop().await;
@@ -321,6 +325,8 @@ fn a_partitioned_replica_refuses_a_revocation_within_its_bound_and_on_healing() 
         let (long, long_proxy) = proxied_replica(writer.db.shared(), Duration::from_secs(60)).await;
         let ws = writer.create_workspace("partition").await;
         let (key, secret) = writer.create_key(&ws.id, &[]).await;
+        // The create's NOTIFY evicts the key's digest everywhere: cache it after that.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         for replica in [&short, &long] {
             let r = replica.client(&writer.admin()).verify(&secret, &[]).await;
             assert_eq!(r.code(), pb::VerifyCode::Valid);
