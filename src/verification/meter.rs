@@ -27,7 +27,7 @@ use crate::domain::usage::{
     Answer, Ask, Budget, BudgetId, CREDIT_REFUSAL_TTL, Cost, CreditRow, CreditTerms, Fleet,
     GiveBack, Hold, IDLE, LimitState, Mono, Peers, Period, RateRow, Refused, Step, Tag, Terms,
 };
-use crate::storage::budgets::{self, RateAsk};
+use crate::storage::budgets::leases::{self, RateAsk};
 use crate::storage::feed::{Heartbeats, USAGE_CHANNEL};
 use crate::storage::{Store, StoreError};
 
@@ -630,7 +630,7 @@ impl Meter {
             self.tick();
             if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
                 last_sweep = Some(Instant::now());
-                if let Err(err) = budgets::sweep_windows(self.store.connection()).await {
+                if let Err(err) = leases::sweep_windows(self.store.connection()).await {
                     tracing::debug!(error = %err, "could not sweep ended rate-limit windows");
                 }
             }
@@ -869,7 +869,7 @@ async fn take(
             tenant,
             limit,
             period,
-        } => budgets::take_rate(
+        } => leases::take_rate(
             conn,
             RateAsk {
                 budget: id.0,
@@ -883,7 +883,7 @@ async fn take(
         .await
         .map(Row::Rate),
         Target::Credits { account, .. } => {
-            budgets::take_credits(conn, account, ask.need, ask.want, fleet.credit_spread())
+            leases::take_credits(conn, account, ask.need, ask.want, fleet.credit_spread())
                 .await
                 .map(Row::Credits)
         }
@@ -898,10 +898,10 @@ async fn give_back_statement(
 ) -> Result<(), StoreError> {
     match (target, back.tag) {
         (Target::Credits { account, .. }, Tag::Epoch(epoch)) => {
-            budgets::give_back_credits(conn, account, back.units, epoch).await
+            leases::give_back_credits(conn, account, back.units, epoch).await
         }
         (Target::Rate { .. }, Tag::Window(start)) => {
-            budgets::give_back_rate(conn, id.0, back.units, start).await
+            leases::give_back_rate(conn, id.0, back.units, start).await
         }
         // A tag of the other kind cannot happen; the units are lost, never misfiled.
         _ => Err(corrupt("a give-back of the other kind")),
@@ -1028,7 +1028,7 @@ mod tests {
     async fn credits_are_spent_exactly_and_a_rate_limited_request_spends_none() {
         let (meter, _dir) = meter().await.unwrap();
         let k = key(&[(2, 3_600_000)], Some(5));
-        budgets::set_credits(
+        crate::storage::budgets::accounts::set_credits(
             meter.store.connection(),
             k.tenant_id,
             k.usage_id,
@@ -1053,7 +1053,7 @@ mod tests {
         assert_eq!(balance(&meter, k.usage_id).await, Some(3));
 
         let k = key(&[], Some(5));
-        budgets::set_credits(
+        crate::storage::budgets::accounts::set_credits(
             meter.store.connection(),
             k.tenant_id,
             k.usage_id,
