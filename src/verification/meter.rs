@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use dashmap::DashMap;
 use metrics::Counter;
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::DbErr;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +27,8 @@ use crate::domain::usage::{
     Answer, Ask, Budget, BudgetId, CREDIT_REFUSAL_TTL, Cost, CreditRow, CreditTerms, Fleet,
     GiveBack, Hold, IDLE, LimitState, Mono, Peers, Period, RateRow, Refused, Step, Tag, Terms,
 };
-use crate::storage::budgets::leases::{self, RateAsk};
-use crate::storage::feed::{Heartbeats, USAGE_CHANNEL};
+use crate::storage::budgets::leases::RateAsk;
+use crate::storage::feed::Heartbeats;
 use crate::storage::{Store, StoreError};
 
 /// How often the background task prefetches, gives back and retires.
@@ -537,25 +537,6 @@ impl Meter {
         Some(RECALL_WAIT)
     }
 
-    /// Another replica (or this one) recalls a budget: return what this replica holds of
-    /// it, so that the database can grant it to whoever was refused.
-    fn recalled(&self, id: BudgetId) {
-        let Some(slot) = self.budgets.get(&id).map(|s| s.clone()) else {
-            return;
-        };
-        let now = self.now();
-        let fleet = self.fleet(now);
-        let (target, back) = {
-            let mut state = slot.lock();
-            state.frugal_until = Some(now.after(IDLE));
-            (state.target, state.budget.give_back(now, fleet, true))
-        };
-        if let Some(back) = back {
-            metrics::counter!("keyplane_usage_recalls_total", "side" => "returned").increment(1);
-            tokio::spawn(give_back(self.store.clone(), id, target, back));
-        }
-    }
-
     /// The credits of the key's account this replica holds, of the epoch the key was read
     /// with, that may still be spent.
     pub fn held_credits(&self, key: &ApiKey) -> u64 {
@@ -630,7 +611,7 @@ impl Meter {
             self.tick();
             if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
                 last_sweep = Some(Instant::now());
-                if let Err(err) = leases::sweep_windows(self.store.connection()).await {
+                if let Err(err) = self.store.sweep_windows().await {
                     tracing::debug!(error = %err, "could not sweep ended rate-limit windows");
                 }
             }
@@ -718,47 +699,31 @@ impl Heartbeats for Meter {
         self.peers().heard(replica, now);
     }
 
-    fn usage_message(&self, payload: &str) {
-        if let Some(id) = payload.strip_prefix(RECALL).and_then(parse_budget) {
-            self.recalled(id);
+    /// Another replica (or this one) recalls a budget: return what this replica holds of
+    /// it, so that the database can grant it to whoever was refused.
+    fn recalled(&self, id: BudgetId) {
+        let Some(slot) = self.budgets.get(&id).map(|s| s.clone()) else {
+            return;
+        };
+        let now = self.now();
+        let fleet = self.fleet(now);
+        let (target, back) = {
+            let mut state = slot.lock();
+            state.frugal_until = Some(now.after(IDLE));
+            (state.target, state.budget.give_back(now, fleet, true))
+        };
+        if let Some(back) = back {
+            metrics::counter!("keyplane_usage_recalls_total", "side" => "returned").increment(1);
+            tokio::spawn(give_back(self.store.clone(), id, target, back));
         }
     }
-}
-
-/// The payload prefix of a recall on the usage channel; the budget id follows in hex.
-const RECALL: &str = "recall:";
-
-fn parse_budget(hex: &str) -> Option<BudgetId> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut id = [0u8; 32];
-    for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(BudgetId(id))
-}
-
-fn budget_hex(id: BudgetId) -> String {
-    id.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Asks every replica to return what it holds of a budget (PostgreSQL only: SQLite is one
 /// process). Best effort: a recall that is lost only means a refusal stands.
 async fn send_recall(store: Store, id: BudgetId) {
     metrics::counter!("keyplane_usage_recalls_total", "side" => "sent").increment(1);
-    let sent = store
-        .connection()
-        .execute_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [
-                USAGE_CHANNEL.into(),
-                format!("{RECALL}{}", budget_hex(id)).into(),
-            ],
-        ))
-        .await;
-    if let Err(err) = sent {
+    if let Err(err) = store.recall_budget(id).await {
         tracing::debug!(error = %err, "could not recall a usage budget");
     }
 }
@@ -787,18 +752,8 @@ async fn reserve(
 ) -> Result<Reserved, StoreError> {
     let sent = mono(origin);
     let started = Instant::now();
-    let taken = tokio::time::timeout(RESERVE_TIMEOUT, async {
-        if store.is_shared() {
-            return take(store.connection(), slot.id, target, ask, fleet).await;
-        }
-        // SQLite: the write lock up front (`BEGIN IMMEDIATE`), so that the statement waits
-        // its turn instead of failing when another writer committed since its read began.
-        let txn = store.begin_write().await?;
-        let row = take(&txn, slot.id, target, ask, fleet).await?;
-        txn.commit().await?;
-        Ok(row)
-    })
-    .await;
+    let taken =
+        tokio::time::timeout(RESERVE_TIMEOUT, take(&store, slot.id, target, ask, fleet)).await;
     let received = mono(origin);
     let kind = target.kind();
     metrics::histogram!("keyplane_usage_reservation_seconds", "kind" => kind)
@@ -858,7 +813,7 @@ enum Row {
 }
 
 async fn take(
-    conn: &impl ConnectionTrait,
+    store: &Store,
     id: BudgetId,
     target: Target,
     ask: Ask,
@@ -869,42 +824,21 @@ async fn take(
             tenant,
             limit,
             period,
-        } => leases::take_rate(
-            conn,
-            RateAsk {
-                budget: id.0,
+        } => store
+            .take_rate_lease(RateAsk {
+                budget: id,
                 tenant,
                 period_ms: period.as_millis(),
                 limit,
                 need: ask.need,
                 want: ask.want,
-            },
-        )
-        .await
-        .map(Row::Rate),
-        Target::Credits { account, .. } => {
-            leases::take_credits(conn, account, ask.need, ask.want, fleet.credit_spread())
-                .await
-                .map(Row::Credits)
-        }
-    }
-}
-
-async fn give_back_statement(
-    conn: &impl ConnectionTrait,
-    id: BudgetId,
-    target: Target,
-    back: GiveBack,
-) -> Result<(), StoreError> {
-    match (target, back.tag) {
-        (Target::Credits { account, .. }, Tag::Epoch(epoch)) => {
-            leases::give_back_credits(conn, account, back.units, epoch).await
-        }
-        (Target::Rate { .. }, Tag::Window(start)) => {
-            leases::give_back_rate(conn, id.0, back.units, start).await
-        }
-        // A tag of the other kind cannot happen; the units are lost, never misfiled.
-        _ => Err(corrupt("a give-back of the other kind")),
+            })
+            .await
+            .map(Row::Rate),
+        Target::Credits { account, .. } => store
+            .take_credit_lease(account, ask.need, ask.want, fleet.credit_spread())
+            .await
+            .map(Row::Credits),
     }
 }
 
@@ -912,15 +846,16 @@ async fn give_back_statement(
 /// outcome is unknown is never retried (returning twice would create units).
 async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
     let kind = target.kind();
-    let result = async {
-        if store.is_shared() {
-            return give_back_statement(store.connection(), id, target, back).await;
+    let result = match (target, back.tag) {
+        (Target::Credits { account, .. }, Tag::Epoch(epoch)) => {
+            store.give_back_credits(account, back.units, epoch).await
         }
-        let txn = store.begin_write().await?;
-        give_back_statement(&txn, id, target, back).await?;
-        txn.commit().await.map_err(StoreError::from)
-    }
-    .await;
+        (Target::Rate { .. }, Tag::Window(start)) => {
+            store.give_back_rate(id, back.units, start).await
+        }
+        // A tag of the other kind cannot happen; the units are lost, never misfiled.
+        _ => Err(corrupt("a give-back of the other kind")),
+    };
     let fate = if result.is_ok() { "given_back" } else { "lost" };
     metrics::counter!("keyplane_usage_units_total", "kind" => kind, "fate" => fate)
         .increment(back.units);
@@ -928,12 +863,9 @@ async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::EntityTrait;
-
     use super::*;
     use crate::domain::usage::{Credits, RateLimit, RateLimitName, RateLimits};
-    use crate::storage::budgets::tests::database;
-    use crate::storage::entity::usage_credit;
+    use crate::storage::budgets::tests::{balance, credit_account, database};
 
     fn key(limits: &[(u64, i64)], credits: Option<u64>) -> ApiKey {
         let rate_limits = RateLimits::new(
@@ -986,15 +918,6 @@ mod tests {
         out
     }
 
-    async fn balance(meter: &Meter, account: Uuid) -> Option<i64> {
-        usage_credit::Entity::find_by_id(account)
-            .one(meter.store.connection())
-            .await
-            .unwrap()
-            .unwrap()
-            .balance
-    }
-
     #[tokio::test]
     async fn a_rate_limit_admits_exactly_its_limit_on_one_replica() {
         let (meter, _dir) = meter().await.unwrap();
@@ -1028,16 +951,7 @@ mod tests {
     async fn credits_are_spent_exactly_and_a_rate_limited_request_spends_none() {
         let (meter, _dir) = meter().await.unwrap();
         let k = key(&[(2, 3_600_000)], Some(5));
-        crate::storage::budgets::accounts::set_credits(
-            meter.store.connection(),
-            k.tenant_id,
-            k.usage_id,
-            5,
-            None,
-            true,
-        )
-        .await
-        .unwrap();
+        credit_account(meter.store.connection(), k.tenant_id, k.usage_id, 5).await;
         use Decision::*;
         assert_eq!(
             decisions(&meter, &k, 1, 3).await,
@@ -1050,26 +964,17 @@ mod tests {
             .1;
         assert_eq!(report.credits.unwrap().remaining, 3);
         meter.give_back_all().await;
-        assert_eq!(balance(&meter, k.usage_id).await, Some(3));
+        assert_eq!(balance(meter.store.connection(), k.usage_id).await, Some(3));
 
         let k = key(&[], Some(5));
-        crate::storage::budgets::accounts::set_credits(
-            meter.store.connection(),
-            k.tenant_id,
-            k.usage_id,
-            5,
-            None,
-            true,
-        )
-        .await
-        .unwrap();
+        credit_account(meter.store.connection(), k.tenant_id, k.usage_id, 5).await;
         assert_eq!(
             decisions(&meter, &k, 2, 3).await,
             [Admitted, Admitted, UsageExceeded]
         );
         assert_eq!(decisions(&meter, &k, 1, 2).await, [Admitted, UsageExceeded]);
         meter.give_back_all().await;
-        assert_eq!(balance(&meter, k.usage_id).await, Some(0));
+        assert_eq!(balance(meter.store.connection(), k.usage_id).await, Some(0));
     }
 
     #[tokio::test]
@@ -1087,14 +992,6 @@ mod tests {
             decisions(&meter, &k, 1, 2).await,
             [Admitted, RateLimited(0)]
         );
-    }
-
-    #[test]
-    fn recalls_name_budgets_in_hex() {
-        let id = BudgetId::credits(TenantId::new(Uuid::now_v7()), Uuid::now_v7());
-        assert_eq!(parse_budget(&budget_hex(id)), Some(id));
-        assert_eq!(parse_budget("xy"), None);
-        assert_eq!(parse_budget(&"g".repeat(64)), None);
     }
 
     #[tokio::test]

@@ -184,7 +184,7 @@ mod tests {
 
     use super::*;
     use crate::domain::usage::Period;
-    use crate::storage::budgets::leases::{give_back_credits, take_credits};
+    use crate::storage::Store;
     use crate::storage::budgets::tests::{database, on_both};
     use crate::storage::entity::usage_credit;
 
@@ -205,56 +205,60 @@ mod tests {
         let Some((db, _dir)) = database(postgres).await else {
             return;
         };
+        let store = Store::new(db);
+        let db = store.connection();
         let (t, a) = (tenant(), Uuid::now_v7());
-        set_credits(&db, t, a, 10, None, true).await.unwrap();
+        set_credits(db, t, a, 10, None, true).await.unwrap();
         // At most 1/spread of the balance unless the need is larger.
-        let row = take_credits(&db, a, 3, 8, 2).await.unwrap().unwrap();
+        let row = store.take_credit_lease(a, 3, 8, 2).await.unwrap().unwrap();
         assert_eq!((row.last_grant, row.balance, row.epoch), (5, 5, 1));
-        let row = take_credits(&db, a, 6, 6, 2).await.unwrap().unwrap();
+        let row = store.take_credit_lease(a, 6, 6, 2).await.unwrap().unwrap();
         assert_eq!(
             (row.last_grant, row.balance),
             (0, 5),
             "refused: the need is above it"
         );
-        let row = take_credits(&db, a, 5, 5, 2).await.unwrap().unwrap();
+        let row = store.take_credit_lease(a, 5, 5, 2).await.unwrap().unwrap();
         assert_eq!(
             (row.last_grant, row.balance),
             (5, 0),
             "the need, even above 1/spread"
         );
         // Units go back only into their epoch.
-        give_back_credits(&db, a, 4, 0).await.unwrap();
-        assert_eq!(account(&db, a).await.balance, Some(0));
-        give_back_credits(&db, a, 4, 1).await.unwrap();
-        assert_eq!(account(&db, a).await.balance, Some(4));
+        store.give_back_credits(a, 4, 0).await.unwrap();
+        assert_eq!(account(db, a).await.balance, Some(0));
+        store.give_back_credits(a, 4, 1).await.unwrap();
+        assert_eq!(account(db, a).await.balance, Some(4));
         // Adjustments clamp at 0 and keep the epoch; they bump the version.
-        assert!(adjust_credits(&db, t, a, -100).await.unwrap());
-        assert!(adjust_credits(&db, t, a, 7).await.unwrap());
-        let row = account(&db, a).await;
+        assert!(adjust_credits(db, t, a, -100).await.unwrap());
+        assert!(adjust_credits(db, t, a, 7).await.unwrap());
+        let row = account(db, a).await;
         assert_eq!((row.balance, row.epoch, row.version), (Some(7), 1, 3));
         assert!(
-            !adjust_credits(&db, tenant(), a, 1).await.unwrap(),
+            !adjust_credits(db, tenant(), a, 1).await.unwrap(),
             "another tenant's"
         );
         // A set starts a new epoch; a clear makes the account unlimited.
-        set_credits(&db, t, a, 2, None, false).await.unwrap();
-        let row = account(&db, a).await;
+        set_credits(db, t, a, 2, None, false).await.unwrap();
+        let row = account(db, a).await;
         assert_eq!((row.balance, row.epoch, row.version), (Some(2), 2, 4));
-        clear_credits(&db, a).await.unwrap();
-        assert!(take_credits(&db, a, 1, 1, 1).await.unwrap().is_none());
-        assert!(!adjust_credits(&db, t, a, 1).await.unwrap());
-        assert_eq!(account(&db, a).await.epoch, 3);
+        clear_credits(db, a).await.unwrap();
+        assert!(store.take_credit_lease(a, 1, 1, 1).await.unwrap().is_none());
+        assert!(!adjust_credits(db, t, a, 1).await.unwrap());
+        assert_eq!(account(db, a).await.epoch, 3);
     }
 
     async fn refills_apply_lazily(postgres: bool) {
         let Some((db, _dir)) = database(postgres).await else {
             return;
         };
+        let store = Store::new(db);
+        let db = store.connection();
         let (t, a) = (tenant(), Uuid::now_v7());
         let daily = Refill::new(100, Period::refill_interval_ms(86_400_000).unwrap()).unwrap();
-        set_credits(&db, t, a, 5, Some(daily), true).await.unwrap();
-        let next = account(&db, a).await.next_refill_ms.unwrap();
-        let row = take_credits(&db, a, 1, 1, 1).await.unwrap().unwrap();
+        set_credits(db, t, a, 5, Some(daily), true).await.unwrap();
+        let next = account(db, a).await.next_refill_ms.unwrap();
+        let row = store.take_credit_lease(a, 1, 1, 1).await.unwrap().unwrap();
         assert!(next - row.now_ms > 86_000_000 && next - row.now_ms <= 86_400_000);
         assert_eq!((row.balance, row.epoch), (4, 1));
         // Three and a half intervals ago: due, and missed refills are not replayed.
@@ -266,7 +270,7 @@ mod tests {
         ))
         .await
         .unwrap();
-        let row = take_credits(&db, a, 1, 1, 1).await.unwrap().unwrap();
+        let row = store.take_credit_lease(a, 1, 1, 1).await.unwrap().unwrap();
         assert_eq!((row.last_grant, row.balance, row.epoch), (1, 99, 2));
         assert_eq!(row.next_refill_ms, Some(due + 4 * 86_400_000));
         // An adjustment while a refill is due applies to the refilled balance.
@@ -277,8 +281,8 @@ mod tests {
         ))
         .await
         .unwrap();
-        assert!(adjust_credits(&db, t, a, 5).await.unwrap());
-        let row = account(&db, a).await;
+        assert!(adjust_credits(db, t, a, 5).await.unwrap());
+        let row = account(db, a).await;
         assert_eq!((row.balance, row.epoch), (Some(105), 3));
     }
 

@@ -9,7 +9,7 @@
 //!
 //! `NOW` is the database clock in milliseconds, one value per statement, so every replica
 //! agrees on windows and refills whatever its own clock says.
-pub mod accounts;
+pub(super) mod accounts;
 pub mod leases;
 pub(super) mod rows;
 
@@ -58,9 +58,11 @@ fn credit_template(template: &str) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use sea_orm::{ConnectionTrait, DatabaseConnection};
+    use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait};
     use uuid::Uuid;
 
+    use crate::domain::TenantId;
+    use crate::storage::entity::usage_credit;
     use crate::storage::{Migrator, MigratorTrait, connect};
 
     /// A migrated database: a temporary SQLite file, or a fresh PostgreSQL database when
@@ -90,6 +92,28 @@ pub(crate) mod tests {
         };
         Migrator::up(&db, None).await.unwrap();
         Some((db, dir))
+    }
+
+    /// Gives an account a balance, as `UpdateApiKey` setting `remaining_uses` does.
+    pub(crate) async fn credit_account(
+        db: &DatabaseConnection,
+        tenant: TenantId,
+        account: Uuid,
+        balance: u64,
+    ) {
+        super::accounts::set_credits(db, tenant, account, balance, None, true)
+            .await
+            .unwrap();
+    }
+
+    /// An account's stored balance (`None`: unlimited).
+    pub(crate) async fn balance(db: &DatabaseConnection, account: Uuid) -> Option<i64> {
+        usage_credit::Entity::find_by_id(account)
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap()
+            .balance
     }
 
     /// A test run once per backend: `$name(postgres)` as `$name::sqlite` and
