@@ -19,13 +19,11 @@ use sea_orm::DbErr;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::domain::TenantId;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::usage::{
-    Answer, Ask, Budget, BudgetId, CREDIT_REFUSAL_TTL, Cost, CreditRow, CreditTerms, Fleet,
-    GiveBack, Hold, IDLE, LimitState, Mono, Peers, Period, RateRow, Refused, Step, Tag, Terms,
+    Answer, Ask, Budget, BudgetId, BudgetKind, CREDIT_REFUSAL_TTL, Cost, Fleet, GiveBack, Hold,
+    IDLE, LimitState, Mono, Peers, Refused, Step, Tag, Terms,
 };
 use crate::storage::budgets::leases::RateAsk;
 use crate::storage::feed::Heartbeats;
@@ -101,40 +99,10 @@ pub struct UsageReport {
     pub credits: Option<CreditReport>,
 }
 
-/// What a budget's statements need besides its id, as last seen with a key: the
-/// background task has no request to take them from.
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    Rate {
-        tenant: TenantId,
-        limit: u64,
-        period: Period,
-    },
-    Credits {
-        account: Uuid,
-        terms: CreditTerms,
-    },
-}
-
-impl Target {
-    fn terms(&self) -> Terms {
-        match *self {
-            Target::Rate { limit, period, .. } => Terms::Rate { limit, period },
-            Target::Credits { terms, .. } => Terms::Credits(terms),
-        }
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            Target::Rate { .. } => "rate",
-            Target::Credits { .. } => "credits",
-        }
-    }
-}
-
 struct SlotState {
     budget: Budget,
-    target: Target,
+    /// As last seen with a key: the background task has no request to take them from.
+    terms: Terms,
     /// A recall is out: refused requests wait until then, and the first to wake asks the
     /// database again.
     recall: Option<Mono>,
@@ -166,12 +134,12 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(id: BudgetId, target: Target) -> Self {
+    fn new(id: BudgetId, terms: Terms) -> Self {
         Self {
             id,
             state: Mutex::new(SlotState {
                 budget: Budget::new(),
-                target,
+                terms,
                 recall: None,
                 last_recall: None,
                 frugal_until: None,
@@ -209,7 +177,7 @@ enum Drawn {
 struct Holds<'a> {
     meter: &'a Meter,
     /// Each hold with its budget and the budget's kind (for the spent-units counter).
-    held: Vec<(Arc<Slot>, Hold, &'static str)>,
+    held: Vec<(Arc<Slot>, Hold, BudgetKind)>,
     /// The request's clock and replica count: read once, and again only after a wait, so
     /// a request that waits for nothing reads the clock and the peers' lock once for all
     /// its budgets.
@@ -276,8 +244,8 @@ impl Meter {
             peers: Mutex::new(Peers::new()),
             shared,
             origin: Instant::now(),
-            spent_rate: metrics::counter!("keyplane_usage_units_total", "kind" => "rate", "fate" => "spent"),
-            spent_credits: metrics::counter!("keyplane_usage_units_total", "kind" => "credits", "fate" => "spent"),
+            spent_rate: metrics::counter!("keyplane_usage_units_total", "kind" => BudgetKind::Rate.as_str(), "fate" => "spent"),
+            spent_credits: metrics::counter!("keyplane_usage_units_total", "kind" => BudgetKind::Credits.as_str(), "fate" => "spent"),
         }
     }
 
@@ -298,20 +266,20 @@ impl Meter {
         }
     }
 
-    fn spent(&self, kind: &str, units: u64) {
+    fn spent(&self, kind: BudgetKind, units: u64) {
         match kind {
-            "rate" => self.spent_rate.increment(units),
-            _ => self.spent_credits.increment(units),
+            BudgetKind::Rate => self.spent_rate.increment(units),
+            BudgetKind::Credits => self.spent_credits.increment(units),
         }
     }
 
-    fn slot(&self, id: BudgetId, target: Target) -> Arc<Slot> {
+    fn slot(&self, id: BudgetId, terms: Terms) -> Arc<Slot> {
         if let Some(slot) = self.budgets.get(&id) {
             return slot.clone();
         }
         self.budgets
             .entry(id)
-            .or_insert_with(|| Arc::new(Slot::new(id, target)))
+            .or_insert_with(|| Arc::new(Slot::new(id, terms)))
             .clone()
     }
 
@@ -340,25 +308,15 @@ impl Meter {
         for _ in 0..ATTEMPTS {
             let mut holds = Holds::new(self);
             for (i, (limit, id)) in key.rate_limits.iter().zip(&key.budgets.rate).enumerate() {
-                let target = Target::Rate {
-                    tenant: key.tenant_id,
-                    limit: limit.limit(),
-                    period: limit.period(),
-                };
-                if let Drawn::Refused = self.draw(*id, target, cost, spend, &mut holds).await? {
+                let terms = limit.terms(key.tenant_id);
+                if let Drawn::Refused = self.draw(*id, terms, cost, spend, &mut holds).await? {
                     return Ok(Decision::RateLimited(i));
                 }
             }
             if let Some(credits) = key.credits {
-                let target = Target::Credits {
-                    account: key.usage_id,
-                    terms: match credits.terms() {
-                        Terms::Credits(t) => t,
-                        Terms::Rate { .. } => return Err(corrupt("credit terms")),
-                    },
-                };
+                let terms = Terms::Credits(credits.terms(key.usage_id));
                 if let Drawn::Refused = self
-                    .draw(key.budgets.credits, target, cost, spend, &mut holds)
+                    .draw(key.budgets.credits, terms, cost, spend, &mut holds)
                     .await?
                 {
                     return Ok(Decision::UsageExceeded);
@@ -378,20 +336,20 @@ impl Meter {
     async fn draw(
         &self,
         id: BudgetId,
-        target: Target,
+        terms: Terms,
         cost: Cost,
         spend: Spend,
         holds: &mut Holds<'_>,
     ) -> Result<Drawn, StoreError> {
-        let slot = self.slot(id, target);
-        let terms = target.terms();
+        let slot = self.slot(id, terms);
+        let kind = terms.kind();
         let mut agains = 0;
         let mut waited_for_recall = false;
         loop {
             let (now, fleet) = (holds.now, holds.fleet);
             let (step, reserved, prefetch) = {
                 let mut state = slot.lock();
-                state.target = target;
+                state.terms = terms;
                 // A recall's wait is over: what the other replicas returned is in the
                 // database now, so its earlier refusal is not its word any more.
                 if state.recall.is_some_and(|until| now >= until) {
@@ -418,7 +376,7 @@ impl Meter {
                 (step, reserved, prefetch)
             };
             if let Some(ask) = prefetch.filter(|_| spend == Spend::Reserve) {
-                self.start_reservation(&slot, target, ask, fleet);
+                self.start_reservation(&slot, terms, ask, fleet);
             }
             let needs_database = matches!(step, Step::Reserve(_) | Step::AwaitReservation);
             if needs_database && spend == Spend::HeldOnly {
@@ -428,26 +386,26 @@ impl Meter {
             }
             match step {
                 Step::Held(hold) => {
-                    holds.held.push((slot.clone(), hold, target.kind()));
+                    holds.held.push((slot.clone(), hold, kind));
                     return Ok(Drawn::Held);
                 }
                 Step::Refused(why) => {
                     if !waited_for_recall
                         && spend == Spend::Reserve
-                        && let Some(wait) = self.recall(&slot, target, why, fleet, now)
+                        && let Some(wait) = self.recall(&slot, terms, why, fleet, now)
                     {
                         waited_for_recall = true;
                         tokio::time::sleep(wait).await;
                         holds.reread();
                         continue;
                     }
-                    metrics::counter!("keyplane_usage_local_refusals_total", "kind" => target.kind())
+                    metrics::counter!("keyplane_usage_local_refusals_total", "kind" => kind.as_str())
                         .increment(1);
                     return Ok(Drawn::Refused);
                 }
                 Step::Reserve(ask) => {
                     let reserved = self
-                        .start_reservation(&slot, target, ask, fleet)
+                        .start_reservation(&slot, terms, ask, fleet)
                         .await
                         .map_err(|_| unavailable("the reservation task ended early"))??;
                     holds.reread();
@@ -488,14 +446,14 @@ impl Meter {
     fn start_reservation(
         &self,
         slot: &Arc<Slot>,
-        target: Target,
+        terms: Terms,
         ask: Ask,
         fleet: Fleet,
     ) -> JoinHandle<Result<Reserved, StoreError>> {
         tokio::spawn(reserve(
             self.store.clone(),
             slot.clone(),
-            target,
+            terms,
             ask,
             fleet,
             self.origin,
@@ -511,13 +469,13 @@ impl Meter {
     fn recall(
         &self,
         slot: &Arc<Slot>,
-        target: Target,
+        terms: Terms,
         why: Refused,
         fleet: Fleet,
         now: Mono,
     ) -> Option<Duration> {
         let alone = !self.shared || fleet.replicas() == Some(1);
-        if alone || why != Refused::Remembered || !matches!(target, Target::Credits { .. }) {
+        if alone || why != Refused::Remembered || !matches!(terms, Terms::Credits(_)) {
             return None;
         }
         let mut state = slot.lock();
@@ -546,7 +504,7 @@ impl Meter {
         self.budgets.get(&key.budgets.credits).map_or(0, |slot| {
             slot.lock()
                 .budget
-                .held_in(Tag::Epoch(credits.epoch), self.now())
+                .held_in(Tag::epoch(credits.epoch), self.now())
         })
     }
 
@@ -573,7 +531,7 @@ impl Meter {
             .zip(&key.budgets.rate)
             .enumerate()
             .map(|(i, (limit, id))| {
-                let (estimate, db_now_ms) = estimate(id, &limit.terms());
+                let (estimate, db_now_ms) = estimate(id, &limit.terms(key.tenant_id));
                 LimitReport {
                     state: LimitState {
                         limit: limit.limit(),
@@ -586,7 +544,8 @@ impl Meter {
             })
             .collect();
         let credits = key.credits.map(|credits| {
-            let (estimate, db_now_ms) = estimate(&key.budgets.credits, &credits.terms());
+            let terms = Terms::Credits(credits.terms(key.usage_id));
+            let (estimate, db_now_ms) = estimate(&key.budgets.credits, &terms);
             CreditReport {
                 remaining: estimate.remaining,
                 reset_ms: estimate.reset_ms.filter(|_| credits.refill.is_some()),
@@ -627,25 +586,24 @@ impl Meter {
             .map(|e| (*e.key(), e.value().clone()))
             .collect();
         for (id, slot) in slots {
-            let (target, prefetch, back, lost, retire) = {
+            let (terms, prefetch, back, lost, retire) = {
                 let mut state = slot.lock();
-                let target = state.target;
-                let terms = target.terms();
+                let terms = state.terms;
                 let sizing = state.sizing(fleet, now);
                 let prefetch = state.budget.prefetch(&terms, sizing, now);
                 let back = state.budget.give_back(now, fleet, false);
                 let lost = state.budget.take_lost();
-                (target, prefetch, back, lost, state.budget.is_retirable(now))
+                (terms, prefetch, back, lost, state.budget.is_retirable(now))
             };
             if lost > 0 {
-                metrics::counter!("keyplane_usage_units_total", "kind" => target.kind(), "fate" => "expired")
+                metrics::counter!("keyplane_usage_units_total", "kind" => terms.kind().as_str(), "fate" => "expired")
                     .increment(lost);
             }
             if let Some(ask) = prefetch {
-                self.start_reservation(&slot, target, ask, fleet);
+                self.start_reservation(&slot, terms, ask, fleet);
             }
             if let Some(back) = back {
-                tokio::spawn(give_back(self.store.clone(), id, target, back));
+                tokio::spawn(give_back(self.store.clone(), id, terms, back));
             }
             if retire {
                 self.budgets
@@ -661,21 +619,21 @@ impl Meter {
     pub async fn give_back_all(&self) {
         let now = self.now();
         let fleet = self.fleet(now);
-        let backs: Vec<(BudgetId, Target, GiveBack)> = self
+        let backs: Vec<(BudgetId, Terms, GiveBack)> = self
             .budgets
             .iter()
             .filter_map(|e| {
                 let mut state = e.value().lock();
-                let target = state.target;
+                let terms = state.terms;
                 let back = state.budget.give_back(now, fleet, true)?;
-                Some((*e.key(), target, back))
+                Some((*e.key(), terms, back))
             })
             .collect();
         let count = backs.len();
         futures::future::join_all(
             backs
                 .into_iter()
-                .map(|(id, target, back)| give_back(self.store.clone(), id, target, back)),
+                .map(|(id, terms, back)| give_back(self.store.clone(), id, terms, back)),
         )
         .await;
         if count > 0 {
@@ -707,14 +665,14 @@ impl Heartbeats for Meter {
         };
         let now = self.now();
         let fleet = self.fleet(now);
-        let (target, back) = {
+        let (terms, back) = {
             let mut state = slot.lock();
             state.frugal_until = Some(now.after(IDLE));
-            (state.target, state.budget.give_back(now, fleet, true))
+            (state.terms, state.budget.give_back(now, fleet, true))
         };
         if let Some(back) = back {
             metrics::counter!("keyplane_usage_recalls_total", "side" => "returned").increment(1);
-            tokio::spawn(give_back(self.store.clone(), id, target, back));
+            tokio::spawn(give_back(self.store.clone(), id, terms, back));
         }
     }
 }
@@ -732,10 +690,6 @@ fn unavailable(why: &str) -> StoreError {
     StoreError::Unavailable(DbErr::Custom(why.to_owned()))
 }
 
-fn corrupt(why: &str) -> StoreError {
-    StoreError::Corrupt(why.to_owned())
-}
-
 fn mono(origin: Instant) -> Mono {
     Mono::from_micros(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
 }
@@ -745,32 +699,44 @@ fn mono(origin: Instant) -> Mono {
 async fn reserve(
     store: Store,
     slot: Arc<Slot>,
-    target: Target,
+    terms: Terms,
     ask: Ask,
     fleet: Fleet,
     origin: Instant,
 ) -> Result<Reserved, StoreError> {
     let sent = mono(origin);
     let started = Instant::now();
-    let taken =
-        tokio::time::timeout(RESERVE_TIMEOUT, take(&store, slot.id, target, ask, fleet)).await;
-    let received = mono(origin);
-    let kind = target.kind();
+    // Each kind's row is read in the arm that took it, against the terms it was taken with.
+    let (answer, received) = match terms {
+        Terms::Rate {
+            tenant,
+            limit,
+            period,
+        } => {
+            let take = store.take_rate_lease(RateAsk {
+                budget: slot.id,
+                tenant,
+                period_ms: period.as_millis(),
+                limit,
+                need: ask.need,
+                want: ask.want,
+            });
+            let (row, received) = within_timeout(take, origin).await;
+            let answer = row.map(|row| Some(row.answer(limit, period, sent, received)));
+            (answer, received)
+        }
+        Terms::Credits(credits) => {
+            let spread = fleet.credit_spread();
+            let take = store.take_credit_lease(credits.account, ask.need, ask.want, spread);
+            let (row, received) = within_timeout(take, origin).await;
+            // No row: the account is unlimited now.
+            let answer = row.map(|row| row.map(|row| row.answer(sent, received)));
+            (answer, received)
+        }
+    };
+    let kind = terms.kind().as_str();
     metrics::histogram!("keyplane_usage_reservation_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
-    let terms = target.terms();
-    let answer = match taken {
-        Err(_) => Err(unavailable("a reservation timed out")),
-        Ok(Err(err)) => Err(err),
-        Ok(Ok(Row::Rate(row))) => match target {
-            Target::Rate { limit, period, .. } => {
-                Ok(Some(row.answer(limit, period, sent, received)))
-            }
-            Target::Credits { .. } => Err(corrupt("a rate row for credits")),
-        },
-        Ok(Ok(Row::Credits(Some(row)))) => Ok(Some(row.answer(sent, received))),
-        Ok(Ok(Row::Credits(None))) => Ok(None),
-    };
     let result = {
         let mut state = slot.lock();
         match answer {
@@ -805,66 +771,43 @@ async fn reserve(
     result
 }
 
-/// What a take statement returned.
-enum Row {
-    Rate(RateRow),
-    /// `None`: the account is unlimited now.
-    Credits(Option<CreditRow>),
-}
-
-async fn take(
-    store: &Store,
-    id: BudgetId,
-    target: Target,
-    ask: Ask,
-    fleet: Fleet,
-) -> Result<Row, StoreError> {
-    match target {
-        Target::Rate {
-            tenant,
-            limit,
-            period,
-        } => store
-            .take_rate_lease(RateAsk {
-                budget: id,
-                tenant,
-                period_ms: period.as_millis(),
-                limit,
-                need: ask.need,
-                want: ask.want,
-            })
-            .await
-            .map(Row::Rate),
-        Target::Credits { account, .. } => store
-            .take_credit_lease(account, ask.need, ask.want, fleet.credit_spread())
-            .await
-            .map(Row::Credits),
-    }
+/// A take statement given at most [`RESERVE_TIMEOUT`], with the local time it ended at.
+async fn within_timeout<T>(
+    take: impl Future<Output = Result<T, StoreError>>,
+    origin: Instant,
+) -> (Result<T, StoreError>, Mono) {
+    let taken = tokio::time::timeout(RESERVE_TIMEOUT, take).await;
+    let received = mono(origin);
+    let taken = taken.unwrap_or_else(|_| Err(unavailable("a reservation timed out")));
+    (taken, received)
 }
 
 /// Returns units to the database. The units already left the lease; a statement whose
 /// outcome is unknown is never retried (returning twice would create units).
-async fn give_back(store: Store, id: BudgetId, target: Target, back: GiveBack) {
-    let kind = target.kind();
-    let result = match (target, back.tag) {
-        (Target::Credits { account, .. }, Tag::Epoch(epoch)) => {
-            store.give_back_credits(account, back.units, epoch).await
+async fn give_back(store: Store, id: BudgetId, terms: Terms, back: GiveBack) {
+    let result = match terms {
+        Terms::Rate { .. } => {
+            let window_start = back.tag.window_start();
+            store.give_back_rate(id, back.units, window_start).await
         }
-        (Target::Rate { .. }, Tag::Window(start)) => {
-            store.give_back_rate(id, back.units, start).await
+        Terms::Credits(credits) => {
+            let epoch = back.tag.epoch_number();
+            store
+                .give_back_credits(credits.account, back.units, epoch)
+                .await
         }
-        // A tag of the other kind cannot happen; the units are lost, never misfiled.
-        _ => Err(corrupt("a give-back of the other kind")),
     };
     let fate = if result.is_ok() { "given_back" } else { "lost" };
-    metrics::counter!("keyplane_usage_units_total", "kind" => kind, "fate" => fate)
+    metrics::counter!("keyplane_usage_units_total", "kind" => terms.kind().as_str(), "fate" => fate)
         .increment(back.units);
 }
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
-    use crate::domain::usage::{Credits, RateLimit, RateLimitName, RateLimits};
+    use crate::domain::usage::{Credits, Period, RateLimit, RateLimitName, RateLimits};
     use crate::storage::budgets::tests::{balance, credit_account, database};
 
     fn key(limits: &[(u64, i64)], credits: Option<u64>) -> ApiKey {
