@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use dashmap::DashMap;
 use metrics::Counter;
-use sea_orm::DbErr;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +41,39 @@ const ATTEMPTS: usize = 4;
 /// How long a request the database refused credits waits for the other replicas to return
 /// theirs (a recall) before asking again: a NOTIFY's delivery and a give-back statement.
 const RECALL_WAIT: Duration = Duration::from_millis(50);
+
+/// Why a charge could not be decided: never an admission. Verification answers it
+/// UNAVAILABLE, as it answers a database that cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum MeterError {
+    /// A statement failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a reservation timed out")]
+    TimedOut,
+    #[error("the reservation task ended early")]
+    TaskEnded,
+    #[error("the database keeps answering for an older window")]
+    OlderWindows,
+    #[error("usage holds kept expiring")]
+    HoldsExpired,
+    /// A stale verification ([`Spend::HeldOnly`]) needed more than this replica holds.
+    #[error("{NOTHING_HELD}")]
+    NothingHeld,
+}
+
+const NOTHING_HELD: &str = "no usage budget held, and the database does not answer";
+
+impl From<MeterError> for StoreError {
+    fn from(err: MeterError) -> Self {
+        match err {
+            MeterError::Store(err) => err,
+            // Met only while the database already does not answer: said as its reads say it.
+            MeterError::NothingHeld => StoreError::NotAnswering(NOTHING_HELD),
+            other => StoreError::Metering(other.to_string()),
+        }
+    }
+}
 
 /// Where a charge may take its units from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,12 +323,12 @@ impl Meter {
         key: &ApiKey,
         cost: Cost,
         spend: Spend,
-    ) -> Result<(Decision, UsageReport), StoreError> {
+    ) -> Result<(Decision, UsageReport), MeterError> {
         let decision = self.decide(key, cost, spend).await?;
         Ok((decision, self.report(key, decision)))
     }
 
-    async fn decide(&self, key: &ApiKey, cost: Cost, spend: Spend) -> Result<Decision, StoreError> {
+    async fn decide(&self, key: &ApiKey, cost: Cost, spend: Spend) -> Result<Decision, MeterError> {
         if cost.is_free() {
             return Ok(Decision::Admitted);
         }
@@ -329,7 +361,7 @@ impl Meter {
                 return Ok(Decision::Admitted);
             }
         }
-        Err(unavailable("usage holds kept expiring"))
+        Err(MeterError::HoldsExpired)
     }
 
     /// Draws `cost` from one budget into `holds`.
@@ -340,7 +372,7 @@ impl Meter {
         cost: Cost,
         spend: Spend,
         holds: &mut Holds<'_>,
-    ) -> Result<Drawn, StoreError> {
+    ) -> Result<Drawn, MeterError> {
         let slot = self.slot(id, terms);
         let kind = terms.kind();
         let mut agains = 0;
@@ -380,9 +412,7 @@ impl Meter {
             }
             let needs_database = matches!(step, Step::Reserve(_) | Step::AwaitReservation);
             if needs_database && spend == Spend::HeldOnly {
-                return Err(StoreError::NotAnswering(
-                    "no usage budget held, and the database does not answer",
-                ));
+                return Err(MeterError::NothingHeld);
             }
             match step {
                 Step::Held(hold) => {
@@ -407,7 +437,7 @@ impl Meter {
                     let reserved = self
                         .start_reservation(&slot, terms, ask, fleet)
                         .await
-                        .map_err(|_| unavailable("the reservation task ended early"))??;
+                        .map_err(|_| MeterError::TaskEnded)??;
                     holds.reread();
                     match reserved {
                         Reserved::Answered => {}
@@ -415,9 +445,7 @@ impl Meter {
                         Reserved::Again => {
                             agains += 1;
                             if agains >= ATTEMPTS {
-                                return Err(unavailable(
-                                    "the database keeps answering for an older window",
-                                ));
+                                return Err(MeterError::OlderWindows);
                             }
                         }
                     }
@@ -449,7 +477,7 @@ impl Meter {
         terms: Terms,
         ask: Ask,
         fleet: Fleet,
-    ) -> JoinHandle<Result<Reserved, StoreError>> {
+    ) -> JoinHandle<Result<Reserved, MeterError>> {
         tokio::spawn(reserve(
             self.store.clone(),
             slot.clone(),
@@ -686,10 +714,6 @@ async fn send_recall(store: Store, id: BudgetId) {
     }
 }
 
-fn unavailable(why: &str) -> StoreError {
-    StoreError::Unavailable(DbErr::Custom(why.to_owned()))
-}
-
 fn mono(origin: Instant) -> Mono {
     Mono::from_micros(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
 }
@@ -703,7 +727,7 @@ async fn reserve(
     ask: Ask,
     fleet: Fleet,
     origin: Instant,
-) -> Result<Reserved, StoreError> {
+) -> Result<Reserved, MeterError> {
     let sent = mono(origin);
     let started = Instant::now();
     // Each kind's row is read in the arm that took it, against the terms it was taken with.
@@ -775,10 +799,13 @@ async fn reserve(
 async fn within_timeout<T>(
     take: impl Future<Output = Result<T, StoreError>>,
     origin: Instant,
-) -> (Result<T, StoreError>, Mono) {
+) -> (Result<T, MeterError>, Mono) {
     let taken = tokio::time::timeout(RESERVE_TIMEOUT, take).await;
     let received = mono(origin);
-    let taken = taken.unwrap_or_else(|_| Err(unavailable("a reservation timed out")));
+    let taken = match taken {
+        Ok(taken) => taken.map_err(MeterError::from),
+        Err(_) => Err(MeterError::TimedOut),
+    };
     (taken, received)
 }
 
@@ -935,6 +962,23 @@ mod tests {
             decisions(&meter, &k, 1, 2).await,
             [Admitted, RateLimited(0)]
         );
+    }
+
+    #[test]
+    fn meter_errors_are_answered_as_an_unavailable_database() {
+        let store = |err: MeterError| StoreError::from(err);
+        assert!(matches!(
+            store(MeterError::TimedOut),
+            StoreError::Metering(why) if why == "a reservation timed out"
+        ));
+        assert!(matches!(
+            store(MeterError::NothingHeld),
+            StoreError::NotAnswering(NOTHING_HELD)
+        ));
+        assert!(matches!(
+            store(MeterError::Store(StoreError::StaleEtag)),
+            StoreError::StaleEtag
+        ));
     }
 
     #[tokio::test]
