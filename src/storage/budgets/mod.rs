@@ -1,6 +1,6 @@
 //! The usage-control statements (`docs/usage-controls.md`, "Storage" and "Reservations"),
-//! by job: [`leases`] takes credits and rate-limit units and gives them back, [`accounts`]
-//! holds the API's writes to a credit account, and [`rows`] reads and writes the columns
+//! by job: `leases` takes credits and rate-limit units and gives them back, `accounts`
+//! holds the API's writes to a credit account, and `rows` reads and writes the columns
 //! keys carry. Raw SQL per backend: the `CASE` expressions do not map onto sea-query's
 //! builder usefully, and each must stay **one atomic statement** — concurrent
 //! reservations, give-backs and adjustments serialise on the row (PostgreSQL re-evaluates
@@ -133,5 +133,6 @@ pub(crate) mod tests {
             }
         )+};
     }
+
     pub(super) use on_both;
 }
