@@ -184,8 +184,7 @@ mod tests {
 
     use super::*;
     use crate::domain::usage::Period;
-    use crate::storage::Store;
-    use crate::storage::budgets::tests::{database, on_both};
+    use crate::storage::budgets::tests::{on_both, store};
     use crate::storage::entity::usage_credit;
 
     async fn account(db: &DatabaseConnection, id: Uuid) -> usage_credit::Model {
@@ -197,15 +196,25 @@ mod tests {
             .unwrap()
     }
 
+    /// Moves an account's next refill to `ms` (database clock).
+    async fn refill_due_at(db: &DatabaseConnection, account: Uuid, ms: i64) {
+        db.execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "UPDATE usage_credits SET next_refill_ms = $1 WHERE account_id = $2",
+            vec![Value::BigInt(Some(ms)), account.into()],
+        ))
+        .await
+        .unwrap();
+    }
+
     fn tenant() -> TenantId {
         TenantId::new(Uuid::now_v7())
     }
 
     async fn credits_statements(postgres: bool) {
-        let Some((db, _dir)) = database(postgres).await else {
+        let Some((store, _dir)) = store(postgres).await else {
             return;
         };
-        let store = Store::new(db);
         let db = store.connection();
         let (t, a) = (tenant(), Uuid::now_v7());
         set_credits(db, t, a, 10, None, true).await.unwrap();
@@ -249,10 +258,9 @@ mod tests {
     }
 
     async fn refills_apply_lazily(postgres: bool) {
-        let Some((db, _dir)) = database(postgres).await else {
+        let Some((store, _dir)) = store(postgres).await else {
             return;
         };
-        let store = Store::new(db);
         let db = store.connection();
         let (t, a) = (tenant(), Uuid::now_v7());
         let daily = Refill::new(100, Period::refill_interval_ms(86_400_000).unwrap()).unwrap();
@@ -263,24 +271,12 @@ mod tests {
         assert_eq!((row.balance, row.epoch), (4, 1));
         // Three and a half intervals ago: due, and missed refills are not replayed.
         let due = row.now_ms - 3 * 86_400_000 - 43_200_000;
-        db.execute_raw(Statement::from_sql_and_values(
-            db.get_database_backend(),
-            "UPDATE usage_credits SET next_refill_ms = $1 WHERE account_id = $2",
-            vec![Value::BigInt(Some(due)), a.into()],
-        ))
-        .await
-        .unwrap();
+        refill_due_at(db, a, due).await;
         let row = store.take_credit_lease(a, 1, 1, 1).await.unwrap().unwrap();
         assert_eq!((row.last_grant, row.balance, row.epoch), (1, 99, 2));
         assert_eq!(row.next_refill_ms, Some(due + 4 * 86_400_000));
         // An adjustment while a refill is due applies to the refilled balance.
-        db.execute_raw(Statement::from_sql_and_values(
-            db.get_database_backend(),
-            "UPDATE usage_credits SET next_refill_ms = $1 WHERE account_id = $2",
-            vec![Value::BigInt(Some(due)), a.into()],
-        ))
-        .await
-        .unwrap();
+        refill_due_at(db, a, due).await;
         assert!(adjust_credits(db, t, a, 5).await.unwrap());
         let row = account(db, a).await;
         assert_eq!((row.balance, row.epoch), (Some(105), 3));

@@ -220,13 +220,12 @@ fn budget_hex(id: BudgetId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::budgets::tests::{database, on_both};
+    use crate::storage::budgets::tests::{on_both, store};
 
     async fn rate_statements(postgres: bool) {
-        let Some((db, _dir)) = database(postgres).await else {
+        let Some((store, _dir)) = store(postgres).await else {
             return;
         };
-        let store = Store::new(db);
         let db = store.connection();
         let budget = BudgetId([7; 32]);
         let ask = |need: u64, want: u64| RateAsk {

@@ -58,18 +58,16 @@ fn credit_template(template: &str) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait};
+    use sea_orm::{ConnectionTrait, EntityTrait};
     use uuid::Uuid;
 
     use crate::domain::TenantId;
     use crate::storage::entity::usage_credit;
-    use crate::storage::{Migrator, MigratorTrait, connect};
+    use crate::storage::{Migrator, MigratorTrait, Store, connect};
 
-    /// A migrated database: a temporary SQLite file, or a fresh PostgreSQL database when
-    /// `KEYPLANE_TEST_POSTGRES_URL` is set and `postgres` is asked for.
-    pub(crate) async fn database(
-        postgres: bool,
-    ) -> Option<(DatabaseConnection, Option<tempfile::TempDir>)> {
+    /// A store on a migrated database: a temporary SQLite file, or a fresh PostgreSQL
+    /// database when `KEYPLANE_TEST_POSTGRES_URL` is set and `postgres` is asked for.
+    pub(crate) async fn store(postgres: bool) -> Option<(Store, Option<tempfile::TempDir>)> {
         let (db, dir) = if postgres {
             let admin_url = std::env::var("KEYPLANE_TEST_POSTGRES_URL")
                 .ok()
@@ -91,25 +89,25 @@ pub(crate) mod tests {
             (connect(&url).await.unwrap(), Some(dir))
         };
         Migrator::up(&db, None).await.unwrap();
-        Some((db, dir))
+        Some((Store::new(db), dir))
     }
 
     /// Gives an account a balance, as `UpdateApiKey` setting `remaining_uses` does.
     pub(crate) async fn credit_account(
-        db: &DatabaseConnection,
+        store: &Store,
         tenant: TenantId,
         account: Uuid,
         balance: u64,
     ) {
-        super::accounts::set_credits(db, tenant, account, balance, None, true)
+        super::accounts::set_credits(store.connection(), tenant, account, balance, None, true)
             .await
             .unwrap();
     }
 
     /// An account's stored balance (`None`: unlimited).
-    pub(crate) async fn balance(db: &DatabaseConnection, account: Uuid) -> Option<i64> {
+    pub(crate) async fn balance(store: &Store, account: Uuid) -> Option<i64> {
         usage_credit::Entity::find_by_id(account)
-            .one(db)
+            .one(store.connection())
             .await
             .unwrap()
             .unwrap()

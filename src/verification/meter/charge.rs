@@ -260,8 +260,7 @@ mod tests {
 
     use super::*;
     use crate::domain::usage::{Credits, Period, RateLimit, RateLimitName, RateLimits};
-    use crate::storage::Store;
-    use crate::storage::budgets::tests::{balance, credit_account, database};
+    use crate::storage::budgets::tests::{balance, credit_account, store};
 
     fn key(limits: &[(u64, i64)], credits: Option<u64>) -> ApiKey {
         let rate_limits = RateLimits::new(
@@ -296,8 +295,8 @@ mod tests {
     }
 
     async fn meter() -> Option<(Meter, Option<tempfile::TempDir>)> {
-        let (db, dir) = database(false).await?;
-        Some((Meter::new(Store::new(db)), dir))
+        let (store, dir) = store(false).await?;
+        Some((Meter::new(store), dir))
     }
 
     async fn decisions(meter: &Meter, key: &ApiKey, cost: u64, n: usize) -> Vec<Decision> {
@@ -347,7 +346,7 @@ mod tests {
     async fn credits_are_spent_exactly_and_a_rate_limited_request_spends_none() {
         let (meter, _dir) = meter().await.unwrap();
         let k = key(&[(2, 3_600_000)], Some(5));
-        credit_account(meter.store.connection(), k.tenant_id, k.usage_id, 5).await;
+        credit_account(&meter.store, k.tenant_id, k.usage_id, 5).await;
         use Decision::*;
         assert_eq!(
             decisions(&meter, &k, 1, 3).await,
@@ -360,17 +359,17 @@ mod tests {
             .1;
         assert_eq!(report.credits.unwrap().remaining, 3);
         meter.give_back_all().await;
-        assert_eq!(balance(meter.store.connection(), k.usage_id).await, Some(3));
+        assert_eq!(balance(&meter.store, k.usage_id).await, Some(3));
 
         let k = key(&[], Some(5));
-        credit_account(meter.store.connection(), k.tenant_id, k.usage_id, 5).await;
+        credit_account(&meter.store, k.tenant_id, k.usage_id, 5).await;
         assert_eq!(
             decisions(&meter, &k, 2, 3).await,
             [Admitted, Admitted, UsageExceeded]
         );
         assert_eq!(decisions(&meter, &k, 1, 2).await, [Admitted, UsageExceeded]);
         meter.give_back_all().await;
-        assert_eq!(balance(meter.store.connection(), k.usage_id).await, Some(0));
+        assert_eq!(balance(&meter.store, k.usage_id).await, Some(0));
     }
 
     #[tokio::test]
