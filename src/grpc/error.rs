@@ -171,6 +171,10 @@ impl From<StoreError> for Status {
                 tracing::warn!(error = %ErrorChain(cause), "database unavailable");
                 database_unavailable()
             }
+            StoreError::Metering(why) => {
+                tracing::warn!(why, "usage could not be charged");
+                database_unavailable()
+            }
             // Logged once per outage by the verifier and the health probe, not per call.
             StoreError::NotAnswering(why) => {
                 tracing::debug!(why, "database not answering");

@@ -470,7 +470,9 @@ impl Authorization for KeyplaneApi {
                         // Never an allow when keyplane cannot tell: Envoy denies on an error
                         // (with failure_mode_allow off).
                         let code = match err {
-                            crate::storage::StoreError::Unavailable(_) => "unavailable",
+                            crate::storage::StoreError::Unavailable(_)
+                            | crate::storage::StoreError::NotAnswering(_)
+                            | crate::storage::StoreError::Metering(_) => "unavailable",
                             _ => "internal",
                         };
                         metrics::counter!("keyplane_check_total", "code" => code).increment(1);

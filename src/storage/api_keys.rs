@@ -11,7 +11,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::budgets::{self, credits_from_row, limits_from_json, limits_to_json};
+use super::budgets::accounts;
+use super::budgets::rows::{credits_from_row, limits_from_json, limits_to_json};
 use super::entity::{TenantOwned, api_key, api_key_scope, usage_credit};
 use super::invalidation::Eviction;
 use super::update::Stored;
@@ -162,7 +163,7 @@ async fn write_credit_change(
     match change {
         CreditChange::Unchanged => return Ok(false),
         CreditChange::Set(limit) => {
-            budgets::set_credits(
+            accounts::set_credits(
                 conn,
                 key.tenant_id,
                 key.usage_id,
@@ -173,9 +174,9 @@ async fn write_credit_change(
             .await?
         }
         CreditChange::Reschedule(refill) => {
-            budgets::reschedule_credits(conn, key.usage_id, refill).await?
+            accounts::reschedule_credits(conn, key.usage_id, refill).await?
         }
-        CreditChange::Clear => budgets::clear_credits(conn, key.usage_id).await?,
+        CreditChange::Clear => accounts::clear_credits(conn, key.usage_id).await?,
     }
     Ok(true)
 }
@@ -321,7 +322,7 @@ impl Store {
         }
         insert_grants(&txn, model.id, &grants).await?;
         if let Some(credits) = new.credits {
-            budgets::set_credits(
+            accounts::set_credits(
                 &txn,
                 tenant,
                 model.id,
@@ -525,7 +526,8 @@ impl Store {
             .filter(api_key::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        budgets::drop_orphaned_account(&txn, tenant, usage::usage_id(key.id, key.usage_id)).await?;
+        accounts::drop_orphaned_account(&txn, tenant, usage::usage_id(key.id, key.usage_id))
+            .await?;
         let change = Change::new(AuditAction::ApiKeyDelete, id, Vec::new());
         let eviction = Eviction::key(digest_of(key.id, key.key_digest)?);
         self.commit(txn, acting, change, eviction).await
@@ -547,7 +549,7 @@ impl Store {
             .ok_or_else(|| StoreError::not_found("api key", id))?;
         // Also refused when the account was cleared since the read above.
         if key.credits.is_none()
-            || !budgets::adjust_credits(&txn, tenant, key.usage_id, delta.get()).await?
+            || !accounts::adjust_credits(&txn, tenant, key.usage_id, delta.get()).await?
         {
             return Err(RuleViolation::CreditsUnlimited.into());
         }

@@ -32,7 +32,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::budgets::leases::recalled_budget;
 use super::invalidation::{CHANNEL, Eviction, EvictionSink};
+use crate::domain::usage::BudgetId;
 
 /// The channel of usage-control messages between replicas (a recall of unspent credits).
 /// Apart from the evictions' so that a release that does not know them never hears them
@@ -123,7 +125,7 @@ impl FeedState {
 }
 
 /// Told about the feed's life, the other replicas' heartbeats it hears (how usage controls
-/// count the replicas sharing the database) and the usage messages on [`USAGE_CHANNEL`].
+/// count the replicas sharing the database) and the recalls on [`USAGE_CHANNEL`].
 pub trait Heartbeats: Send + Sync {
     /// The feed is listening: heartbeats heard from now on are real.
     fn feed_up(&self);
@@ -131,8 +133,9 @@ pub trait Heartbeats: Send + Sync {
     fn feed_down(&self);
     /// Another replica's heartbeat, by its replica id.
     fn heard(&self, replica: &str);
-    /// A message on [`USAGE_CHANNEL`], from any replica (this one included).
-    fn usage_message(&self, payload: &str);
+    /// A recall of a budget ([`Store::recall_budget`](super::Store::recall_budget)), from
+    /// any replica (this one included).
+    fn recalled(&self, budget: BudgetId);
 }
 
 /// What the listening task reports.
@@ -249,7 +252,11 @@ async fn listen_once(
                     metrics::counter!("keyplane_invalidations_received_total").increment(1);
                     sink.evict(&Eviction::from_payload(&payload));
                 }
-                Some(Heard::Usage(payload)) => heartbeats.usage_message(&payload),
+                Some(Heard::Usage(payload)) => {
+                    if let Some(budget) = recalled_budget(&payload) {
+                        heartbeats.recalled(budget);
+                    }
+                }
                 Some(Heard::Lost(why)) => break format!("connection lost: {why}"),
                 None => break "listener stopped".to_owned(),
             },

@@ -51,6 +51,11 @@ pub enum StoreError {
     /// The database did not answer in time, or is being let rest after failing to.
     #[error("the database does not answer: {0}")]
     NotAnswering(&'static str),
+    /// The usage meter could not decide a charge (a reservation timed out, or kept being
+    /// answered for an older window, ...): never an admission, answered as a database
+    /// that cannot be reached is.
+    #[error("usage could not be charged: {0}")]
+    Metering(String),
     #[error("database error")]
     Database(#[source] DbErr),
     /// A stored value that the domain refuses: a bug or a hand-edited row.

@@ -163,7 +163,7 @@ impl Store {
             .exec(&txn)
             .await?;
         if !keys.is_empty() {
-            super::budgets::drop_orphaned_accounts(&txn, tenant).await?;
+            super::budgets::accounts::drop_orphaned_accounts(&txn, tenant).await?;
         }
         let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
         let change = Change::new(AuditAction::WorkspaceDelete, id, Vec::new());

@@ -3,7 +3,10 @@
 //! back when idle, and never spent outside the window or epoch they were reserved for.
 use std::time::Duration;
 
+use uuid::Uuid;
+
 use super::{CREDITS_MAX, Cost, Fleet, Mono, Period, Reading};
+use crate::domain::TenantId;
 
 /// How long a lease should last at the observed rate: at most about five reservations per
 /// second for a busy budget on one replica.
@@ -20,16 +23,51 @@ pub const CREDIT_REFUSAL_TTL: Duration = Duration::from_millis(250);
 /// A budget holding nothing and unused this long can be dropped from memory.
 pub const RETIRE_AFTER: Duration = Duration::from_secs(60);
 
-/// What a key says about one of its budgets, as read with the key (cached or not).
+/// The two kinds of budget; [`as_str`](Self::as_str) is the `kind` label of the usage
+/// metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetKind {
+    Rate,
+    Credits,
+}
+
+impl BudgetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetKind::Rate => "rate",
+            BudgetKind::Credits => "credits",
+        }
+    }
+}
+
+/// What a key says about one of its budgets, as read with the key (cached or not): the one
+/// place that says which kind the budget is, with all that its state machine and its
+/// statements need, so that nothing of one kind can be paired with the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Terms {
-    Rate { limit: u64, period: Period },
+    Rate {
+        /// The tenant of the budget's window row.
+        tenant: TenantId,
+        limit: u64,
+        period: Period,
+    },
     Credits(CreditTerms),
+}
+
+impl Terms {
+    pub fn kind(&self) -> BudgetKind {
+        match self {
+            Terms::Rate { .. } => BudgetKind::Rate,
+            Terms::Credits(_) => BudgetKind::Credits,
+        }
+    }
 }
 
 /// A credit account as read with the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CreditTerms {
+    /// The account's id: the key's usage id.
+    pub account: Uuid,
     /// The stored balance when the key was read (for estimates only).
     pub balance: u64,
     /// Bumped by refills and by every credit write but adjustments: leases of an older
@@ -41,23 +79,30 @@ pub struct CreditTerms {
     pub next_refill_ms: Option<i64>,
 }
 
-/// What a lease's units belong to; they are spendable nowhere else.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tag {
-    /// A rate-limit window, by its start (database clock).
-    Window(i64),
-    /// A credit epoch.
-    Epoch(u64),
-}
+/// What a lease's units belong to; they are spendable nowhere else: a rate limit's window,
+/// by its start (database clock), or a credit account's epoch. Which of the two is the
+/// budget's kind, said by its [`Terms`] alone. Both only grow: a later window or epoch is
+/// a greater tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tag(i64);
 
 impl Tag {
-    /// Whether `self` comes strictly after `other` (a later window or epoch).
-    fn after(self, other: Tag) -> bool {
-        match (self, other) {
-            (Tag::Window(a), Tag::Window(b)) => a > b,
-            (Tag::Epoch(a), Tag::Epoch(b)) => a > b,
-            _ => false,
-        }
+    pub fn window(start_ms: i64) -> Self {
+        Self(start_ms)
+    }
+
+    pub fn epoch(epoch: u64) -> Self {
+        Self(i64::try_from(epoch).unwrap_or(i64::MAX))
+    }
+
+    /// A rate limit's tag, as the window's start.
+    pub fn window_start(self) -> i64 {
+        self.0
+    }
+
+    /// A credit account's tag, as its epoch.
+    pub fn epoch_number(self) -> u64 {
+        u64::try_from(self.0).unwrap_or(0)
     }
 }
 
@@ -118,7 +163,7 @@ impl RateRow {
         let taken = u64::try_from(self.taken).unwrap_or(0);
         let grant = Grant {
             units: u64::try_from(self.last_grant).unwrap_or(0),
-            tag: Tag::Window(self.window_start),
+            tag: Tag::window(self.window_start),
             end_ms: Some(self.window_start.saturating_add(period.as_millis())),
             remaining: limit.saturating_sub(taken),
             version: 0,
@@ -147,7 +192,7 @@ impl CreditRow {
     pub fn answer(&self, sent: Mono, received: Mono) -> Answer {
         let grant = Grant {
             units: u64::try_from(self.last_grant).unwrap_or(0),
-            tag: Tag::Epoch(u64::try_from(self.epoch).unwrap_or(0)),
+            tag: Tag::epoch(u64::try_from(self.epoch).unwrap_or(0)),
             end_ms: self.next_refill_ms,
             remaining: u64::try_from(self.balance).unwrap_or(0),
             version: u64::try_from(self.version).unwrap_or(0),
@@ -422,7 +467,7 @@ impl Budget {
                 lease.deadline = lease.deadline.max(deadline);
             }
             // A grant for a window or epoch this replica has already left.
-            Some(lease) if lease.tag.after(grant.tag) => self.lost += grant.units,
+            Some(lease) if lease.tag > grant.tag => self.lost += grant.units,
             _ => {
                 if let Some(old) = self.lease.take() {
                     self.lost += old.units;
@@ -452,7 +497,7 @@ impl Budget {
         self.in_flight = false;
         self.note(&answer);
         if let Some(lease) = self.lease
-            && answer.tag.after(lease.tag)
+            && answer.tag > lease.tag
         {
             self.lost += lease.units;
             self.lease = None;
@@ -468,10 +513,7 @@ impl Budget {
             ),
             Terms::Credits(t) => {
                 let ttl = now.after(CREDIT_REFUSAL_TTL);
-                let epoch = match answer.tag {
-                    Tag::Epoch(e) => e.max(t.epoch),
-                    Tag::Window(_) => t.epoch,
-                };
+                let epoch = answer.tag.epoch_number().max(t.epoch);
                 (
                     answer
                         .end_ms
@@ -561,9 +603,9 @@ impl Budget {
     pub fn estimate(&self, terms: &Terms, now: Mono, wall_ms: i64) -> Estimate {
         let live = self.lease.filter(|l| l.live(now));
         match *terms {
-            Terms::Rate { limit, period } => {
+            Terms::Rate { limit, period, .. } => {
                 let window = period.window(self.db_now(now, wall_ms));
-                let tag = Tag::Window(window.start_ms);
+                let tag = Tag::window(window.start_ms);
                 let held = live.filter(|l| l.tag == tag).map_or(0, |l| l.units);
                 let remaining = self
                     .seen
@@ -575,7 +617,7 @@ impl Budget {
                 }
             }
             Terms::Credits(t) => {
-                let current = |tag: Tag| matches!(tag, Tag::Epoch(e) if e >= t.epoch);
+                let current = |tag: Tag| tag >= Tag::epoch(t.epoch);
                 let held = live.filter(|l| current(l.tag)).map_or(0, |l| l.units);
                 let (base, reset_ms) = match self.seen {
                     Some(s) if current(s.tag) && s.version >= t.version => (s.remaining, s.end_ms),
@@ -628,7 +670,7 @@ impl Budget {
         {
             self.reading = Some(answer.reading);
         }
-        if self.seen.is_none_or(|s| !s.tag.after(answer.tag)) {
+        if self.seen.is_none_or(|s| s.tag <= answer.tag) {
             self.seen = Some(Seen {
                 tag: answer.tag,
                 remaining: answer.remaining,
@@ -642,9 +684,9 @@ impl Budget {
     /// ended, or the key's epoch moved past it) and a refusal that no longer stands.
     fn forget_stale(&mut self, terms: &Terms, now: Mono) {
         if let Some(lease) = self.lease {
-            let void = match (*terms, lease.tag) {
-                (Terms::Credits(t), Tag::Epoch(e)) => e < t.epoch,
-                _ => false,
+            let void = match *terms {
+                Terms::Credits(t) => lease.tag < Tag::epoch(t.epoch),
+                Terms::Rate { .. } => false,
             };
             if void || !lease.live(now) {
                 self.lost += lease.units;
@@ -692,7 +734,7 @@ impl Budget {
         let rate = self.spend_rate.per_sec;
         let mut extra = units_for(rate, HORIZON);
         match *terms {
-            Terms::Rate { limit, period } => {
+            Terms::Rate { limit, period, .. } => {
                 if let Some(reading) = self.reading {
                     let db_now = reading.db_ceil(now);
                     let left = period.window(db_now).end_ms.saturating_sub(db_now);
@@ -714,6 +756,7 @@ mod tests {
 
     fn credits(balance: u64, epoch: u64, version: u64) -> Terms {
         Terms::Credits(CreditTerms {
+            account: Uuid::nil(),
             balance,
             epoch,
             version,
@@ -736,7 +779,7 @@ mod tests {
         let start = T0_MS + 10_000 * window;
         Grant {
             units,
-            tag: Tag::Window(start),
+            tag: Tag::window(start),
             end_ms: Some(start + 10_000),
             remaining,
             version: 0,
@@ -747,7 +790,7 @@ mod tests {
     fn credit_grant(units: u64, remaining: u64, epoch: u64, version: u64, at: Mono) -> Grant {
         Grant {
             units,
-            tag: Tag::Epoch(epoch),
+            tag: Tag::epoch(epoch),
             end_ms: None,
             remaining,
             version,
@@ -1112,7 +1155,7 @@ mod tests {
             surplus,
             GiveBack {
                 units: 5,
-                tag: Tag::Window(T0_MS)
+                tag: Tag::window(T0_MS)
             }
         );
         assert_eq!(b.give_back(at_ms(3), fleet, false), None);
@@ -1132,7 +1175,7 @@ mod tests {
             c.give_back(at_ms(3), fleet, true),
             Some(GiveBack {
                 units: 7,
-                tag: Tag::Epoch(1)
+                tag: Tag::epoch(1)
             })
         );
         // Nothing is left to spend or to give twice.
@@ -1282,7 +1325,7 @@ mod tests {
         };
         assert_eq!(
             (g.units, g.remaining, g.tag, g.end_ms),
-            (10, 60, Tag::Window(T0_MS), Some(T0_MS + 10_000))
+            (10, 60, Tag::window(T0_MS), Some(T0_MS + 10_000))
         );
         assert_eq!(
             g.reading,
@@ -1330,7 +1373,7 @@ mod tests {
         };
         assert_eq!(
             (g.units, g.remaining, g.tag, g.version, g.end_ms),
-            (3, 7, Tag::Epoch(4), 9, Some(T0_MS + 60_000))
+            (3, 7, Tag::epoch(4), 9, Some(T0_MS + 60_000))
         );
         assert!(matches!(
             CreditRow {
@@ -1370,6 +1413,7 @@ mod tests {
 
         let mut c = Budget::new();
         let terms = Terms::Credits(CreditTerms {
+            account: Uuid::nil(),
             balance: 50,
             epoch: 1,
             version: 1,
@@ -1390,6 +1434,7 @@ mod tests {
         assert_eq!(c.estimate(&terms, at_ms(1), 0).remaining, 47);
         // The key was re-read after an adjustment: its balance is newer than this replica's.
         let adjusted = Terms::Credits(CreditTerms {
+            account: Uuid::nil(),
             balance: 140,
             epoch: 1,
             version: 2,

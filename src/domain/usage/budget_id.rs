@@ -5,7 +5,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{CreditTerms, Period, RateLimitName, RateLimits, Refill, Terms};
+use super::{CreditTerms, Period, RateLimitName, RateLimits, Refill};
 use crate::domain::TenantId;
 
 /// The credit account and key-budget subject of a key: its own id, or — for a key issued
@@ -126,14 +126,16 @@ pub struct Credits {
 }
 
 impl Credits {
-    /// What verification passes to the account's [`Budget`](super::Budget).
-    pub fn terms(&self) -> Terms {
-        Terms::Credits(CreditTerms {
+    /// What verification passes to the [`Budget`](super::Budget) of the account, whose id
+    /// is the key's usage id.
+    pub fn terms(&self, account: Uuid) -> CreditTerms {
+        CreditTerms {
+            account,
             balance: self.balance,
             epoch: self.epoch,
             version: self.version,
             next_refill_ms: self.next_refill_ms,
-        })
+        }
     }
 
     /// Whether a refill fell due by `now_ms` that no reservation has applied yet (they are

@@ -1,5 +1,8 @@
 //! What the tests of the usage files share.
+use uuid::Uuid;
+
 use super::{Cost, Mono, Period, Terms};
+use crate::domain::TenantId;
 
 /// A database-clock origin on a 10-second boundary (and a minute's).
 pub(super) const T0_MS: i64 = 1_800_000_000_000;
@@ -14,6 +17,7 @@ pub(super) fn period(ms: i64) -> Period {
 
 pub(super) fn rate(limit: u64, period_ms: i64) -> Terms {
     Terms::Rate {
+        tenant: TenantId::new(Uuid::nil()),
         limit,
         period: period(period_ms),
     }

@@ -28,8 +28,9 @@ mod settings;
 mod sim;
 
 pub use budget::{
-    Answer, Ask, Budget, CREDIT_REFUSAL_TTL, CreditRow, CreditTerms, Estimate, GiveBack, Grant,
-    HORIZON, Hold, IDLE, PREFETCH_BELOW, RETIRE_AFTER, RateRow, Refused, Step, Tag, Terms,
+    Answer, Ask, Budget, BudgetKind, CREDIT_REFUSAL_TTL, CreditRow, CreditTerms, Estimate,
+    GiveBack, Grant, HORIZON, Hold, IDLE, PREFETCH_BELOW, RETIRE_AFTER, RateRow, Refused, Step,
+    Tag, Terms,
 };
 pub use budget_id::{BudgetId, Budgets, Credits, Subject, usage_id};
 pub use clock::{Mono, Reading};

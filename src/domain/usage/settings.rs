@@ -226,9 +226,11 @@ impl RateLimit {
         self.shared_by_owner
     }
 
-    /// What a verification passes to this limit's [`Budget`](super::Budget).
-    pub fn terms(&self) -> Terms {
+    /// What a verification of a key of `tenant` passes to this limit's
+    /// [`Budget`](super::Budget).
+    pub fn terms(&self, tenant: TenantId) -> Terms {
         Terms::Rate {
+            tenant,
             limit: self.limit,
             period: self.period,
         }

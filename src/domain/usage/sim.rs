@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use uuid::Uuid;
+
 use super::fixtures::{T0_MS, cost, period, rate};
 use super::*;
+use crate::domain::TenantId;
 
 /// A database that runs the take and give-back statements of the design, exactly.
 struct FakeDb {
@@ -83,17 +86,17 @@ impl FakeDb {
         })
     }
 
-    fn give_back(&mut self, budget: usize, back: GiveBack) {
-        match back.tag {
-            Tag::Window(start) => {
+    fn give_back(&mut self, budget: usize, terms: &Terms, back: GiveBack) {
+        match terms {
+            Terms::Rate { .. } => {
                 if let Some((s, taken)) = self.windows.get_mut(&budget)
-                    && *s == start
+                    && *s == back.tag.window_start()
                 {
                     *taken -= back.units;
                 }
             }
-            Tag::Epoch(e) => {
-                if e == self.epoch
+            Terms::Credits(_) => {
+                if back.tag.epoch_number() == self.epoch
                     && let Some(b) = self.balance.as_mut()
                 {
                     *b = (*b + back.units).min(CREDITS_MAX);
@@ -104,6 +107,7 @@ impl FakeDb {
 
     fn credit_terms(&self) -> Terms {
         Terms::Credits(CreditTerms {
+            account: Uuid::nil(),
             balance: self.balance.unwrap_or(0),
             epoch: self.epoch,
             version: self.version,
@@ -214,25 +218,21 @@ impl Sim {
         self.statements += 1;
         self.advance(self.rtt_us / 2);
         let ran_ms = self.db.now_ms;
+        // The statement runs at the round trip's middle, its answer is read at the end.
+        let rtt_rest = self.rtt_us - self.rtt_us / 2;
         let answer = match *terms {
-            Terms::Rate { limit, period } => Some(self.db.take_rate(i, limit, period, ask)),
-            Terms::Credits(_) => None,
-        };
-        let credit = match *terms {
-            Terms::Credits(_) => self.db.take_credits(ask, self.fleet.credit_spread()),
-            Terms::Rate { .. } => None,
-        };
-        self.advance(self.rtt_us - self.rtt_us / 2);
-        let received = self.mono(r);
-        let answer = match (answer, terms) {
-            (Some(row), Terms::Rate { limit, period }) => {
-                row.answer(*limit, *period, sent, received)
+            Terms::Rate { limit, period, .. } => {
+                let row = self.db.take_rate(i, limit, period, ask);
+                self.advance(rtt_rest);
+                row.answer(limit, period, sent, self.mono(r))
             }
-            _ => match credit {
-                Some(row) => row.answer(sent, received),
-                None => Answer::Again,
-            },
+            Terms::Credits(_) => {
+                let row = self.db.take_credits(ask, self.fleet.credit_spread());
+                self.advance(rtt_rest);
+                row.map_or(Answer::Again, |row| row.answer(sent, self.mono(r)))
+            }
         };
+        let received = self.mono(r);
         let budget = &mut self.replicas[r].budgets[i];
         match answer {
             Answer::Granted(g) => budget.granted(g, received),
@@ -275,7 +275,7 @@ impl Sim {
                             if let Some(back) =
                                 self.replicas[r].budgets[j].give_back(now, self.fleet, false)
                             {
-                                self.db.give_back(j, back);
+                                self.db.give_back(j, &terms[j], back);
                             }
                         }
                         return Some(Verdict::Refused(i));
@@ -326,7 +326,7 @@ impl Sim {
                 }
                 let now = self.mono(r);
                 if let Some(back) = self.replicas[r].budgets[i].give_back(now, self.fleet, false) {
-                    self.db.give_back(i, back);
+                    self.db.give_back(i, term, back);
                 }
             }
         }
@@ -530,7 +530,11 @@ fn rate_limit_run(
     while sim.t_us < 35_000_000 {
         n += 1;
         let r = sim.pick(&mut rng);
-        let mut terms = vec![Terms::Rate { limit, period: p }];
+        let mut terms = vec![Terms::Rate {
+            tenant: TenantId::new(Uuid::nil()),
+            limit,
+            period: p,
+        }];
         if balance.is_some() {
             terms.push(sim.db.credit_terms());
         }
