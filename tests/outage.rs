@@ -53,7 +53,10 @@ async fn proxied_replica(db: TestDb, stale_if_error: Duration) -> (TestApp, Cutt
     (app, proxy)
 }
 
-const WRITE_SERVICE: &str = "keyplane.v1.ApiKeyService";
+/// Waits until a write service's health (which follows the database) is `wanted`.
+async fn wait_for_writes(app: &TestApp, wanted: ServingStatus, within: Duration) {
+    wait_for_service_health(app, "keyplane.v1.ApiKeyService", wanted, within).await;
+}
 const ENVOY_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
 /// Polls until a verification of `key` is a normal (not stale) answer with `code`; returns
@@ -127,13 +130,7 @@ fn cached_keys_answer_stale_through_a_database_outage() {
 
         proxy.stop().await;
         let stopped = Instant::now();
-        wait_for_service_health(
-            &app,
-            WRITE_SERVICE,
-            ServingStatus::NotServing,
-            Duration::from_secs(5),
-        )
-        .await;
+        wait_for_writes(&app, ServingStatus::NotServing, Duration::from_secs(5)).await;
         assert_eq!(
             health(&app, "").await,
             ServingStatus::Serving,
@@ -253,13 +250,7 @@ fn cached_keys_answer_stale_through_a_database_outage() {
         let back = wait_for_fresh(&app, &hot, pb::VerifyCode::Valid, Duration::from_secs(5)).await;
         eprintln!("normal answers {back:?} after the database came back");
         assert!(back < Duration::from_secs(1), "{back:?}");
-        wait_for_service_health(
-            &app,
-            WRITE_SERVICE,
-            ServingStatus::Serving,
-            Duration::from_secs(2),
-        )
-        .await;
+        wait_for_writes(&app, ServingStatus::Serving, Duration::from_secs(2)).await;
         app.create_workspace("after").await;
     });
 }
@@ -427,13 +418,7 @@ fn a_multi_host_url_moves_to_the_next_host_that_takes_writes() {
         eprintln!("writes went to the next host {moved:?} after the first was lost");
         assert!(moved < Duration::from_secs(3), "{moved:?}");
         // A revocation through another replica is refused here within the usual second.
-        wait_for_service_health(
-            &app,
-            WRITE_SERVICE,
-            ServingStatus::Serving,
-            Duration::from_secs(2),
-        )
-        .await;
+        wait_for_writes(&app, ServingStatus::Serving, Duration::from_secs(2)).await;
         let other = spawn_with(app.db.shared(), test_settings(&app.db.url)).await;
         let ws = app.create_workspace("keys").await;
         let (key, secret) = app.create_key(&ws.id, &[]).await;
