@@ -24,9 +24,11 @@ export KEYPLANE_TEST_POSTGRES_URL=$PG/postgres KEYPLANE_TEST_PGAF=1
 "$ROOT/bench/pgaf.sh" install >&2
 
 run() {
-  # The tests print their figures on stderr (with --nocapture), one line each.
+  # The tests print their figures on stderr (with --nocapture), one line each; -q's
+  # progress dots may lead a line.
   cargo test -q --release --test "$1" -- --nocapture --test-threads 1 "${@:2}" 2>&1 |
-    tee /dev/stderr | grep -E '^(FAILOVER|outage of|normal answers|UNAVAILABLE|the .* replica|writes went)' || true
+    tee /dev/stderr | sed 's/^\.*//' |
+    grep -E '^(FAILOVER|outage of|normal answers|UNAVAILABLE|the .*replica|writes went)' || true
 }
 
 failover=$(run failover)
