@@ -69,11 +69,6 @@ impl DatabaseUrl {
             })?;
         PostgresUrl::parse(rest).map(Self::Postgres)
     }
-
-    /// Whether this is a PostgreSQL URL.
-    pub fn is_postgres(&self) -> bool {
-        matches!(self, Self::Postgres(_))
-    }
 }
 
 impl PostgresUrl {
