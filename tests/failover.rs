@@ -124,6 +124,7 @@ async fn start_replica(url: &str, migrate: bool) -> Replica {
     ])
     .args(["--health-interval", "200ms"])
     .env("KEYPLANE_JWT_SECRET", JWT_SECRET)
+    .env("PGUSER", "postgres")
     .env("RUST_LOG", "info")
     .stdout(Stdio::null())
     .stderr(log);
@@ -389,7 +390,9 @@ fn keyplane_rides_through_a_planned_and_an_unplanned_postgres_failover() {
     }
     pgaf("install");
     let _formation = Formation;
-    let uri = pgaf("up");
+    // bench/pgaf.sh names the user for libpq clients; keyplane gets the URL exactly as
+    // `pg_autoctl show uri` prints it, the user coming from PGUSER, as libpq's would.
+    let uri = pgaf("up").replacen("postgres://postgres@", "postgres://", 1);
     eprintln!("formation up: {uri}");
     run_test(async move {
         let first = start_replica(&uri, true).await;
