@@ -388,7 +388,6 @@ fn keyplane_rides_through_a_planned_and_an_unplanned_postgres_failover() {
     if !runnable() {
         return;
     }
-    pgaf("install");
     let _formation = Formation;
     // bench/pgaf.sh names the user for libpq clients; keyplane gets the URL exactly as
     // `pg_autoctl show uri` prints it, the user coming from PGUSER, as libpq's would.
