@@ -173,11 +173,6 @@ impl KeyVerifier {
         Ok((frozen, true))
     }
 
-    /// What this replica does about a database that does not answer.
-    pub fn outage(&self) -> &Arc<Outage> {
-        &self.outage
-    }
-
     /// The credits of this key's account that this replica holds and may still spend.
     pub fn held_credits(&self, key: &ApiKey) -> u64 {
         self.meter.held_credits(key)

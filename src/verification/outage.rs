@@ -159,12 +159,25 @@ impl Outage {
         }
     }
 
-    /// Ends a stale period, if one is running, with its log line.
-    pub fn end_stale_period(&self) {
-        if self.serving_stale.load(Ordering::Acquire)
-            && self.serving_stale.swap(false, Ordering::AcqRel)
-        {
-            let answers = self.stale_in_period.swap(0, Ordering::AcqRel);
+    /// Ends a stale period whose window has run out, with its log line: from now on the
+    /// cached keys are UNAVAILABLE too, until the database answers.
+    pub fn end_stale_period_if_over(&self) {
+        if self.window_open() {
+            return;
+        }
+        if let Some(answers) = self.close_stale_period() {
+            tracing::warn!(
+                stale_answers = answers,
+                bound = ?self.bound,
+                "the stale window is over: verifications are UNAVAILABLE until the database answers"
+            );
+        }
+    }
+
+    /// Ends the database's absence for verifications: the stale period, if one is
+    /// running, with its log line.
+    fn end_stale_period(&self) {
+        if let Some(answers) = self.close_stale_period() {
             tracing::info!(
                 stale_answers = answers,
                 "the database answers again: no more stale answers"
@@ -172,20 +185,11 @@ impl Outage {
         }
     }
 
-    /// Ends a stale period whose window has run out, with its log line: from now on the
-    /// cached keys are UNAVAILABLE too, until the database answers.
-    pub fn end_stale_period_if_over(&self) {
-        if self.serving_stale.load(Ordering::Acquire)
-            && !self.window_open()
-            && self.serving_stale.swap(false, Ordering::AcqRel)
-        {
-            let answers = self.stale_in_period.swap(0, Ordering::AcqRel);
-            tracing::warn!(
-                stale_answers = answers,
-                bound = ?self.bound,
-                "the stale window is over: verifications are UNAVAILABLE until the database answers"
-            );
-        }
+    /// Closes the stale period if one is running (one caller wins); its answer count.
+    fn close_stale_period(&self) -> Option<u64> {
+        (self.serving_stale.load(Ordering::Acquire)
+            && self.serving_stale.swap(false, Ordering::AcqRel))
+        .then(|| self.stale_in_period.swap(0, Ordering::AcqRel))
     }
 
     /// Whether this replica can answer verifications: the database answers, or the stale
