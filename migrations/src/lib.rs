@@ -7,6 +7,7 @@ mod m20261123_000001_init;
 mod m20261125_000002_audit_log;
 mod m20261125_000003_api_keys_fillfactor;
 mod m20261125_000004_usage_controls;
+mod m20261205_000005_authorization;
 
 /// Runs all keyplane schema migrations in order.
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_audit_log::Migration),
             Box::new(m20261125_000003_api_keys_fillfactor::Migration),
             Box::new(m20261125_000004_usage_controls::Migration),
+            Box::new(m20261205_000005_authorization::Migration),
         ]
     }
 }

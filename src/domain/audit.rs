@@ -83,6 +83,7 @@ pub enum ResourceType {
     Workspace,
     Scope,
     ApiKey,
+    Role,
 }
 
 impl ResourceType {
@@ -91,6 +92,7 @@ impl ResourceType {
             ResourceType::Workspace => "workspace",
             ResourceType::Scope => "scope",
             ResourceType::ApiKey => "api_key",
+            ResourceType::Role => "role",
         }
     }
 }
@@ -110,10 +112,14 @@ pub enum AuditAction {
     ApiKeyRotate,
     ApiKeyDelete,
     ApiKeyAdjustCredits,
+    ApiKeyDelegate,
+    RoleCreate,
+    RoleUpdate,
+    RoleDelete,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 12] = [
+    pub const ALL: [AuditAction; 16] = [
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
         AuditAction::WorkspaceDelete,
@@ -126,6 +132,10 @@ impl AuditAction {
         AuditAction::ApiKeyRotate,
         AuditAction::ApiKeyDelete,
         AuditAction::ApiKeyAdjustCredits,
+        AuditAction::ApiKeyDelegate,
+        AuditAction::RoleCreate,
+        AuditAction::RoleUpdate,
+        AuditAction::RoleDelete,
     ];
 
     /// The stored name; part of the canonical bytes, so never change one.
@@ -143,6 +153,10 @@ impl AuditAction {
             AuditAction::ApiKeyRotate => "api_key.rotate",
             AuditAction::ApiKeyDelete => "api_key.delete",
             AuditAction::ApiKeyAdjustCredits => "api_key.adjust_credits",
+            AuditAction::ApiKeyDelegate => "api_key.delegate",
+            AuditAction::RoleCreate => "role.create",
+            AuditAction::RoleUpdate => "role.update",
+            AuditAction::RoleDelete => "role.delete",
         }
     }
 
@@ -156,7 +170,8 @@ impl AuditAction {
             WorkspaceCreate | WorkspaceUpdate | WorkspaceDelete => ResourceType::Workspace,
             ScopeCreate | ScopeUpdate | ScopeDelete => ResourceType::Scope,
             ApiKeyCreate | ApiKeyUpdate | ApiKeyRevoke | ApiKeyRotate | ApiKeyDelete
-            | ApiKeyAdjustCredits => ResourceType::ApiKey,
+            | ApiKeyAdjustCredits | ApiKeyDelegate => ResourceType::ApiKey,
+            RoleCreate | RoleUpdate | RoleDelete => ResourceType::Role,
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod key;
 pub mod page;
 pub mod records;
+pub mod role;
 pub mod rules;
 pub mod scope;
 pub mod update;

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::TenantId;
 use super::key::{KeyDigest, KeyPrefix, masked_key};
+use super::role::RoleName;
 use super::rules::{GracePeriod, Retirement, RuleViolation};
 use super::scope::{self, BuiltinScope, ScopeString};
 use super::update::{Patch, Revisioned, named, set};
@@ -269,6 +270,15 @@ pub struct ApiKey {
     /// The budgets the key draws from; [`ApiKey::bind_budgets`] keeps them in step with
     /// the fields they derive from.
     pub budgets: Budgets,
+    /// Names of the roles the key holds, sorted.
+    pub roles: Vec<String>,
+    /// The key that minted this one through delegation (after its rotation, the
+    /// successor).
+    pub parent_id: Option<Uuid>,
+    /// 0 for a key not minted by delegation; otherwise 1 + its parent's.
+    pub delegation_depth: u8,
+    /// The ids of its ancestors, root first; empty for a key not minted by delegation.
+    pub ancestry: Vec<Uuid>,
 }
 
 /// The outcome of checking a key, in the order the checks run.
@@ -392,6 +402,7 @@ pub struct NewApiKey {
     /// `None`: the workspace's default prefix.
     pub prefix: Option<KeyPrefix>,
     pub scopes: Vec<ScopeString>,
+    pub roles: Vec<RoleName>,
     pub owner_id: Option<String>,
     pub metadata: StringMap,
     pub expire_time: Option<DateTime<Utc>>,
@@ -410,6 +421,7 @@ impl NewApiKey {
             ("name", !self.name.is_empty()),
             ("prefix", true),
             ("scopes", !self.scopes.is_empty()),
+            ("roles", !self.roles.is_empty()),
             ("owner_id", self.owner_id.is_some()),
             ("metadata", !self.metadata.is_empty()),
             ("expire_time", self.expire_time.is_some()),
@@ -424,6 +436,8 @@ impl NewApiKey {
 pub struct ApiKeyPatch {
     pub name: Option<String>,
     pub scopes: Option<Vec<ScopeString>>,
+    /// Written to the key's role rows by storage (which resolves the names).
+    pub roles: Option<Vec<RoleName>>,
     pub owner_id: Option<Option<String>>,
     pub metadata: Option<StringMap>,
     pub expire_time: Option<Option<DateTime<Utc>>>,
@@ -444,6 +458,11 @@ impl Patch for ApiKeyPatch {
         if let Some(scopes) = &self.scopes {
             k.scopes = scopes.iter().map(ToString::to_string).collect();
             k.scopes.sort();
+        }
+        if let Some(roles) = &self.roles {
+            k.roles = roles.iter().map(|r| r.as_str().to_owned()).collect();
+            k.roles.sort();
+            k.roles.dedup();
         }
         set(&mut k.owner_id, &self.owner_id);
         set(&mut k.metadata, &self.metadata);
@@ -470,6 +489,7 @@ impl Patch for ApiKeyPatch {
         named([
             ("name", self.name.is_some()),
             ("scopes", self.scopes.is_some()),
+            ("roles", self.roles.is_some()),
             ("owner_id", self.owner_id.is_some()),
             ("metadata", self.metadata.is_some()),
             ("expire_time", self.expire_time.is_some()),
@@ -538,6 +558,10 @@ impl ApiKey {
                 None,
                 &RateLimits::default(),
             ),
+            roles: Vec::new(),
+            parent_id: None,
+            delegation_depth: 0,
+            ancestry: Vec::new(),
         };
         key.bind_budgets();
         key

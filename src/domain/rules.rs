@@ -28,6 +28,14 @@ pub enum RuleViolation {
     Invalid(ValidationError),
     #[error("the key has no remaining_uses to adjust: its credits are unlimited")]
     CreditsUnlimited,
+    #[error("{0} keys hold this role; take it from them or set force")]
+    RoleInUse(u64),
+    /// A delegation asked for more than its parent has.
+    #[error("{field}: {why}")]
+    DelegationExceedsParent { field: &'static str, why: String },
+    /// Only a key can delegate, and only what it holds itself.
+    #[error("DelegateApiKey is called with the parent key itself as the credential (x-api-key)")]
+    DelegationNeedsKey,
 }
 
 /// How long a rotated key keeps working: 0 (revoked at once) up to [`GracePeriod::MAX`].

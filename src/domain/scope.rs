@@ -136,11 +136,14 @@ pub enum BuiltinScope {
     ApiKeysWrite,
     ApiKeysVerify,
     AuditRead,
+    ApiKeysDelegate,
+    RolesRead,
+    RolesWrite,
 }
 
 impl BuiltinScope {
     /// Their order fixes their ids ([`BuiltinScope::id`]): add new ones at the end.
-    pub const ALL: [BuiltinScope; 8] = [
+    pub const ALL: [BuiltinScope; 11] = [
         BuiltinScope::WorkspacesRead,
         BuiltinScope::WorkspacesWrite,
         BuiltinScope::ScopesRead,
@@ -149,6 +152,9 @@ impl BuiltinScope {
         BuiltinScope::ApiKeysWrite,
         BuiltinScope::ApiKeysVerify,
         BuiltinScope::AuditRead,
+        BuiltinScope::ApiKeysDelegate,
+        BuiltinScope::RolesRead,
+        BuiltinScope::RolesWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -161,6 +167,9 @@ impl BuiltinScope {
             BuiltinScope::ApiKeysWrite => "keyplane.api_keys:write",
             BuiltinScope::ApiKeysVerify => "keyplane.api_keys:verify",
             BuiltinScope::AuditRead => "keyplane.audit:read",
+            BuiltinScope::ApiKeysDelegate => "keyplane.api_keys:delegate",
+            BuiltinScope::RolesRead => "keyplane.roles:read",
+            BuiltinScope::RolesWrite => "keyplane.roles:write",
         }
     }
 
@@ -207,6 +216,11 @@ impl BuiltinScope {
             BuiltinScope::ApiKeysWrite => "Create, change, rotate, revoke and delete API keys",
             BuiltinScope::ApiKeysVerify => "Verify API keys",
             BuiltinScope::AuditRead => "Read the audit log",
+            BuiltinScope::ApiKeysDelegate => {
+                "Mint narrower child keys of the calling key (DelegateApiKey)"
+            }
+            BuiltinScope::RolesRead => "Read roles",
+            BuiltinScope::RolesWrite => "Create, change and delete roles",
         }
     }
 }

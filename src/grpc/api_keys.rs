@@ -38,6 +38,7 @@ pub fn parse_create(
         parsed
     };
     let scopes = v.scopes("scopes", &r.scopes);
+    let roles = v.roles("roles", &r.roles);
     let owner_id = owner(&mut v, "owner_id", &r.owner_id);
     let metadata = convert::sorted(r.metadata);
     validate::metadata(&mut v, "metadata", &metadata);
@@ -61,6 +62,7 @@ pub fn parse_create(
         name,
         prefix,
         scopes,
+        roles,
         owner_id,
         metadata,
         expire_time,
@@ -76,6 +78,7 @@ impl Patchable for pb::ApiKey {
     const MUTABLE: &'static [&'static str] = &[
         "name",
         "scopes",
+        "roles",
         "owner_id",
         "metadata",
         "expire_time",
@@ -96,6 +99,8 @@ impl Patchable for pb::ApiKey {
         "update_time",
         "etag",
         "successor_id",
+        "parent_id",
+        "delegation_depth",
     ];
 
     fn id(&self) -> &str {
@@ -106,6 +111,7 @@ impl Patchable for pb::ApiKey {
         match path {
             "name" => !self.name.is_empty(),
             "scopes" => !self.scopes.is_empty(),
+            "roles" => !self.roles.is_empty(),
             "owner_id" => !self.owner_id.is_empty(),
             "metadata" => !self.metadata.is_empty(),
             "expire_time" => self.expire_time.is_some(),
@@ -121,6 +127,7 @@ impl Patchable for pb::ApiKey {
         match path {
             "name" => patch.name = Some(v.max_len("api_key.name", self.name.trim(), NAME_MAX)),
             "scopes" => patch.scopes = Some(v.scopes("api_key.scopes", &self.scopes)),
+            "roles" => patch.roles = Some(v.roles("api_key.roles", &self.roles)),
             "owner_id" => patch.owner_id = Some(owner(v, "api_key.owner_id", &self.owner_id)),
             "metadata" => {
                 let metadata = convert::sorted(self.metadata.clone());
@@ -356,6 +363,13 @@ impl ApiKeyService for KeyplaneApi {
         }))
     }
 
+    async fn delegate_api_key(
+        &self,
+        _request: Request<pb::DelegateApiKeyRequest>,
+    ) -> Result<Response<pb::DelegateApiKeyResponse>, Status> {
+        Err(Status::unimplemented("DelegateApiKey is not built yet"))
+    }
+
     async fn verify_api_key(
         &self,
         request: Request<pb::VerifyApiKeyRequest>,
@@ -403,6 +417,8 @@ impl ApiKeyService for KeyplaneApi {
                 .and_then(|u| u.credits)
                 .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)),
             stale: outcome.stale,
+            effective_scopes: Vec::new(),
+            delegation_chain: Vec::new(),
         }))
     }
 }

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::domain::page::{Cursor, ListFingerprint, PageSize, PageTokenCodec};
 use crate::domain::parse_uuid;
 use crate::domain::records::{self, ApiKey, Scope, VerifyCode, Workspace};
+use crate::domain::role::RoleName;
 use crate::domain::scope::ScopeString;
 use crate::domain::update::Update;
 use crate::domain::usage::{self, RateLimitInput, RateLimits, Refill};
@@ -178,6 +179,9 @@ impl From<&ApiKey> for pb::ApiKey {
             update_time: Some(timestamp(k.update_time)),
             etag: records::etag(k.revision),
             successor_id: k.successor_id.map(|id| id.to_string()).unwrap_or_default(),
+            roles: k.roles.clone(),
+            parent_id: k.parent_id.map(|id| id.to_string()).unwrap_or_default(),
+            delegation_depth: k.delegation_depth.into(),
             rate_limits: rate_limits(&k.rate_limits),
             // The balance no replica has reserved, counting a refill that fell due.
             remaining_uses: k.credits.map(|c| {
@@ -221,6 +225,8 @@ pub trait RequestCheck {
     fn optional_id(&mut self, field: &str, text: &str) -> Option<Uuid>;
     /// A list of scope strings, at most [`SCOPES_MAX`].
     fn scopes(&mut self, field: &str, list: &[String]) -> Vec<ScopeString>;
+    /// A list of role names, at most [`SCOPES_MAX`], without repeats.
+    fn roles(&mut self, field: &str, list: &[String]) -> Vec<RoleName>;
     /// A future expiry.
     fn future_time(
         &mut self,
@@ -261,6 +267,25 @@ impl RequestCheck for Validator {
                 Ok(parsed) if !out.contains(&parsed) => out.push(parsed),
                 Ok(_) => {}
                 Err(e) => self.add(field, format!("{}: {e}", truncate(s))),
+            }
+        }
+        out
+    }
+
+    fn roles(&mut self, field: &str, list: &[String]) -> Vec<RoleName> {
+        if list.len() > SCOPES_MAX {
+            self.add(field, format!("at most {SCOPES_MAX} roles"));
+            return Vec::new();
+        }
+        let mut out: Vec<RoleName> = Vec::with_capacity(list.len());
+        for name in list {
+            match RoleName::parse(name) {
+                Some(parsed) if !out.contains(&parsed) => out.push(parsed),
+                Some(_) => {}
+                None => self.add(
+                    field,
+                    format!("{}: must match [a-z0-9_.-]{{1,64}}", truncate(name)),
+                ),
             }
         }
         out

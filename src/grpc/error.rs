@@ -220,6 +220,21 @@ impl From<RuleViolation> for Status {
                 "SCOPE_IN_USE",
                 meta([("key_count", n.to_string())]),
             ),
+            RuleViolation::RoleInUse(n) => (
+                Code::FailedPrecondition,
+                "ROLE_IN_USE",
+                meta([("key_count", n.to_string())]),
+            ),
+            RuleViolation::DelegationExceedsParent { field, .. } => (
+                Code::PermissionDenied,
+                "DELEGATION_EXCEEDS_PARENT",
+                meta([("field", field.to_owned())]),
+            ),
+            RuleViolation::DelegationNeedsKey => (
+                Code::PermissionDenied,
+                "DELEGATION_NEEDS_API_KEY",
+                meta([]),
+            ),
             RuleViolation::BuiltinReadOnly => {
                 (Code::PermissionDenied, "BUILTIN_SCOPE_READ_ONLY", meta([]))
             }

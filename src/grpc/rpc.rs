@@ -27,7 +27,9 @@ impl Rpc {
     pub fn mutates(&self) -> bool {
         matches!(
             self.access,
-            Access::Scope(WorkspacesWrite | ScopesWrite | ApiKeysWrite)
+            Access::Scope(
+                WorkspacesWrite | ScopesWrite | ApiKeysWrite | ApiKeysDelegate | RolesWrite
+            )
         )
     }
 }
@@ -87,6 +89,16 @@ pub const RPCS: &[Rpc] = &[
         "/keyplane.v1.ApiKeyService/AdjustApiKeyCredits",
         ApiKeysWrite,
     ),
+    // The credential is the parent key itself (the handler refuses any other kind).
+    needs(
+        "/keyplane.v1.ApiKeyService/DelegateApiKey",
+        ApiKeysDelegate,
+    ),
+    needs("/keyplane.v1.RoleService/CreateRole", RolesWrite),
+    needs("/keyplane.v1.RoleService/GetRole", RolesRead),
+    needs("/keyplane.v1.RoleService/ListRoles", RolesRead),
+    needs("/keyplane.v1.RoleService/UpdateRole", RolesWrite),
+    needs("/keyplane.v1.RoleService/DeleteRole", RolesWrite),
     needs("/keyplane.v1.AuditService/ListAuditEvents", AuditRead),
     // Envoy's external authorization: a verification asked by the proxy.
     needs("/envoy.service.auth.v3.Authorization/Check", ApiKeysVerify),

@@ -73,6 +73,11 @@ fn from_model(
         revision: m.revision,
         create_time: m.create_time,
         update_time: m.update_time,
+        roles: list_from_json(m.id, "roles", m.roles)?,
+        parent_id: m.parent_id,
+        delegation_depth: u8::try_from(m.delegation_depth)
+            .map_err(|_| StoreError::Corrupt(format!("key {} delegation depth", m.id)))?,
+        ancestry: list_from_json(m.id, "ancestry", m.ancestry)?,
     };
     key.bind_budgets();
     Ok(key)
@@ -202,6 +207,15 @@ async fn insert_grants(
     Ok(())
 }
 
+/// A JSON array column of the key's row (its role names, its ancestors' ids).
+fn list_from_json<T: serde::de::DeserializeOwned>(
+    id: Uuid,
+    column: &str,
+    value: serde_json::Value,
+) -> Result<Vec<T>, StoreError> {
+    serde_json::from_value(value).map_err(|e| StoreError::Corrupt(format!("key {id} {column}: {e}")))
+}
+
 fn digest_of(id: Uuid, bytes: Vec<u8>) -> Result<KeyDigest, StoreError> {
     bytes
         .try_into()
@@ -301,6 +315,10 @@ impl Store {
             update_time: now,
             rate_limits: limits_to_json(&new.rate_limits),
             usage_id: None,
+            parent_id: None,
+            delegation_depth: 0,
+            ancestry: serde_json::json!([]),
+            roles: serde_json::json!([]),
         };
         // Its own credit account (rotation successors share their predecessor's).
         let model = api_key::Model {

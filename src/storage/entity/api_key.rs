@@ -30,6 +30,14 @@ pub struct Model {
     /// The credit account and key-budget subject; `None` (keys written before usage
     /// controls): the key's own id.
     pub usage_id: Option<Uuid>,
+    /// The key that minted this one through delegation.
+    pub parent_id: Option<Uuid>,
+    /// 0 for a key not minted by delegation; otherwise 1 + its parent's.
+    pub delegation_depth: i16,
+    /// `["<uuid>", ...]`: the ancestors' ids, root first (empty for an undelegated key).
+    pub ancestry: Json,
+    /// `["name", ...]`: the names of the roles the key holds, sorted.
+    pub roles: Json,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,9 +1,13 @@
 //! sea-orm entities for the keyplane schema (see `migrations/`).
 
 pub mod api_key;
+pub mod api_key_ancestor;
+pub mod api_key_role;
 pub mod api_key_scope;
 pub mod audit_chain;
 pub mod audit_event;
+pub mod role;
+pub mod role_scope;
 pub mod scope;
 pub mod setting;
 pub mod usage_credit;
@@ -48,4 +52,4 @@ macro_rules! tenant_owned {
         }
     )+};
 }
-tenant_owned!(workspace, scope, api_key);
+tenant_owned!(workspace, scope, api_key, role);
