@@ -214,6 +214,7 @@ async fn load(
                     key,
                     required_scopes: vec![],
                     cost: None,
+                    ..Default::default()
                 }))
                 .await;
                 let mut seen = seen.lock().await;

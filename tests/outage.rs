@@ -159,6 +159,7 @@ fn cached_keys_answer_stale_through_a_database_outage() {
                                 key: hot.clone(),
                                 required_scopes: vec![],
                                 cost: None,
+                                ..Default::default()
                             })
                             .await;
                         latencies.push(started.elapsed());

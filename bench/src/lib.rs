@@ -70,6 +70,7 @@ pub fn verify_request(key: &str, scopes: &[String]) -> kp::VerifyApiKeyRequest {
         key: key.to_owned(),
         required_scopes: scopes.to_vec(),
         cost: None,
+        ..Default::default()
     }
 }
 

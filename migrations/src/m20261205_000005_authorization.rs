@@ -81,7 +81,9 @@ impl MigrationTrait for Migration {
         // One column per statement: SQLite alters one thing at a time.
         for column in [
             uuid_null(ApiKeys::ParentId),
-            small_integer(ApiKeys::DelegationDepth).default(0).to_owned(),
+            small_integer(ApiKeys::DelegationDepth)
+                .default(0)
+                .to_owned(),
             json(ApiKeys::Ancestry).default("[]").to_owned(),
             json(ApiKeys::Roles).default("[]").to_owned(),
         ] {
@@ -169,7 +171,11 @@ impl MigrationTrait for Migration {
                     .col(uuid(RoleScopes::RoleId))
                     .col(string(RoleScopes::Scope))
                     .col(uuid_null(RoleScopes::ScopeId))
-                    .primary_key(Index::create().col(RoleScopes::RoleId).col(RoleScopes::Scope))
+                    .primary_key(
+                        Index::create()
+                            .col(RoleScopes::RoleId)
+                            .col(RoleScopes::Scope),
+                    )
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_role_scopes_role")

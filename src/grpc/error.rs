@@ -230,11 +230,9 @@ impl From<RuleViolation> for Status {
                 "DELEGATION_EXCEEDS_PARENT",
                 meta([("field", field.to_owned())]),
             ),
-            RuleViolation::DelegationNeedsKey => (
-                Code::PermissionDenied,
-                "DELEGATION_NEEDS_API_KEY",
-                meta([]),
-            ),
+            RuleViolation::DelegationNeedsKey => {
+                (Code::PermissionDenied, "DELEGATION_NEEDS_API_KEY", meta([]))
+            }
             RuleViolation::BuiltinReadOnly => {
                 (Code::PermissionDenied, "BUILTIN_SCOPE_READ_ONLY", meta([]))
             }

@@ -90,10 +90,7 @@ pub const RPCS: &[Rpc] = &[
         ApiKeysWrite,
     ),
     // The credential is the parent key itself (the handler refuses any other kind).
-    needs(
-        "/keyplane.v1.ApiKeyService/DelegateApiKey",
-        ApiKeysDelegate,
-    ),
+    needs("/keyplane.v1.ApiKeyService/DelegateApiKey", ApiKeysDelegate),
     needs("/keyplane.v1.RoleService/CreateRole", RolesWrite),
     needs("/keyplane.v1.RoleService/GetRole", RolesRead),
     needs("/keyplane.v1.RoleService/ListRoles", RolesRead),

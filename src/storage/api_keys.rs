@@ -213,7 +213,8 @@ fn list_from_json<T: serde::de::DeserializeOwned>(
     column: &str,
     value: serde_json::Value,
 ) -> Result<Vec<T>, StoreError> {
-    serde_json::from_value(value).map_err(|e| StoreError::Corrupt(format!("key {id} {column}: {e}")))
+    serde_json::from_value(value)
+        .map_err(|e| StoreError::Corrupt(format!("key {id} {column}: {e}")))
 }
 
 fn digest_of(id: Uuid, bytes: Vec<u8>) -> Result<KeyDigest, StoreError> {

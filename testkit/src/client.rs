@@ -167,6 +167,7 @@ impl Client {
                 key: key.into(),
                 required_scopes: strings(required),
                 cost: None,
+                ..Default::default()
             })
             .await
             .inner()

@@ -318,6 +318,7 @@ async fn another_tenant_can_neither_see_nor_change_anything(backend: Backend) {
                 key: owned.secret.clone(),
                 required_scopes: required,
                 cost: None,
+                ..Default::default()
             })
             .await
             .expect("verification answers with a code")
@@ -741,6 +742,7 @@ async fn a_platform_token_acts_for_the_tenant_it_names(backend: Backend) {
         key: owned.secret.clone(),
         required_scopes: vec!["crm:read".into()],
         cost: None,
+        ..Default::default()
     };
     let any = verify(app.client(&platform), message()).await;
     assert_eq!(any.code(), pb::VerifyCode::Valid, "{any:?}");

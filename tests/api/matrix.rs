@@ -327,6 +327,7 @@ pub fn rows() -> Vec<Row> {
                     key: f.secret.clone(),
                     required_scopes: vec!["matrix:read".into()],
                     cost: None,
+                    ..Default::default()
                 }
                 .encode_to_vec()
             },

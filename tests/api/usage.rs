@@ -98,6 +98,7 @@ async fn cost_zero_spends_nothing_and_a_failed_check_spends_nothing(backend: Bac
             key: secret.clone(),
             required_scopes: strings(&["crm:read"]),
             cost: Some(1),
+            ..Default::default()
         })
         .await
         .unwrap()

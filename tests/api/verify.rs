@@ -113,6 +113,7 @@ async fn every_single_character_change_is_malformed(backend: Backend) {
                     key: changed.clone(),
                     required_scopes: Vec::new(),
                     cost: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             key: created.secret,
             required_scopes: vec![args.scope.clone()],
             cost: None,
+            ..Default::default()
         };
         for (replica, client) in verifiers.iter_mut().enumerate() {
             let code = verify(client, &request).await?;

@@ -224,6 +224,7 @@ async fn verify(
         key,
         required_scopes: vec![scope],
         cost: None,
+        ..Default::default()
     };
     let mut samples = Vec::with_capacity(requests);
     for i in 0..=requests {

@@ -145,6 +145,7 @@ async fn cycle(
         key: created.secret,
         required_scopes: vec![args.scope.clone()],
         cost: None,
+        ..Default::default()
     };
     all_valid(clients, &old, "the created key").await?;
 
@@ -166,6 +167,7 @@ async fn cycle(
         key: rotated.secret,
         required_scopes: vec![args.scope.clone()],
         cost: None,
+        ..Default::default()
     };
     all_refuse(clients, &old, revoked_at, deadline, tally).await?;
     all_valid(clients, &new, "the rotated key's successor").await?;

@@ -58,6 +58,7 @@ async fn list_pages_through_keys_with_filters(backend: Backend) {
                         page_token: token,
                         workspace_id: workspace_id.clone(),
                         owner_id: owner_id.clone(),
+                        ..Default::default()
                     })
                     .await
                     .inner()
@@ -156,6 +157,7 @@ async fn list_pages_through_keys_with_filters(backend: Backend) {
                     page_token: token.clone(),
                     workspace_id,
                     owner_id,
+                    ..Default::default()
                 })
                 .await
                 .inner(),
