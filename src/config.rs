@@ -27,6 +27,7 @@ pub mod defaults {
     pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 60 * 60);
     pub const STALE_IF_ERROR: Duration = Duration::from_secs(120);
     pub const DATABASE_TIMEOUT: Duration = Duration::from_millis(500);
+    pub const MAX_DELEGATION_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 }
 
 /// A flag value that must never be printed back: clap parses it straight into a secret.
@@ -190,6 +191,10 @@ pub struct ServeArgs {
     /// A verification's database read taking longer counts as the database not answering.
     #[arg(long, env = "KEYPLANE_DATABASE_TIMEOUT", default_value_t = defaults::DATABASE_TIMEOUT.into())]
     pub database_timeout: humantime::Duration,
+    /// The longest a key minted by DelegateApiKey may live (it also never outlives its
+    /// parent).
+    #[arg(long, env = "KEYPLANE_MAX_DELEGATION_TTL", default_value_t = defaults::MAX_DELEGATION_TTL.into())]
+    pub max_delegation_ttl: humantime::Duration,
     /// PEM certificate chain for TLS on the gRPC port (needs --tls-key); plaintext when
     /// unset. Re-read when the file changes.
     #[arg(long, env = "KEYPLANE_TLS_CERT", requires = "tls_key")]
@@ -265,6 +270,8 @@ pub struct Settings {
     /// How long a verification's database read may take before the database counts as not
     /// answering.
     pub database_timeout: Duration,
+    /// The longest a delegated key may live.
+    pub max_delegation_ttl: Duration,
     /// TLS on the gRPC port; plaintext when `None`.
     pub tls: Option<TlsSettings>,
 }
@@ -286,6 +293,7 @@ impl Settings {
             audit_retention: defaults::AUDIT_RETENTION,
             stale_if_error: defaults::STALE_IF_ERROR,
             database_timeout: defaults::DATABASE_TIMEOUT,
+            max_delegation_ttl: defaults::MAX_DELEGATION_TTL,
             tls: None,
         }
     }
@@ -307,6 +315,7 @@ impl From<ServeArgs> for Settings {
             audit_retention: args.audit_retention.into(),
             stale_if_error: args.stale_if_error.into(),
             database_timeout: args.database_timeout.into(),
+            max_delegation_ttl: args.max_delegation_ttl.into(),
             // clap requires both or neither of the certificate and key.
             tls: match (args.tls_cert, args.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsSettings {

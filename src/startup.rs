@@ -154,7 +154,9 @@ impl Application {
             outage.clone(),
         );
         let auth = Authenticator::new(jwt, verifier.clone());
-        let api = KeyplaneApi::new(store.clone(), verifier, pages);
+        let max_delegation_ttl = chrono::Duration::from_std(settings.max_delegation_ttl)
+            .context("--max-delegation-ttl is too long")?;
+        let api = KeyplaneApi::new(store.clone(), verifier, pages, max_delegation_ttl);
 
         let health = HealthReporter::new();
         let initial = if store.ping().await.is_ok() {

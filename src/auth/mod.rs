@@ -210,12 +210,14 @@ impl Authenticator {
                 Cost::FREE,
             )
             .await?;
-        match (verification.code, verification.key) {
-            (VerifyCode::Valid, Some(key)) => Ok(Caller {
-                subject: key.id.to_string().into(),
-                access: TenantAccess::One(key.tenant_id),
+        match (verification.code, verification.standing) {
+            // What the key holds now: its roles' built-in scopes too, and for a delegated
+            // key only what its whole chain holds.
+            (VerifyCode::Valid, Some(standing)) => Ok(Caller {
+                subject: standing.key.id.to_string().into(),
+                access: TenantAccess::One(standing.key.tenant_id),
                 kind: ActorKind::ApiKey,
-                scopes: key
+                scopes: standing
                     .builtin_scopes()
                     .map(|b| b.as_str().to_owned())
                     .collect(),

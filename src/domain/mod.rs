@@ -1,12 +1,14 @@
 //! Domain layer: validated newtypes, scope matching, the key format and the records the
 //! service works with. Nothing here knows about gRPC or SQL.
 pub mod audit;
+pub mod delegation;
 pub mod key;
 pub mod page;
 pub mod records;
 pub mod role;
 pub mod rules;
 pub mod scope;
+pub mod standing;
 pub mod update;
 pub mod usage;
 pub mod validate;

@@ -33,6 +33,10 @@ pub enum RuleViolation {
     /// A delegation asked for more than its parent has.
     #[error("{field}: {why}")]
     DelegationExceedsParent { field: &'static str, why: String },
+    /// The calling key became revoked, expired or disabled (itself or an ancestor) since
+    /// it was checked.
+    #[error("the parent key is {0}")]
+    ParentUnusable(String),
     /// Only a key can delegate, and only what it holds itself.
     #[error("DelegateApiKey is called with the parent key itself as the credential (x-api-key)")]
     DelegationNeedsKey,

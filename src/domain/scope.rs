@@ -125,6 +125,41 @@ pub fn missing<'a, S: AsRef<str>>(
         .collect()
 }
 
+/// What a key holding `own` may do under a parent that holds `parent` now: each of its
+/// scopes the parent covers, and where it asks for a whole resource (`R:*`) the parent holds
+/// only parts of, those parts. Sorted, without repeats. This is how a change to an ancestor
+/// narrows every descendant without rewriting them.
+pub fn narrow<S: AsRef<str>, P: AsRef<str>>(own: &[S], parent: &[P]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for scope in own.iter().map(AsRef::as_ref) {
+        if parent.iter().any(|p| covers(p.as_ref(), scope)) {
+            out.push(scope.to_owned());
+        } else if let Some(resource) = scope.strip_suffix(":*") {
+            out.extend(
+                parent
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .filter(|p| p.split_once(':').is_some_and(|(r, _)| r == resource))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether holding `granted` includes holding `scope` (both granted strings): equal, or
+/// `granted` is `R:*` and `scope` is of resource `R`.
+pub fn covers(granted: &str, scope: &str) -> bool {
+    granted == scope
+        || granted.strip_suffix(":*").is_some_and(|resource| {
+            scope
+                .split_once(':')
+                .is_some_and(|(scope_resource, _)| scope_resource == resource)
+        })
+}
+
 /// keyplane's own scopes, one per kind of access to its API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BuiltinScope {
@@ -234,6 +269,18 @@ impl fmt::Display for BuiltinScope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn narrowing_keeps_only_what_the_parent_covers() {
+        let parent = ["crm:read", "billing:*", "erp:read", "erp:write"];
+        assert_eq!(
+            narrow(&["crm:read", "crm:write", "billing:pay", "erp:*"], &parent),
+            ["billing:pay", "crm:read", "erp:read", "erp:write"]
+        );
+        assert!(narrow(&["crm:read"], &[] as &[&str]).is_empty());
+        assert_eq!(narrow(&["crm:*"], &["crm:*"]), ["crm:*"]);
+        assert!(covers("crm:*", "crm:*") && covers("crm:*", "crm:x") && !covers("crm:x", "crm:*"));
+    }
 
     #[test]
     fn granted_by_agrees_with_satisfies() {

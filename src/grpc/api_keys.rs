@@ -5,9 +5,12 @@ use uuid::Uuid;
 
 use super::convert::{self, Patchable, RequestCheck};
 use super::{KeyplaneApi, acting, caller};
+use crate::domain::audit::ActorKind;
+use crate::domain::delegation::{Lifetime, NewDelegation};
 use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
+use crate::domain::rules::RuleViolation;
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
 use crate::domain::update::Update;
@@ -169,6 +172,55 @@ impl Patchable for pb::ApiKey {
     }
 }
 
+/// Parses and validates a delegation; `now` bounds `expire_time`. What the parent may give
+/// is decided later, against the parent as stored.
+pub fn parse_delegate(
+    r: pb::DelegateApiKeyRequest,
+    now: DateTime<Utc>,
+) -> Result<NewDelegation, ValidationError> {
+    let mut v = Validator::new();
+    let name = v.max_len("name", r.name.trim(), NAME_MAX);
+    let scopes = v.scopes("scopes", &r.scopes);
+    let roles = v.roles("roles", &r.roles);
+    let lifetime = match (&r.expire_time, &r.ttl) {
+        (Some(_), Some(_)) => {
+            v.add("ttl", "give expire_time or ttl, not both");
+            None
+        }
+        (Some(t), None) => v.future_time("expire_time", t, now).map(Lifetime::Until),
+        (None, Some(ttl)) => {
+            let ttl = convert::span(Some(ttl)).filter(|t| *t > chrono::TimeDelta::zero());
+            if ttl.is_none() {
+                v.add("ttl", "must be a positive duration");
+            }
+            ttl.map(Lifetime::For)
+        }
+        (None, None) => None,
+    };
+    let owner_id = owner(&mut v, "owner_id", &r.owner_id);
+    let metadata = convert::sorted(r.metadata);
+    validate::metadata(&mut v, "metadata", &metadata);
+    let request_id = convert::request_id(&mut v, &r.request_id);
+    let limit_inputs = convert::rate_limit_inputs(&r.rate_limits);
+    let rate_limits = usage::rate_limits(&mut v, "rate_limits", &limit_inputs);
+    usage::check_shared_owner(&mut v, "rate_limits", &limit_inputs, owner_id.as_deref());
+    let remaining = r
+        .remaining_uses
+        .and_then(|n| v.check("remaining_uses", usage::remaining_uses(n)));
+    v.finish(|| NewDelegation {
+        name,
+        scopes,
+        roles,
+        lifetime,
+        metadata,
+        owner_id,
+        credits: CreditLimit::on_create(remaining, None),
+        rate_limits: rate_limits.unwrap_or_default(),
+        delegable: r.delegable,
+        request_id,
+    })
+}
+
 /// Parses and validates an update request; `now` bounds `expire_time`.
 pub fn parse_update(
     r: pb::UpdateApiKeyRequest,
@@ -243,6 +295,14 @@ impl ApiKeyService for KeyplaneApi {
         let (caller, acting) = acting(&request)?;
         let new = parse_create(request.into_inner(), Utc::now())?;
         caller.may_grant(new.scopes.iter().map(|s| s.as_str()))?;
+        if !new.roles.is_empty() {
+            // No escalation through roles: what they grant, the caller must hold.
+            let granted = self
+                .store
+                .scopes_of_roles(acting.tenant, new.workspace_id, &new.roles, "roles")
+                .await?;
+            caller.may_grant(granted.iter().map(String::as_str))?;
+        }
         let (key, secret) = self.store.create_api_key(&acting, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
             api_key: Some(self.api_key(key)),
@@ -272,6 +332,7 @@ impl ApiKeyService for KeyplaneApi {
         let filter = ApiKeyFilter {
             workspace_id: v.optional_id("workspace_id", &r.workspace_id),
             owner_id: owner(&mut v, "owner_id", &r.owner_id),
+            parent_id: v.optional_id("parent_id", &r.parent_id),
         };
         let list = ListFingerprint::new(ListKind::ApiKeys, tenant)
             .filter(
@@ -280,7 +341,8 @@ impl ApiKeyService for KeyplaneApi {
                     .as_ref()
                     .map(|w| w.as_bytes().as_slice()),
             )
-            .filter(filter.owner_id.as_deref().map(str::as_bytes));
+            .filter(filter.owner_id.as_deref().map(str::as_bytes))
+            .filter(filter.parent_id.as_ref().map(|p| p.as_bytes().as_slice()));
         let (size, after) = convert::page(&mut v, &self.pages, r.page_size, &r.page_token, &list);
         v.finish(|| ())?;
         let page = self
@@ -302,6 +364,14 @@ impl ApiKeyService for KeyplaneApi {
         let update = parse_update(request.into_inner(), Utc::now())?;
         if let Some(scopes) = &update.patch.scopes {
             caller.may_grant(scopes.iter().map(|s| s.as_str()))?;
+        }
+        if let Some(roles) = update.patch.roles.as_ref().filter(|r| !r.is_empty()) {
+            let current = self.store.get_api_key(acting.tenant, update.id).await?;
+            let granted = self
+                .store
+                .scopes_of_roles(acting.tenant, current.workspace_id, roles, "api_key.roles")
+                .await?;
+            caller.may_grant(granted.iter().map(String::as_str))?;
         }
         let key = self.store.update(&acting, update).await?;
         Ok(Response::new(pb::UpdateApiKeyResponse {
@@ -365,9 +435,25 @@ impl ApiKeyService for KeyplaneApi {
 
     async fn delegate_api_key(
         &self,
-        _request: Request<pb::DelegateApiKeyRequest>,
+        request: Request<pb::DelegateApiKeyRequest>,
     ) -> Result<Response<pb::DelegateApiKeyResponse>, Status> {
-        Err(Status::unimplemented("DelegateApiKey is not built yet"))
+        let (caller, acting) = acting(&request)?;
+        // The parent is the calling key: a token holding the scope has no key to narrow.
+        let parent = match caller.kind {
+            ActorKind::ApiKey => caller.subject.parse::<Uuid>().ok(),
+            ActorKind::TenantToken | ActorKind::PlatformToken => None,
+        }
+        .ok_or(RuleViolation::DelegationNeedsKey)
+        .map_err(Status::from)?;
+        let new = parse_delegate(request.into_inner(), Utc::now())?;
+        let (key, secret) = self
+            .store
+            .delegate_api_key(&acting, parent, new, self.max_delegation_ttl)
+            .await?;
+        Ok(Response::new(pb::DelegateApiKeyResponse {
+            api_key: Some(self.api_key(key)),
+            secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
+        }))
     }
 
     async fn verify_api_key(
@@ -384,7 +470,7 @@ impl ApiKeyService for KeyplaneApi {
             .await?;
         self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();
-        let mut api_key: Option<pb::ApiKey> = outcome.key.as_deref().map(Into::into);
+        let mut api_key: Option<pb::ApiKey> = outcome.standing.as_deref().map(|s| (&s.key).into());
         // The cached key's balance is as old as the cache entry: the estimate is fresher.
         if let (Some(key), Some(credits)) = (
             api_key.as_mut(),
@@ -406,10 +492,10 @@ impl ApiKeyService for KeyplaneApi {
             api_key,
             missing_scopes: outcome.missing,
             rate_limits: outcome
-                .key
+                .standing
                 .as_deref()
                 .zip(outcome.usage.as_ref())
-                .map(|(key, usage)| convert::limit_states(key, usage))
+                .map(|(standing, usage)| convert::limit_states(&standing.key, usage))
                 .unwrap_or_default(),
             remaining_uses: outcome
                 .usage
@@ -417,8 +503,21 @@ impl ApiKeyService for KeyplaneApi {
                 .and_then(|u| u.credits)
                 .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)),
             stale: outcome.stale,
-            effective_scopes: Vec::new(),
-            delegation_chain: Vec::new(),
+            effective_scopes: outcome
+                .standing
+                .as_deref()
+                .map(|s| s.effective.clone())
+                .unwrap_or_default(),
+            delegation_chain: outcome
+                .standing
+                .as_deref()
+                .map(|s| {
+                    s.delegation_chain()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
         }))
     }
 }

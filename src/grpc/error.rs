@@ -230,6 +230,11 @@ impl From<RuleViolation> for Status {
                 "DELEGATION_EXCEEDS_PARENT",
                 meta([("field", field.to_owned())]),
             ),
+            RuleViolation::ParentUnusable(state) => (
+                Code::FailedPrecondition,
+                "PARENT_KEY_UNUSABLE",
+                meta([("state", state)]),
+            ),
             RuleViolation::DelegationNeedsKey => {
                 (Code::PermissionDenied, "DELEGATION_NEEDS_API_KEY", meta([]))
             }

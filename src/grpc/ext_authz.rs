@@ -19,6 +19,7 @@ use crate::auth::bearer_token;
 use crate::domain::key::ApiKeySecret;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
+use crate::domain::standing::Standing;
 use crate::domain::usage::{COST_MAX, Cost, LimitState, headline, seconds_until};
 use crate::domain::validate::{ValidationError, Validator};
 use crate::proto as pb;
@@ -36,6 +37,9 @@ pub const WORKSPACE_HEADER: &str = "x-keyplane-workspace-id";
 pub const KEY_HEADER: &str = "x-keyplane-key-id";
 pub const SCOPES_HEADER: &str = "x-keyplane-scopes";
 pub const OWNER_HEADER: &str = "x-keyplane-owner-id";
+/// For a delegated key: the root of its chain, and the chain's ids, root first.
+pub const ROOT_KEY_HEADER: &str = "x-keyplane-root-key-id";
+pub const CHAIN_HEADER: &str = "x-keyplane-delegation-chain";
 /// Client-sent headers with this prefix never reach the upstream.
 const RESERVED_HEADER_PREFIX: &str = "x-keyplane-";
 
@@ -217,7 +221,13 @@ fn string(value: impl Into<String>) -> Value {
 
 /// The `keyplane` namespace of the dynamic metadata of an allowed request; `stale: true`
 /// when the answer came from the cache as it stood before the database stopped answering.
-fn metadata(key: &ApiKey, stale: bool) -> Struct {
+fn metadata(standing: &Standing, chain: &[String], stale: bool) -> Struct {
+    let key = &standing.key;
+    let list = |items: &[String]| Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: items.iter().map(|s| string(s.as_str())).collect(),
+        })),
+    };
     let mut fields = HashMap::from([
         ("tenant_id".to_owned(), string(key.tenant_id.to_string())),
         (
@@ -225,15 +235,11 @@ fn metadata(key: &ApiKey, stale: bool) -> Struct {
             string(key.workspace_id.to_string()),
         ),
         ("key_id".to_owned(), string(key.id.to_string())),
-        (
-            "scopes".to_owned(),
-            Value {
-                kind: Some(Kind::ListValue(ListValue {
-                    values: key.scopes.iter().map(|s| string(s.as_str())).collect(),
-                })),
-            },
-        ),
+        ("scopes".to_owned(), list(&standing.effective)),
     ]);
+    if !chain.is_empty() {
+        fields.insert("delegation_chain".to_owned(), list(chain));
+    }
     if let Some(owner) = &key.owner_id {
         fields.insert("owner_id".to_owned(), string(owner.as_str()));
     }
@@ -285,29 +291,28 @@ fn exhausted_headers(verification: &Verification) -> Vec<HeaderValueOption> {
     let usage = verification.usage.as_ref();
     let (limit, remaining, reset) = match verification.code {
         VerifyCode::RateLimited => {
-            let Some(report) = usage.and_then(|u| u.limits.iter().find(|l| l.state.exceeded))
-            else {
-                return Vec::new();
-            };
-            (
-                report.state.limit,
-                report.state.remaining,
-                seconds_until(report.state.reset_ms, report.db_now_ms),
-            )
+            match usage.and_then(|u| u.limits.iter().find(|l| l.state.exceeded)) {
+                Some(report) => (
+                    report.state.limit,
+                    report.state.remaining,
+                    seconds_until(report.state.reset_ms, report.db_now_ms),
+                ),
+                // An ancestor's limit refused a delegated key: its state is the ancestor's
+                // to know; the client learns only to come back.
+                None => (0, 0, 1),
+            }
         }
-        _ => {
-            let Some(credits) = usage.and_then(|u| u.credits) else {
-                return Vec::new();
-            };
-            match (credits.refill_amount, credits.reset_ms) {
+        _ => match usage.and_then(|u| u.credits) {
+            Some(credits) => match (credits.refill_amount, credits.reset_ms) {
                 (Some(amount), Some(reset_ms)) => (
                     amount,
                     credits.remaining,
                     seconds_until(reset_ms, credits.db_now_ms),
                 ),
                 _ => (0, credits.remaining, 1),
-            }
-        }
+            },
+            None => (0, 0, 1),
+        },
     };
     vec![
         header(RETRY_AFTER, reset.to_string()),
@@ -317,16 +322,26 @@ fn exhausted_headers(verification: &Verification) -> Vec<HeaderValueOption> {
     ]
 }
 
-fn allow(key: &ApiKey, input: &CheckInput, verification: &Verification) -> CheckResponse {
+fn allow(standing: &Standing, input: &CheckInput, verification: &Verification) -> CheckResponse {
+    let key = &standing.key;
     let usage = verification.usage.as_ref();
     let mut headers = vec![
         header(TENANT_HEADER, key.tenant_id.to_string()),
         header(WORKSPACE_HEADER, key.workspace_id.to_string()),
         header(KEY_HEADER, key.id.to_string()),
-        header(SCOPES_HEADER, key.scopes.join(" ")),
+        header(SCOPES_HEADER, standing.effective.join(" ")),
     ];
     if let Some(owner) = &key.owner_id {
         headers.push(header(OWNER_HEADER, owner.as_str()));
+    }
+    let chain: Vec<String> = standing
+        .delegation_chain()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if let Some(root) = chain.first() {
+        headers.push(header(ROOT_KEY_HEADER, root.as_str()));
+        headers.push(header(CHAIN_HEADER, chain.join(" ")));
     }
     // Envoy applies removals after the headers above, so only what keyplane does not set
     // is removed: the credentials and any other client-sent x-keyplane-* header.
@@ -348,7 +363,7 @@ fn allow(key: &ApiKey, input: &CheckInput, verification: &Verification) -> Check
     );
     let mut response = CheckResponse::with_status(Status::ok("allowed"));
     response
-        .set_dynamic_metadata(Some(metadata(key, verification.stale)))
+        .set_dynamic_metadata(Some(metadata(standing, &chain, verification.stale)))
         .set_http_response(OkHttpResponse {
             headers,
             headers_to_remove,
@@ -402,8 +417,8 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
         }
         Outcome::Verified(v) => v,
     };
-    match (verification.code, &verification.key) {
-        (VerifyCode::Valid, Some(key)) => allow(key, input, verification),
+    match (verification.code, &verification.standing) {
+        (VerifyCode::Valid, Some(standing)) => allow(standing, input, verification),
         // A valid verdict without its key cannot happen; fail closed all the same.
         (VerifyCode::Valid, None) => unauthenticated("the API key is not valid"),
         (VerifyCode::Malformed, _) => unauthenticated("the API key is malformed"),
@@ -411,11 +426,11 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
         (VerifyCode::Revoked, _) => unauthenticated("the API key has been revoked"),
         (VerifyCode::Expired, _) => unauthenticated("the API key has expired"),
         (VerifyCode::Disabled, _) => unauthenticated("the API key is disabled"),
-        (VerifyCode::RateLimited | VerifyCode::UsageExceeded, key) => deny_with(
+        (VerifyCode::RateLimited | VerifyCode::UsageExceeded, standing) => deny_with(
             Code::ResourceExhausted,
             HttpStatusCode::TooManyRequests,
             outcome.code_name(),
-            &exhausted_message(verification, key.as_deref()),
+            &exhausted_message(verification, standing.as_deref().map(|s| &s.key)),
             exhausted_headers(verification),
         ),
         (VerifyCode::InsufficientScopes, _) => deny(
@@ -541,7 +556,7 @@ mod tests {
     fn verified(code: VerifyCode, key: Option<ApiKey>, missing: &[&str]) -> Verification {
         Verification {
             code,
-            key: key.map(std::sync::Arc::new),
+            standing: key.map(|k| std::sync::Arc::new(Standing::plain(k))),
             missing: missing.iter().map(|s| s.to_string()).collect(),
             usage: None,
             stale: false,

@@ -37,11 +37,19 @@ pub struct KeyplaneApi {
     pages: PageTokenCodec,
     verifications: Arc<CodeCounters>,
     checks: Arc<CodeCounters>,
+    /// The longest a delegated key may live (`--max-delegation-ttl`).
+    max_delegation_ttl: chrono::Duration,
 }
 
 impl KeyplaneApi {
-    pub fn new(store: Store, verifier: KeyVerifier, pages: PageTokenCodec) -> Self {
+    pub fn new(
+        store: Store,
+        verifier: KeyVerifier,
+        pages: PageTokenCodec,
+        max_delegation_ttl: chrono::Duration,
+    ) -> Self {
         Self {
+            max_delegation_ttl,
             store,
             verifier,
             pages,

@@ -48,6 +48,22 @@ impl Eviction {
         }
     }
 
+    /// Both evictions as one.
+    pub fn and(self, other: Eviction) -> Self {
+        match (self, other) {
+            (Self::All, _) | (_, Self::All) => Self::All,
+            (Self::None, other) | (other, Self::None) => other,
+            (Self::Keys(mut digests), Self::Keys(more)) => {
+                for digest in more {
+                    if !digests.contains(&digest) {
+                        digests.push(digest);
+                    }
+                }
+                Self::keys(digests)
+            }
+        }
+    }
+
     /// The NOTIFY payloads that carry this eviction.
     fn payloads(&self) -> Vec<String> {
         match self {

@@ -2,9 +2,10 @@
 //! key's SHA-256 digest, with unknown digests cached too so that a flood of made-up keys
 //! cannot reach the database.
 //!
-//! What is cached is the stored key (or its absence), never an answer: expiry, grace
-//! periods and the revoked / disabled state are evaluated against the clock at every
-//! use, and the caller's tenant is applied per call. Entries leave when a write evicts them
+//! What is cached is the stored key with its standing (its roles' scopes, its ancestors),
+//! or its absence, never an answer: expiry, grace periods and the revoked / disabled state
+//! are evaluated against the clock at every use, and the caller's tenant is applied per
+//! call. A write to a role or an ancestor evicts every standing it changes. Entries leave when a write evicts them
 //! (see `storage::invalidation`), when the bound (`--cache-capacity`) pushes them out, and
 //! all at once when the invalidation feed comes back after an outage. While the feed is
 //! down the cache does not answer normally and is not filled; it may still give stale
@@ -16,12 +17,12 @@ use metrics::Counter;
 use moka::sync::Cache;
 
 use crate::domain::key::KeyDigest;
-use crate::domain::records::ApiKey;
+use crate::domain::standing::Standing;
 use crate::storage::feed::FeedState;
 use crate::storage::invalidation::{Eviction, EvictionSink};
 
-/// A cached lookup: the key, or `None` for a digest no key has.
-pub type Entry = Option<Arc<ApiKey>>;
+/// A cached lookup: the key's standing, or `None` for a digest no key has.
+pub type Entry = Option<Arc<Standing>>;
 
 /// What the cache can say about a digest.
 pub enum Lookup {

@@ -14,6 +14,7 @@ use chrono::Utc;
 use crate::domain::key::{ApiKeySecret, KeyDigest};
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
+use crate::domain::standing::Standing;
 use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
 use crate::storage::last_used::LastUsedRecorder;
@@ -26,8 +27,9 @@ use outage::Outage;
 #[derive(Debug, Clone)]
 pub struct Verification {
     pub code: VerifyCode,
-    /// The key, when it was found (shared with the cache: never copied on the hot path).
-    pub key: Option<Arc<ApiKey>>,
+    /// The key with its standing, when it was found (shared with the cache: never copied
+    /// on the hot path).
+    pub standing: Option<Arc<Standing>>,
     /// Required scopes the key does not hold.
     pub missing: Vec<String>,
     /// The key's rate limits and credits after this request, when the key has any and
@@ -41,7 +43,7 @@ impl Verification {
     fn without_key(code: VerifyCode) -> Self {
         Self {
             code,
-            key: None,
+            standing: None,
             missing: Vec::new(),
             usage: None,
             stale: false,
@@ -102,29 +104,30 @@ impl KeyVerifier {
             }
             Lookup::Bypass => self.read_through(&digest).await?,
         };
-        let Some(key) = found.filter(|k| visible(access, k.tenant_id)) else {
+        let Some(standing) = found.filter(|s| visible(access, s.key.tenant_id)) else {
             return Ok(Verification::without_key(VerifyCode::NotFound));
         };
         let now = Utc::now();
-        let (mut code, missing) = key.check(now, required);
+        let (mut code, missing) = standing.check(now, required);
         let mut usage = None;
-        if code == VerifyCode::Valid && key.has_usage_controls() {
+        if code == VerifyCode::Valid && standing.has_usage_controls() {
             // Stale: the database cannot reserve more, so only what is held may be spent.
             let spend = if stale {
                 Spend::HeldOnly
             } else {
                 Spend::Reserve
             };
-            let (decision, report) = self.meter.charge(&key, cost, spend).await?;
+            let (decision, report) = self.meter.charge(&standing, cost, spend).await?;
             code = decision.code();
             usage = Some(report);
         }
         if code == VerifyCode::Valid {
-            self.usage.record(key.tenant_id, key.id, now);
+            self.usage
+                .record(standing.key.tenant_id, standing.key.id, now);
         }
         Ok(Verification {
             code,
-            key: Some(key),
+            standing: Some(standing),
             missing,
             usage,
             stale,
@@ -178,12 +181,12 @@ impl KeyVerifier {
         self.meter.held_credits(key)
     }
 
-    async fn find(&self, digest: &KeyDigest) -> Result<Option<Arc<ApiKey>>, StoreError> {
-        let key = self
+    async fn find(&self, digest: &KeyDigest) -> Result<Entry, StoreError> {
+        let standing = self
             .store
-            .find_api_key_by_digest(TenantAccess::Any, digest)
+            .find_standing_by_digest(TenantAccess::Any, digest)
             .await?;
-        Ok(key.map(Arc::new))
+        Ok(standing.map(Arc::new))
     }
 }
 

@@ -8,6 +8,7 @@ mod audit;
 mod auth;
 mod cache;
 mod connection_limits;
+mod delegation;
 mod isolation;
 mod leaks;
 mod lifecycle;

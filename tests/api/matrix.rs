@@ -335,6 +335,19 @@ pub fn rows() -> Vec<Row> {
             names_a_resource: false,
         },
         Row {
+            path: "/keyplane.v1.ApiKeyService/DelegateApiKey",
+            scope: "keyplane.api_keys:delegate",
+            request: |_| {
+                pb::DelegateApiKeyRequest {
+                    name: "sub-agent".into(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            // The credential is the parent key: it names nothing else.
+            names_a_resource: false,
+        },
+        Row {
             path: "/keyplane.v1.AuditService/ListAuditEvents",
             scope: "keyplane.audit:read",
             request: |f| {
@@ -552,6 +565,13 @@ async fn authorization_matrix(backend: Backend) {
             ),
         ];
         for (case, cred, tenant, expect) in cases {
+            // A token that gets past the table still has no key to delegate from.
+            let expect = match (&expect, &cred) {
+                (Expect::Ok, Cred::Bearer(_)) if row.rpc() == "DelegateApiKey" => {
+                    Expect::Err(Code::PermissionDenied, "DELEGATION_NEEDS_API_KEY")
+                }
+                _ => expect,
+            };
             let client = match &tenant {
                 Some(t) => app.client(&cred).tenant(t),
                 None => app.client(&cred),

@@ -13,6 +13,14 @@ pub struct Model {
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-pub enum Relation {}
+pub enum Relation {
+    /// The scopes of the held role, joined when a key's standing is read.
+    #[sea_orm(
+        belongs_to = "super::role_scope::Entity",
+        from = "Column::RoleId",
+        to = "super::role_scope::Column::RoleId"
+    )]
+    RoleScopes,
+}
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -1,12 +1,14 @@
 //! The request path: a verification's cost drawn from each of the key's budgets in turn
-//! (rate limits in order, then credits) into holds, spent when every budget admits it and
-//! put back when one refuses.
+//! (rate limits in order, then credits) and then from each ancestor's, for a delegated key,
+//! into holds, spent when every budget admits it and put back when one refuses: a child can
+//! never spend more than any of its ancestors may.
 use std::sync::Arc;
 
 use super::leases::Reserved;
 use super::slot::Slot;
 use super::{Meter, MeterError, UsageReport};
 use crate::domain::records::{ApiKey, VerifyCode};
+use crate::domain::standing::Standing;
 use crate::domain::usage::{BudgetId, BudgetKind, Cost, Fleet, Hold, Mono, Step, Terms};
 
 /// A request asks again at most this often when the database answered for an older window
@@ -30,14 +32,18 @@ pub enum Decision {
     /// The rate limit at this index of the key's refused.
     RateLimited(usize),
     UsageExceeded,
+    /// A rate limit of an ancestor of the (delegated) key refused.
+    AncestorRateLimited,
+    /// An ancestor's credits are fewer than the cost.
+    AncestorUsageExceeded,
 }
 
 impl Decision {
     pub fn code(self) -> VerifyCode {
         match self {
             Decision::Admitted => VerifyCode::Valid,
-            Decision::RateLimited(_) => VerifyCode::RateLimited,
-            Decision::UsageExceeded => VerifyCode::UsageExceeded,
+            Decision::RateLimited(_) | Decision::AncestorRateLimited => VerifyCode::RateLimited,
+            Decision::UsageExceeded | Decision::AncestorUsageExceeded => VerifyCode::UsageExceeded,
         }
     }
 }
@@ -100,43 +106,41 @@ impl Drop for Holds<'_> {
 }
 
 impl Meter {
-    /// Charges `cost` to the key's usage controls: rate limits in order, then credits. A
-    /// refusal spends nothing (what earlier budgets handed out goes back); a database
-    /// failure while a reservation is needed is an error, never an admission.
+    /// Charges `cost` to the usage controls of the key and of each of its ancestors: for
+    /// each, rate limits in order, then credits. A refusal spends nothing (what earlier
+    /// budgets handed out goes back); a database failure while a reservation is needed is
+    /// an error, never an admission.
     pub async fn charge(
         &self,
-        key: &ApiKey,
+        standing: &Standing,
         cost: Cost,
         spend: Spend,
     ) -> Result<(Decision, UsageReport), MeterError> {
-        let decision = self.decide(key, cost, spend).await?;
-        Ok((decision, self.report(key, decision)))
+        let decision = self.decide(standing, cost, spend).await?;
+        Ok((decision, self.report(&standing.key, decision)))
     }
 
-    async fn decide(&self, key: &ApiKey, cost: Cost, spend: Spend) -> Result<Decision, MeterError> {
+    async fn decide(
+        &self,
+        standing: &Standing,
+        cost: Cost,
+        spend: Spend,
+    ) -> Result<Decision, MeterError> {
         if cost.is_free() {
             return Ok(Decision::Admitted);
         }
         // A rotated key in its grace period stops spending: its successor holds the
         // account now, and the pair must never spend one balance from two secrets.
-        if key.successor_id.is_some() && key.credits.is_some() {
-            return Ok(Decision::UsageExceeded);
+        for (depth, key) in standing.chain().enumerate() {
+            if key.successor_id.is_some() && key.credits.is_some() {
+                return Ok(exceeded(depth));
+            }
         }
         for _ in 0..ATTEMPTS {
             let mut holds = Holds::new(self);
-            for (i, (limit, id)) in key.rate_limits.iter().zip(&key.budgets.rate).enumerate() {
-                let terms = limit.terms(key.tenant_id);
-                if let Drawn::Refused = self.draw(*id, terms, cost, spend, &mut holds).await? {
-                    return Ok(Decision::RateLimited(i));
-                }
-            }
-            if let Some(credits) = key.credits {
-                let terms = Terms::Credits(credits.terms(key.usage_id));
-                if let Drawn::Refused = self
-                    .draw(key.budgets.credits, terms, cost, spend, &mut holds)
-                    .await?
-                {
-                    return Ok(Decision::UsageExceeded);
+            for (depth, key) in standing.chain().enumerate() {
+                if let Some(refused) = self.draw_key(key, depth, cost, spend, &mut holds).await? {
+                    return Ok(refused);
                 }
             }
             // A request that waited (for another budget's reservation) across the end of a
@@ -147,6 +151,38 @@ impl Meter {
             }
         }
         Err(MeterError::HoldsExpired)
+    }
+
+    /// Draws `cost` from each of one key's budgets into `holds`; the refusal, if one
+    /// refuses. `depth` 0 is the key verified, above it its ancestors.
+    async fn draw_key(
+        &self,
+        key: &ApiKey,
+        depth: usize,
+        cost: Cost,
+        spend: Spend,
+        holds: &mut Holds<'_>,
+    ) -> Result<Option<Decision>, MeterError> {
+        for (i, (limit, id)) in key.rate_limits.iter().zip(&key.budgets.rate).enumerate() {
+            let terms = limit.terms(key.tenant_id);
+            if let Drawn::Refused = self.draw(*id, terms, cost, spend, holds).await? {
+                return Ok(Some(if depth == 0 {
+                    Decision::RateLimited(i)
+                } else {
+                    Decision::AncestorRateLimited
+                }));
+            }
+        }
+        if let Some(credits) = key.credits {
+            let terms = Terms::Credits(credits.terms(key.usage_id));
+            if let Drawn::Refused = self
+                .draw(key.budgets.credits, terms, cost, spend, holds)
+                .await?
+            {
+                return Ok(Some(exceeded(depth)));
+            }
+        }
+        Ok(None)
     }
 
     /// Draws `cost` from one budget into `holds`.
@@ -254,6 +290,15 @@ impl Meter {
     }
 }
 
+/// Credits refused at this depth of the chain.
+fn exceeded(depth: usize) -> Decision {
+    if depth == 0 {
+        Decision::UsageExceeded
+    } else {
+        Decision::AncestorUsageExceeded
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use uuid::Uuid;
@@ -304,7 +349,11 @@ mod tests {
         for _ in 0..n {
             out.push(
                 meter
-                    .charge(key, Cost::new(cost).unwrap(), Spend::Reserve)
+                    .charge(
+                        &Standing::plain(key.clone()),
+                        Cost::new(cost).unwrap(),
+                        Spend::Reserve,
+                    )
                     .await
                     .unwrap()
                     .0,
@@ -323,7 +372,7 @@ mod tests {
             [Admitted, Admitted, Admitted, RateLimited(0)]
         );
         let (decision, report) = meter
-            .charge(&k, Cost::DEFAULT, Spend::Reserve)
+            .charge(&Standing::plain(k.clone()), Cost::DEFAULT, Spend::Reserve)
             .await
             .unwrap();
         assert_eq!(decision, RateLimited(0));
@@ -333,7 +382,7 @@ mod tests {
         // Cost 0 checks without spending, and is never refused.
         assert_eq!(
             meter
-                .charge(&k, Cost::FREE, Spend::Reserve)
+                .charge(&Standing::plain(k.clone()), Cost::FREE, Spend::Reserve)
                 .await
                 .unwrap()
                 .0,
@@ -353,7 +402,7 @@ mod tests {
             [Admitted, Admitted, RateLimited(0)]
         );
         let report = meter
-            .charge(&k, Cost::FREE, Spend::Reserve)
+            .charge(&Standing::plain(k.clone()), Cost::FREE, Spend::Reserve)
             .await
             .unwrap()
             .1;

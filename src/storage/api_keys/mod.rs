@@ -1,5 +1,10 @@
 //! API key repository. Keys are stored as their SHA-256 digest; their scopes are rows of
 //! `api_key_scopes` so that deleting a scope can find (and refuse or remove) its grants.
+//! What a key's verification depends on besides its row (roles, ancestors) is read and
+//! reached through [`chain`]; delegation is [`delegation`]; a key's roles, [`roles`].
+mod chain;
+mod delegation;
+mod roles;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -23,14 +28,25 @@ use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
 use crate::domain::page::Page;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
 use crate::domain::rules::{GracePeriod, Retirement, RuleViolation};
+use crate::domain::standing::Standing;
 use crate::domain::usage::{self, CreditChange, CreditDelta, Credits};
 use crate::domain::{TenantAccess, TenantId};
+
+/// What inserting a new key came to.
+enum Inserted {
+    /// The row is in; the transaction goes on.
+    Fresh(DatabaseTransaction),
+    /// A create with the same request id got there first: its key.
+    Existing(Box<ApiKey>),
+}
 
 /// Filters of `ListApiKeys`.
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeyFilter {
     pub workspace_id: Option<Uuid>,
     pub owner_id: Option<String>,
+    /// Only the children of this key.
+    pub parent_id: Option<Uuid>,
 }
 
 /// The result of a rotation: the successor and its secret.
@@ -141,21 +157,22 @@ async fn with_scopes(
         .collect()
 }
 
-/// The digests of every key drawing from a credit account (a key and its rotation
-/// family): what a write to the account makes stale.
-async fn family_digests(
+/// Every key drawing from a credit account and every key delegated from them: each one's
+/// standing holds the account as it was.
+async fn family_eviction(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     account: Uuid,
-) -> Result<Vec<KeyDigest>, StoreError> {
+) -> Result<Eviction, StoreError> {
     let condition = sea_orm::Condition::any()
         .add(api_key::Column::UsageId.eq(account))
         .add(api_key::Column::Id.eq(account));
-    Ok(touched_keys(conn, tenant, condition)
-        .await?
-        .into_iter()
-        .map(|k| k.digest)
-        .collect())
+    let family = touched_keys(conn, tenant, condition).await?;
+    let ids: Vec<Uuid> = family.iter().map(|k| k.id).collect();
+    let digests = family.into_iter().map(|k| k.digest).collect();
+    Ok(Eviction::keys(
+        chain::with_descendants(conn, tenant, &ids, digests).await?,
+    ))
 }
 
 /// Writes what an update does to the key's credit account; `true` when it changed it.
@@ -227,6 +244,7 @@ fn digest_of(id: Uuid, bytes: Vec<u8>) -> Result<KeyDigest, StoreError> {
 /// A key some write touches as a side effect: what its cache eviction and the write's
 /// rules need to know.
 pub(super) struct Touched {
+    pub id: Uuid,
     pub digest: KeyDigest,
     pub live: bool,
 }
@@ -253,11 +271,52 @@ pub(super) async fn touched_keys(
     rows.into_iter()
         .map(|(id, digest, revoked)| {
             Ok(Touched {
+                id,
                 digest: digest_of(id, digest)?,
                 live: revoked.is_none(),
             })
         })
         .collect()
+}
+
+/// Revokes this tenant's non-revoked keys matching `condition`; how many it revoked.
+async fn revoke_where(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    condition: impl sea_orm::sea_query::IntoCondition,
+) -> Result<u64, StoreError> {
+    let now = db_now();
+    Ok(api_key::Entity::update_many()
+        .col_expr(api_key::Column::RevokeTime, Expr::value(now))
+        .col_expr(api_key::Column::UpdateTime, Expr::value(now))
+        .col_expr(
+            api_key::Column::Revision,
+            Expr::col(api_key::Column::Revision).add(1),
+        )
+        .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
+        .filter(condition)
+        .filter(api_key::Column::RevokeTime.is_null())
+        .exec(conn)
+        .await?
+        .rows_affected)
+}
+
+/// Revokes every key delegated from `id` (a key that is revoked or deleted takes its
+/// subtree with it); the eviction of them all, with `digests`.
+async fn revoke_descendants(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    id: Uuid,
+    digests: Vec<KeyDigest>,
+) -> Result<Eviction, StoreError> {
+    let below = chain::descendants(conn, tenant, &[id]).await?;
+    if !below.is_empty() {
+        let ids: Vec<Uuid> = below.iter().map(|k| k.id).collect();
+        revoke_where(conn, tenant, api_key::Column::Id.is_in(ids)).await?;
+    }
+    let mut digests = digests;
+    digests.extend(below.into_iter().map(|k| k.digest));
+    Ok(Eviction::keys(digests))
 }
 
 async fn find_key(
@@ -292,6 +351,8 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt(format!("workspace {} prefix", workspace.id)))?,
         };
         let grants = Self::resolve_grants(&txn, tenant, new.workspace_id, &new.scopes).await?;
+        let held =
+            roles::resolve_roles(&txn, tenant, new.workspace_id, &new.roles, "roles").await?;
         let secret = ApiKeySecret::generate(&prefix)
             .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
         let now = db_now();
@@ -319,27 +380,19 @@ impl Store {
             parent_id: None,
             delegation_depth: 0,
             ancestry: serde_json::json!([]),
-            roles: serde_json::json!([]),
+            roles: roles::names_json(&held),
         };
         // Its own credit account (rotation successors share their predecessor's).
         let model = api_key::Model {
             usage_id: Some(model.id),
             ..model
         };
-        let inserted = api_key::Entity::insert(api_key::ActiveModel::from(model.clone()))
-            .exec_without_returning(&txn)
-            .await;
-        match inserted {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) && new.request_id.is_some() => {
-                drop(txn);
-                let request_id = new.request_id.unwrap_or_default();
-                let existing = self.api_key_by_request(tenant, request_id).await?;
-                return existing.map(|k| (k, None)).ok_or(StoreError::Database(e));
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let txn = match self.insert_key(txn, tenant, model.clone()).await? {
+            Inserted::Fresh(txn) => txn,
+            Inserted::Existing(key) => return Ok((*key, None)),
+        };
         insert_grants(&txn, model.id, &grants).await?;
+        roles::write_roles(&txn, model.id, &held).await?;
         if let Some(credits) = new.credits {
             accounts::set_credits(
                 &txn,
@@ -359,6 +412,31 @@ impl Store {
         self.commit(txn, acting, change, Eviction::key(secret.digest()))
             .await?;
         Ok((key, Some(secret)))
+    }
+
+    /// Inserts a new key's row; a concurrent create with the same request id may have won,
+    /// and then its key is the answer.
+    async fn insert_key(
+        &self,
+        txn: DatabaseTransaction,
+        tenant: TenantId,
+        model: api_key::Model,
+    ) -> Result<Inserted, StoreError> {
+        let request_id = model.request_id;
+        let inserted = api_key::Entity::insert(api_key::ActiveModel::from(model))
+            .exec_without_returning(&txn)
+            .await;
+        match (inserted, request_id) {
+            (Ok(_), _) => Ok(Inserted::Fresh(txn)),
+            (Err(e), Some(request_id)) if is_unique_violation(&e) => {
+                drop(txn);
+                let existing = self.api_key_by_request(tenant, request_id).await?;
+                existing
+                    .map(|k| Inserted::Existing(Box::new(k)))
+                    .ok_or(StoreError::Database(e))
+            }
+            (Err(e), _) => Err(e.into()),
+        }
     }
 
     async fn api_key_by_request(
@@ -396,6 +474,9 @@ impl Store {
         if let Some(owner) = &filter.owner_id {
             query = query.filter(api_key::Column::OwnerId.eq(owner.as_str()));
         }
+        if let Some(parent) = filter.parent_id {
+            query = query.filter(api_key::Column::ParentId.eq(parent));
+        }
         if let Some(after) = after {
             query = query.filter(api_key::Column::Id.gt(after));
         }
@@ -407,34 +488,22 @@ impl Store {
         Ok(Page::from_rows(with_scopes(&self.db, rows).await?, limit))
     }
 
-    /// Revokes a key; revoking a revoked key changes nothing.
+    /// Revokes a key and, in the same transaction, every key delegated from it; revoking a
+    /// revoked key changes nothing.
     pub async fn revoke_api_key(&self, acting: &Acting, id: Uuid) -> Result<ApiKey, StoreError> {
         let tenant = acting.tenant;
         let txn = self.begin_write().await?;
-        let now = db_now();
-        let revoked = api_key::Entity::update_many()
-            .col_expr(api_key::Column::RevokeTime, Expr::value(now))
-            .col_expr(api_key::Column::UpdateTime, Expr::value(now))
-            .col_expr(
-                api_key::Column::Revision,
-                Expr::col(api_key::Column::Revision).add(1),
-            )
-            .filter(api_key::Column::TenantId.eq(tenant.as_uuid()))
-            .filter(api_key::Column::Id.eq(id))
-            .filter(api_key::Column::RevokeTime.is_null())
-            .exec(&txn)
-            .await?
-            .rows_affected;
+        let revoked = revoke_where(&txn, tenant, api_key::Column::Id.eq(id)).await?;
         let key = find_key(&txn, tenant, id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
         if revoked == 0 {
-            // Already revoked: nothing changed, so nothing to log or evict.
+            // Already revoked (and its descendants with it): nothing to log or evict.
             return Ok(key);
         }
+        let eviction = revoke_descendants(&txn, tenant, id, vec![key.digest]).await?;
         let change = Change::new(AuditAction::ApiKeyRevoke, id, vec!["revoke_time"]);
-        self.commit(txn, acting, change, Eviction::key(key.digest))
-            .await?;
+        self.commit(txn, acting, change, eviction).await?;
         Ok(key)
     }
 
@@ -520,6 +589,7 @@ impl Store {
             .map(|g| (g.scope, g.scope_id))
             .collect();
         insert_grants(&txn, successor_id, &grants).await?;
+        delegation::hand_over(&txn, tenant, id, successor_id).await?;
         let key = find_key(&txn, tenant, successor.id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", successor.id))?;
@@ -528,8 +598,11 @@ impl Store {
             id,
             vec!["successor_id", retired_field],
         );
-        let eviction = Eviction::keys(vec![old.digest, secret.digest()]);
-        self.commit(txn, acting, change, eviction).await?;
+        // The children now hang from the successor: their standings name it.
+        let digests = vec![old.digest, secret.digest()];
+        let digests = chain::with_descendants(&txn, tenant, &[successor_id], digests).await?;
+        self.commit(txn, acting, change, Eviction::keys(digests))
+            .await?;
         Ok(Rotated { key, secret })
     }
 
@@ -547,8 +620,9 @@ impl Store {
             .await?;
         accounts::drop_orphaned_account(&txn, tenant, usage::usage_id(key.id, key.usage_id))
             .await?;
+        let digest = digest_of(key.id, key.key_digest)?;
+        let eviction = revoke_descendants(&txn, tenant, id, vec![digest]).await?;
         let change = Change::new(AuditAction::ApiKeyDelete, id, Vec::new());
-        let eviction = Eviction::key(digest_of(key.id, key.key_digest)?);
         self.commit(txn, acting, change, eviction).await
     }
 
@@ -587,40 +661,31 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
         // Every key of the account: a remembered refusal must yield to the new version.
-        let eviction = Eviction::keys(family_digests(&txn, tenant, key.usage_id).await?);
+        let eviction = family_eviction(&txn, tenant, key.usage_id).await?;
         let change = Change::new(AuditAction::ApiKeyAdjustCredits, id, vec!["remaining_uses"]);
         self.commit(txn, acting, change, eviction).await?;
         Ok(key)
     }
 
-    /// The key with this digest, if the caller may see its tenant: one query (the key and
-    /// its grants joined), the whole cost of a verification the cache cannot answer.
-    pub async fn find_api_key_by_digest(
+    /// The standing of the key with this digest, if the caller may see its tenant: the
+    /// whole cost of a verification the cache cannot answer. For a key without roles or
+    /// ancestors, one query (the key, its grants and its credit account joined: the account
+    /// joins on the key's usage id, which every key with an account has written out, see
+    /// `rotate_api_key` and `Stored::changes`); see [`chain`] for the others.
+    pub async fn find_standing_by_digest(
         &self,
         access: TenantAccess,
         digest: &KeyDigest,
-    ) -> Result<Option<ApiKey>, StoreError> {
-        let mut query =
-            api_key::Entity::find().filter(api_key::Column::KeyDigest.eq(digest.0.to_vec()));
+    ) -> Result<Option<Standing>, StoreError> {
+        let mut condition =
+            sea_orm::Condition::all().add(api_key::Column::KeyDigest.eq(digest.0.to_vec()));
         if let TenantAccess::One(tenant) = access {
-            query = query.filter(api_key::Column::TenantId.eq(tenant.as_uuid()));
+            condition = condition.add(api_key::Column::TenantId.eq(tenant.as_uuid()));
         }
-        // Still one query: the credit account joins on the key's usage id, which every key
-        // with an account has written out (see `rotate_api_key` and `Stored::changes`).
-        let Some((model, credits, grants)) = query
-            .find_also_related(usage_credit::Entity)
-            .find_also_related(api_key_scope::Entity)
-            .consolidate()
-            .all(&self.db)
-            .await?
-            .pop()
-        else {
+        let Some(key) = chain::keys_joined(&self.db, condition).await?.pop() else {
             return Ok(None);
         };
-        let mut scopes: Vec<String> = grants.into_iter().map(|g| g.scope).collect();
-        scopes.sort();
-        scopes.dedup();
-        from_model(model, scopes, credits.first()).map(Some)
+        chain::standing_of(&self.db, key).await.map(Some)
     }
 }
 
@@ -645,6 +710,7 @@ impl Stored for ApiKey {
     fn changes(&self) -> api_key::ActiveModel {
         api_key::ActiveModel {
             name: Set(self.name.clone()),
+            roles: Set(serde_json::json!(self.roles)),
             owner_id: Set(self.owner_id.clone()),
             metadata: Set(map_to_json(&self.metadata)),
             expire_time: Set(self.expire_time),
@@ -676,6 +742,11 @@ impl Stored for ApiKey {
                 .await?;
             insert_grants(txn, self.id, &grants).await?;
         }
+        if let Some(names) = &patch.roles {
+            let held = roles::resolve_roles(txn, tenant, self.workspace_id, names, "api_key.roles")
+                .await?;
+            roles::write_roles(txn, self.id, &held).await?;
+        }
         // `apply` left the account as read and checked the rules against it.
         let refill = self.credits.and_then(|c| c.refill);
         let change = patch
@@ -689,7 +760,10 @@ impl Stored for ApiKey {
             })?;
         let reschedule = patch.credits.refill.is_some();
         if !write_credit_change(txn, self, change, reschedule).await? {
-            return Ok(self.eviction());
+            // The key's descendants hold its state in their standings.
+            let digests =
+                chain::with_descendants(txn, tenant, &[self.id], vec![self.digest]).await?;
+            return Ok(Eviction::keys(digests));
         }
         self.credits = match load_credits(txn, &[self.usage_id])
             .await?
@@ -698,10 +772,7 @@ impl Stored for ApiKey {
             Some(row) => credits_from_row(row)?,
             None => None,
         };
-        let mut digests = family_digests(txn, tenant, self.usage_id).await?;
-        if !digests.contains(&self.digest) {
-            digests.push(self.digest);
-        }
-        Ok(Eviction::keys(digests))
+        let eviction = family_eviction(txn, tenant, self.usage_id).await?;
+        Ok(eviction.and(Eviction::key(self.digest)))
     }
 }
