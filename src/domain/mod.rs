@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod key;
 pub mod page;
+pub mod permission;
 pub mod records;
 pub mod role;
 pub mod rules;
