@@ -13,6 +13,7 @@ use crate::auth::{AuthError, bearer_token};
 use crate::domain::TenantId;
 use crate::domain::key::ApiKeySecret;
 use crate::domain::page::{ListFingerprint, ListKind, PageSize, PageTokenCodec};
+use crate::domain::permission::{MAX_LEN, MAX_TERMS, PermissionQuery};
 use crate::domain::scope::ScopeString;
 use crate::grpc::{api_keys, convert, scopes, workspaces};
 use crate::proto as pb;
@@ -21,12 +22,13 @@ use crate::proto as pb;
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("key_parser", key_parser),
     ("scope_parser", scope_parser),
     ("page_token", page_token),
     ("credentials", credentials),
     ("request", request),
+    ("permission_query", permission_query),
 ];
 
 /// The key parser: an accepted key is exactly its input, and its masked form shows the
@@ -55,6 +57,39 @@ pub fn scope_parser(data: &[u8]) {
             ScopeString::from_parts(scope.resource(), scope.action()),
             Ok(scope.clone())
         );
+    }
+}
+
+/// The permission-query parser: an accepted query has 1 to 64 distinct terms; it fails
+/// with nothing granted (every term missing) and holds with every term granted, or every
+/// term's `resource:*`; withholding one term can leave only that term missing; and its
+/// canonical form parses back to the same query.
+pub fn permission_query(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(query) = PermissionQuery::parse(text) else {
+        return;
+    };
+    let terms: Vec<&str> = query.terms().iter().map(ScopeString::as_str).collect();
+    assert!((1..=MAX_TERMS).contains(&terms.len()));
+    assert_eq!(query.missing(&[] as &[&str]), terms);
+    assert!(query.missing(&terms).is_empty());
+    let wildcards: Vec<String> = query
+        .terms()
+        .iter()
+        .map(|t| format!("{}:*", t.resource()))
+        .collect();
+    assert!(query.missing(&wildcards).is_empty());
+    for (i, withheld) in terms.iter().enumerate() {
+        let mut granted = terms.clone();
+        granted.remove(i);
+        let missing = query.missing(&granted);
+        assert!(missing.iter().all(|m| m == withheld), "{missing:?}");
+    }
+    let canonical = query.to_string();
+    if canonical.len() <= MAX_LEN {
+        assert_eq!(PermissionQuery::parse(&canonical), Ok(query));
     }
 }
 

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod delegation;
 pub mod key;
 pub mod page;
+pub mod permission;
 pub mod records;
 pub mod role;
 pub mod rules;

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod meter;
 pub mod outage;
+pub mod queries;
 
 use std::sync::Arc;
 
