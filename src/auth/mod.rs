@@ -207,6 +207,7 @@ impl Authenticator {
                 TenantAccess::Any,
                 presented,
                 &[] as &[ScopeString],
+                None,
                 Cost::FREE,
             )
             .await?;

@@ -14,6 +14,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::permission::PermissionQuery;
 use super::records::{ApiKey, VerifyCode};
 use super::scope::{self, ScopeString};
 
@@ -71,16 +72,29 @@ impl Standing {
     }
 
     /// The checks of SPEC §3.4 up to the scopes, in their order: revoked, expired and
-    /// disabled (of the key or any ancestor), then the required scopes against what the key
-    /// holds now. The scopes it lacks come with [`VerifyCode::InsufficientScopes`].
-    pub fn check(&self, now: DateTime<Utc>, required: &[ScopeString]) -> (VerifyCode, Vec<String>) {
+    /// disabled (of the key or any ancestor), then the required scopes and the permission
+    /// query against what the key holds now. The scopes it lacks (the query's terms it
+    /// does not hold, when the query fails) come with [`VerifyCode::InsufficientScopes`].
+    pub fn check(
+        &self,
+        now: DateTime<Utc>,
+        required: &[ScopeString],
+        query: Option<&PermissionQuery>,
+    ) -> (VerifyCode, Vec<String>) {
         if let Some(code) = self.unusable(now) {
             return (code, Vec::new());
         }
-        let missing: Vec<String> = scope::missing(&self.effective, required)
+        let mut missing: Vec<String> = scope::missing(&self.effective, required)
             .into_iter()
             .map(|s| s.to_string())
             .collect();
+        if let Some(query) = query {
+            for term in query.missing(&self.effective) {
+                if !missing.contains(&term) {
+                    missing.push(term);
+                }
+            }
+        }
         if missing.is_empty() {
             (VerifyCode::Valid, missing)
         } else {
@@ -182,27 +196,53 @@ mod tests {
         let mut k = key(&["crm:*"]);
         let standing = |k: &ApiKey| Standing::plain(k.clone());
         assert_eq!(
-            standing(&k).check(now, &need("erp:read")),
+            standing(&k).check(now, &need("erp:read"), None),
             (VerifyCode::InsufficientScopes, vec!["erp:read".into()])
         );
         assert_eq!(
-            standing(&k).check(now, &need("crm:read")).0,
+            standing(&k).check(now, &need("crm:read"), None).0,
             VerifyCode::Valid
         );
         k.disabled = true;
         assert_eq!(
-            standing(&k).check(now, &need("erp:read")).0,
+            standing(&k).check(now, &need("erp:read"), None).0,
             VerifyCode::Disabled
         );
         k.expire_time = Some(now - Duration::seconds(1));
         assert_eq!(
-            standing(&k).check(now, &need("erp:read")).0,
+            standing(&k).check(now, &need("erp:read"), None).0,
             VerifyCode::Expired
         );
         k.revoke_time = Some(now);
         assert_eq!(
-            standing(&k).check(now, &need("erp:read")).0,
+            standing(&k).check(now, &need("erp:read"), None).0,
             VerifyCode::Revoked
+        );
+    }
+
+    #[test]
+    fn a_permission_query_must_hold_too() {
+        let s = Standing::plain(key(&["crm:read", "billing:*"]));
+        let query = |q: &str| PermissionQuery::parse(q).unwrap();
+        let now = Utc::now();
+        let holds = query("crm:read AND (crm:write OR billing:pay)");
+        assert_eq!(
+            s.check(now, &[], Some(&holds)),
+            (VerifyCode::Valid, Vec::new())
+        );
+        let fails = query("crm:write OR erp:read");
+        assert_eq!(
+            s.check(now, &need("crm:read"), Some(&fails)),
+            (
+                VerifyCode::InsufficientScopes,
+                vec!["crm:write".to_owned(), "erp:read".to_owned()]
+            )
+        );
+        // Both must hold: a required scope missing fails a query that holds.
+        let (code, missing) = s.check(now, &need("erp:read"), Some(&holds));
+        assert_eq!(
+            (code, missing),
+            (VerifyCode::InsufficientScopes, vec!["erp:read".to_owned()])
         );
     }
 
@@ -211,7 +251,7 @@ mod tests {
         let s = Standing::resolve(key(&["crm:read"]), vec!["billing:read".into()], Vec::new());
         assert_eq!(s.effective, ["billing:read", "crm:read"]);
         assert_eq!(
-            s.check(Utc::now(), &need("billing:read")).0,
+            s.check(Utc::now(), &need("billing:read"), None).0,
             VerifyCode::Valid
         );
     }
@@ -257,19 +297,19 @@ mod tests {
         let mut disabled = child.clone();
         disabled.disabled = true;
         assert_eq!(
-            resolve(&root, &disabled).check(now, &[]).0,
+            resolve(&root, &disabled).check(now, &[], None).0,
             VerifyCode::Disabled
         );
         let mut revoked = root.clone();
         revoked.revoke_time = Some(now);
         assert_eq!(
-            resolve(&revoked, &disabled).check(now, &[]).0,
+            resolve(&revoked, &disabled).check(now, &[], None).0,
             VerifyCode::Revoked
         );
         let mut expired = root.clone();
         expired.expire_time = Some(now - Duration::seconds(1));
         assert_eq!(
-            resolve(&expired, &disabled).check(now, &[]).0,
+            resolve(&expired, &disabled).check(now, &[], None).0,
             VerifyCode::Expired
         );
         // A deleted ancestor: answered as revoked.
@@ -278,6 +318,6 @@ mod tests {
             Vec::new(),
             vec![(root.clone(), Vec::new())],
         );
-        assert_eq!(orphan.check(now, &[]).0, VerifyCode::Revoked);
+        assert_eq!(orphan.check(now, &[], None).0, VerifyCode::Revoked);
     }
 }

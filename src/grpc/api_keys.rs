@@ -9,6 +9,7 @@ use crate::domain::audit::ActorKind;
 use crate::domain::delegation::{Lifetime, NewDelegation};
 use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
+use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
 use crate::domain::rules::RuleViolation;
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
@@ -269,6 +270,21 @@ pub fn parse_required_scopes(scopes: &[String]) -> Result<Vec<ScopeString>, Vali
 }
 
 impl KeyplaneApi {
+    /// A request's permission query: none when empty; parsed once per distinct text.
+    fn permission_query(
+        &self,
+        text: &str,
+    ) -> Result<Option<std::sync::Arc<PermissionQuery>>, ValidationError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        self.queries
+            .get(text)
+            .map(Some)
+            .map_err(|e| ValidationError::single("permission_query", e.to_string()))
+    }
+
     /// A key read from the database as a message. Its `remaining_uses` is the stored
     /// balance no replica has reserved, plus what this replica holds and may still spend:
     /// exact on one replica, and never above the truth with several (the others' leases are
@@ -463,10 +479,11 @@ impl ApiKeyService for KeyplaneApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let required = parse_required_scopes(&r.required_scopes)?;
+        let query = self.permission_query(&r.permission_query)?;
         let cost = parse_cost(r.cost)?;
         let outcome = self
             .verifier
-            .verify(caller.access, &r.key, &required, cost)
+            .verify(caller.access, &r.key, &required, query.as_deref(), cost)
             .await?;
         self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();

@@ -4,6 +4,7 @@
 //! handler is thin: [`parse_check`] reads the request and [`respond`] builds the answer,
 //! both pure; [`KeyVerifier::verify`](crate::verification::KeyVerifier::verify) decides.
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
@@ -17,6 +18,7 @@ use super::convert::RequestCheck;
 use super::{KeyplaneApi, caller};
 use crate::auth::bearer_token;
 use crate::domain::key::ApiKeySecret;
+use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
 use crate::domain::standing::Standing;
@@ -25,11 +27,14 @@ use crate::domain::validate::{ValidationError, Validator};
 use crate::proto as pb;
 use crate::verification::Verification;
 use crate::verification::meter::UsageReport;
+use crate::verification::queries::ParsedQueries;
 
 /// The route setting (`context_extensions`) naming the scopes a request needs.
 pub const REQUIRED_SCOPES: &str = "required_scopes";
 /// The route setting (`context_extensions`) naming what a request costs.
 pub const COST: &str = "cost";
+/// The route setting (`context_extensions`) holding a permission query (SPEC §3.4).
+pub const PERMISSION_QUERY: &str = "permission_query";
 
 // The upstream headers keyplane sets on an allowed request.
 pub const TENANT_HEADER: &str = "x-keyplane-tenant-id";
@@ -72,6 +77,8 @@ pub struct CheckInput {
     /// Client-sent `x-keyplane-*` header names, to remove on allow unless keyplane sets them.
     pub client_keyplane_headers: Vec<String>,
     pub required: Vec<ScopeString>,
+    /// The route's permission query, parsed once per distinct text ([`ParsedQueries`]).
+    pub query: Option<Arc<PermissionQuery>>,
     /// What the request costs (`context_extensions["cost"]`), charged exactly as
     /// `VerifyApiKeyRequest.cost`.
     pub cost: u32,
@@ -92,6 +99,7 @@ impl std::fmt::Debug for CheckInput {
             .field("credential_headers", &self.credential_headers)
             .field("client_keyplane_headers", &self.client_keyplane_headers)
             .field("required", &self.required)
+            .field("query", &self.query.as_ref().map(|q| q.to_string()))
             .field("cost", &self.cost)
             .finish()
     }
@@ -107,7 +115,10 @@ fn bearer_key(authorization: &str) -> Option<&str> {
 
 /// Reads a `CheckRequest`. A bad route setting (`context_extensions`) is the caller's
 /// configuration error: INVALID_ARGUMENT, not a deny.
-pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError> {
+pub fn parse_check(
+    request: &CheckRequest,
+    queries: &ParsedQueries,
+) -> Result<CheckInput, ValidationError> {
     let mut v = Validator::new();
     let empty = HashMap::new();
     let headers = match request.get_client_headers() {
@@ -153,6 +164,16 @@ pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError
         .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
         .unwrap_or_default();
     let required = v.scopes(&field(REQUIRED_SCOPES), &scopes);
+    let query = match extensions.get(PERMISSION_QUERY).map(|q| q.trim()) {
+        None | Some("") => None,
+        Some(text) => match queries.get(text) {
+            Ok(query) => Some(query),
+            Err(e) => {
+                v.add(field(PERMISSION_QUERY), e.to_string());
+                None
+            }
+        },
+    };
     let cost = match extensions.get(COST) {
         None => 1,
         Some(text) => match text.trim().parse::<u32>() {
@@ -171,6 +192,7 @@ pub fn parse_check(request: &CheckRequest) -> Result<CheckInput, ValidationError
         credential_headers,
         client_keyplane_headers,
         required,
+        query,
         cost,
     })
 }
@@ -471,13 +493,19 @@ impl Authorization for KeyplaneApi {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let caller = caller(&request)?;
-        let input = parse_check(request.get_ref())?;
+        let input = parse_check(request.get_ref(), &self.queries)?;
         let verification = match &input.key {
             None => None,
             Some((key, _)) => {
                 match self
                     .verifier
-                    .verify(caller.access, key, &input.required, input.cost())
+                    .verify(
+                        caller.access,
+                        key,
+                        &input.required,
+                        input.query.as_deref(),
+                        input.cost(),
+                    )
                     .await
                 {
                     Ok(verification) => Some(verification),
@@ -563,6 +591,27 @@ mod tests {
         }
     }
 
+    fn queries() -> ParsedQueries {
+        ParsedQueries::new(16)
+    }
+
+    #[test]
+    fn a_route_may_set_a_permission_query() {
+        let q = "crm:read AND (crm:write OR billing:*)";
+        let input = parse_check(&request(&[], &[("permission_query", q)]), &queries()).unwrap();
+        assert_eq!(input.query.unwrap().to_string(), q);
+        let input = parse_check(&request(&[], &[("permission_query", " ")]), &queries()).unwrap();
+        assert!(input.query.is_none());
+        let bad = parse_check(
+            &request(&[], &[("permission_query", "crm:read AND")]),
+            &queries(),
+        );
+        assert_eq!(
+            fields(bad.unwrap_err()),
+            ["attributes.context_extensions.permission_query"]
+        );
+    }
+
     fn fields(e: ValidationError) -> Vec<String> {
         e.violations.into_iter().map(|v| v.field).collect()
     }
@@ -571,19 +620,19 @@ mod tests {
     fn reads_the_key_from_x_api_key_first_then_a_bearer_keyplane_key() {
         let k = secret();
         let bearer = format!("Bearer {k}");
-        let input = parse_check(&request(&[("x-api-key", "abc")], &[])).unwrap();
+        let input = parse_check(&request(&[("x-api-key", "abc")], &[]), &queries()).unwrap();
         assert_eq!(input.key, Some(("abc".into(), KeyHeader::ApiKey)));
         assert_eq!(input.credential_headers, vec![KeyHeader::ApiKey]);
 
-        let input = parse_check(&request(&[("authorization", &bearer)], &[])).unwrap();
+        let input = parse_check(&request(&[("authorization", &bearer)], &[]), &queries()).unwrap();
         assert_eq!(input.key, Some((k.clone(), KeyHeader::Authorization)));
         assert_eq!(input.credential_headers, vec![KeyHeader::Authorization]);
 
         // Both: x-api-key decides, and both are removed on allow.
-        let input = parse_check(&request(
-            &[("x-api-key", "x"), ("authorization", &bearer)],
-            &[],
-        ))
+        let input = parse_check(
+            &request(&[("x-api-key", "x"), ("authorization", &bearer)], &[]),
+            &queries(),
+        )
         .unwrap();
         assert_eq!(input.key.unwrap().1, KeyHeader::ApiKey);
         assert_eq!(
@@ -597,14 +646,16 @@ mod tests {
             "Basic dXNlcjpwYXNz",
             "Bearer kp_short",
         ] {
-            let input = parse_check(&request(&[("authorization", other)], &[])).unwrap();
+            let input =
+                parse_check(&request(&[("authorization", other)], &[]), &queries()).unwrap();
             assert_eq!(input.key, None, "{other}");
             assert!(input.credential_headers.is_empty());
         }
         assert!(
             !format!(
                 "{input:?}",
-                input = parse_check(&request(&[("authorization", &bearer)], &[])).unwrap()
+                input =
+                    parse_check(&request(&[("authorization", &bearer)], &[]), &queries()).unwrap()
             )
             .contains(&k)
         );
@@ -612,22 +663,27 @@ mod tests {
 
     #[test]
     fn reads_route_settings() {
-        let input = parse_check(&request(&[], &[])).unwrap();
+        let input = parse_check(&request(&[], &[]), &queries()).unwrap();
         assert_eq!((input.required.len(), input.cost), (0, 1));
-        let input = parse_check(&request(
-            &[("X-Keyplane-Tenant-Id", "t"), ("x-other", "o")],
-            &[
-                ("required_scopes", " crm:read  erp:write crm:read "),
-                ("cost", "1000"),
-            ],
-        ))
+        let input = parse_check(
+            &request(
+                &[("X-Keyplane-Tenant-Id", "t"), ("x-other", "o")],
+                &[
+                    ("required_scopes", " crm:read  erp:write crm:read "),
+                    ("cost", "1000"),
+                ],
+            ),
+            &queries(),
+        )
         .unwrap();
         let required: Vec<&str> = input.required.iter().map(|s| s.as_str()).collect();
         assert_eq!(required, ["crm:read", "erp:write"]);
         assert_eq!(input.cost, 1000);
         assert_eq!(input.client_keyplane_headers, ["X-Keyplane-Tenant-Id"]);
         assert_eq!(
-            parse_check(&request(&[], &[("cost", "0")])).unwrap().cost,
+            parse_check(&request(&[], &[("cost", "0")]), &queries())
+                .unwrap()
+                .cost,
             0
         );
     }
@@ -636,19 +692,23 @@ mod tests {
     fn bad_route_settings_are_invalid_arguments() {
         for cost in ["1001", "-1", "1.5", "", "ten"] {
             assert_eq!(
-                fields(parse_check(&request(&[], &[("cost", cost)])).unwrap_err()),
+                fields(parse_check(&request(&[], &[("cost", cost)]), &queries()).unwrap_err()),
                 ["attributes.context_extensions.cost"],
                 "{cost}"
             );
         }
         assert_eq!(
             fields(
-                parse_check(&request(&[], &[("required_scopes", "crm:read nope")])).unwrap_err()
+                parse_check(
+                    &request(&[], &[("required_scopes", "crm:read nope")]),
+                    &queries()
+                )
+                .unwrap_err()
             ),
             ["attributes.context_extensions.required_scopes"]
         );
         assert_eq!(
-            fields(parse_check(&CheckRequest::default()).unwrap_err()),
+            fields(parse_check(&CheckRequest::default(), &queries()).unwrap_err()),
             ["attributes.request.http"]
         );
     }
@@ -678,14 +738,17 @@ mod tests {
     #[test]
     fn allow_sets_identity_headers_and_removes_credentials_and_client_keyplane_headers() {
         let k = key(Some("user-7"));
-        let input = parse_check(&request(
-            &[
-                ("x-api-key", &secret()),
-                ("x-keyplane-tenant-id", "forged"),
-                ("x-keyplane-extra", "forged"),
-            ],
-            &[],
-        ))
+        let input = parse_check(
+            &request(
+                &[
+                    ("x-api-key", &secret()),
+                    ("x-keyplane-tenant-id", "forged"),
+                    ("x-keyplane-extra", "forged"),
+                ],
+                &[],
+            ),
+            &queries(),
+        )
         .unwrap();
         let response = respond(
             Outcome::Verified(&verified(VerifyCode::Valid, Some(k.clone()), &[])),
@@ -721,13 +784,16 @@ mod tests {
     #[test]
     fn allow_without_owner_removes_a_client_owner_header_and_a_bearer_credential() {
         let bearer = format!("Bearer {}", secret());
-        let input = parse_check(&request(
-            &[
-                ("authorization", &bearer),
-                ("x-keyplane-owner-id", "forged"),
-            ],
-            &[],
-        ))
+        let input = parse_check(
+            &request(
+                &[
+                    ("authorization", &bearer),
+                    ("x-keyplane-owner-id", "forged"),
+                ],
+                &[],
+            ),
+            &queries(),
+        )
         .unwrap();
         let response = respond(
             Outcome::Verified(&verified(VerifyCode::Valid, Some(key(None)), &[])),
@@ -760,7 +826,7 @@ mod tests {
 
     #[test]
     fn denies_map_to_401_or_403_with_a_json_body() {
-        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[]), &queries()).unwrap();
         let cases = [
             (None, "VERIFY_CODE_MALFORMED"),
             (
@@ -874,7 +940,7 @@ mod tests {
 
     #[test]
     fn exhausted_usage_is_a_429_with_when_to_retry() {
-        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[]), &queries()).unwrap();
         let limited = with_usage(
             VerifyCode::RateLimited,
             report(&[(100, 40, false), (10, 0, true)], Some((7, None))),
@@ -910,7 +976,7 @@ mod tests {
 
     #[test]
     fn an_allow_tells_the_client_about_its_tightest_limit() {
-        let input = parse_check(&request(&[("x-api-key", "whatever")], &[])).unwrap();
+        let input = parse_check(&request(&[("x-api-key", "whatever")], &[]), &queries()).unwrap();
         let fine = with_usage(
             VerifyCode::Valid,
             report(&[(100, 40, false), (10, 3, false)], None),

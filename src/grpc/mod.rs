@@ -26,6 +26,7 @@ use crate::domain::page::{Cursor, ListFingerprint, Page, PageTokenCodec};
 use crate::domain::records::VerifyCode;
 use crate::storage::Store;
 use crate::verification::KeyVerifier;
+use crate::verification::queries::{self, ParsedQueries};
 use error::ApiError;
 use observe::RequestId;
 
@@ -39,6 +40,8 @@ pub struct KeyplaneApi {
     checks: Arc<CodeCounters>,
     /// The longest a delegated key may live (`--max-delegation-ttl`).
     max_delegation_ttl: chrono::Duration,
+    /// Permission queries parsed once per distinct text, for VerifyApiKey and Check.
+    queries: Arc<ParsedQueries>,
 }
 
 impl KeyplaneApi {
@@ -50,6 +53,7 @@ impl KeyplaneApi {
     ) -> Self {
         Self {
             max_delegation_ttl,
+            queries: Arc::new(ParsedQueries::new(queries::DEFAULT_CAPACITY)),
             store,
             verifier,
             pages,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use crate::domain::key::{ApiKeySecret, KeyDigest};
+use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
 use crate::domain::standing::Standing;
@@ -88,6 +89,7 @@ impl KeyVerifier {
         access: TenantAccess,
         presented: &str,
         required: &[ScopeString],
+        query: Option<&PermissionQuery>,
         cost: Cost,
     ) -> Result<Verification, StoreError> {
         let Ok(secret) = ApiKeySecret::parse(presented) else {
@@ -109,7 +111,7 @@ impl KeyVerifier {
             return Ok(Verification::without_key(VerifyCode::NotFound));
         };
         let now = Utc::now();
-        let (mut code, missing) = standing.check(now, required);
+        let (mut code, missing) = standing.check(now, required, query);
         let mut usage = None;
         if code == VerifyCode::Valid && standing.has_usage_controls() {
             // Stale: the database cannot reserve more, so only what is held may be spent.

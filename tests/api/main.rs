@@ -13,6 +13,7 @@ mod isolation;
 mod leaks;
 mod lifecycle;
 mod matrix;
+mod permission_queries;
 mod races;
 mod scopes;
 mod usage;
