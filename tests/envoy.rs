@@ -118,6 +118,10 @@ fn bootstrap(admin: u16, listen: u16, keyplane: SocketAddr, upstream: u16, token
             "/erp",
             &[("required_scopes", "crm:read erp:write"), ("cost", "5")],
         ),
+        route(
+            "/agents",
+            &[("permission_query", "crm:read AND (crm:write OR billing:*)")],
+        ),
         route("/misconfigured", &[("required_scopes", "not-a-scope")]),
         route("/badcost", &[("cost", "1001")]),
         route("/", &[]),
@@ -620,6 +624,7 @@ async fn through_envoy(backend: Backend) {
     }
 
     usage_controls(&app, &ws, port, &upstream).await;
+    authorization_model(&app, &ws, port, &upstream).await;
 
     // No secret ever reached the upstream, in any header.
     for headers in upstream.seen.lock().unwrap().iter() {
@@ -632,6 +637,94 @@ async fn through_envoy(backend: Backend) {
         }
     }
     drop(envoy);
+}
+
+/// Permission queries set per route, and delegated keys: the upstream learns the chain, and
+/// the sub-agent's key dies with its parent.
+async fn authorization_model(app: &TestApp, ws: &str, port: u16, upstream: &Upstream) {
+    app.create_scope("crm:write", ws).await;
+    let (_, both) = create_key(app, ws, &["crm:read", "crm:write"], "", None).await;
+    let (_, read_only) = create_key(app, ws, &["crm:read"], "", None).await;
+    let reply = get(port, "/agents", &[("x-api-key", &both)]).await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let before = upstream.requests();
+    let reply = get(port, "/agents", &[("x-api-key", &read_only)])
+        .await
+        .unwrap();
+    assert_denied(
+        &reply,
+        403,
+        "VERIFY_CODE_INSUFFICIENT_SCOPES",
+        "a query that does not hold",
+    );
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("crm:write")
+    );
+    assert_eq!(upstream.requests(), before);
+
+    let (root, root_secret) = create_key(
+        app,
+        ws,
+        &["crm:read", "crm:write", "keyplane.api_keys:delegate"],
+        "agent",
+        None,
+    )
+    .await;
+    let delegate = |secret: String, delegable: bool| async move {
+        app.client(&Cred::ApiKey(secret))
+            .keys
+            .delegate_api_key(pb::DelegateApiKeyRequest {
+                scopes: strings(&["crm:read"]),
+                delegable,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let child = delegate(root_secret, true).await;
+    let grandchild = delegate(child.secret.clone(), false).await;
+    let (child_id, grandchild_id) = (child.api_key.unwrap().id, grandchild.api_key.unwrap().id);
+    let reply = get(
+        port,
+        "/crm",
+        &[
+            ("x-api-key", &grandchild.secret),
+            ("x-keyplane-delegation-chain", "forged"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = reply.json();
+    assert_eq!(seen["x-keyplane-key-id"], grandchild_id);
+    assert_eq!(seen["x-keyplane-root-key-id"], root.id);
+    assert_eq!(
+        seen["x-keyplane-delegation-chain"],
+        format!("{} {child_id} {grandchild_id}", root.id)
+    );
+    assert_eq!(seen["x-keyplane-scopes"], "crm:read");
+    // The child holds crm:read only: the route's query needs crm:write too.
+    assert_denied(
+        &get(port, "/agents", &[("x-api-key", &grandchild.secret)])
+            .await
+            .unwrap(),
+        403,
+        "VERIFY_CODE_INSUFFICIENT_SCOPES",
+        "a delegated key narrower than the route",
+    );
+    app.revoke_key(&root.id).await;
+    assert_denied(
+        &get(port, "/crm", &[("x-api-key", &grandchild.secret)])
+            .await
+            .unwrap(),
+        401,
+        "VERIFY_CODE_REVOKED",
+        "the sub-agent's key dies with its root",
+    );
 }
 
 /// Rate limits and credits through Envoy: an allowed request tells the client what is left,
