@@ -13,6 +13,7 @@ mod leaks;
 mod lifecycle;
 mod matrix;
 mod races;
+mod roles;
 mod scopes;
 mod usage;
 mod verify;
