@@ -33,7 +33,8 @@ use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
 use crate::grpc::tls::{self, Tls};
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
-    scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
+    role_service_server::RoleServiceServer, scope_service_server::ScopeServiceServer,
+    workspace_service_server::WorkspaceServiceServer,
 };
 use crate::storage::database::Primary;
 use crate::storage::feed::{self, FeedState};
@@ -266,6 +267,10 @@ impl Application {
             )
             .add_service(
                 ScopeServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                RoleServiceServer::new(self.api.clone())
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
             .add_service(

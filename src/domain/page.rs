@@ -57,6 +57,7 @@ pub enum ListKind {
     Scopes = 2,
     ApiKeys = 3,
     AuditEvents = 4,
+    Roles = 5,
 }
 
 /// What a page token holds: the last row's position in its list's order, as 16 bytes.

@@ -16,7 +16,7 @@ pub enum RuleViolation {
     AlreadyRotated,
     #[error("the workspace holds {0} non-revoked keys; revoke them or set force")]
     WorkspaceHasKeys(u64),
-    #[error("{0} keys hold this scope; remove it from them or set force")]
+    #[error("{0} keys or roles hold this scope; remove it from them or set force")]
     ScopeInUse(u64),
     #[error("built-in scopes cannot be changed or deleted")]
     BuiltinReadOnly,

@@ -162,7 +162,7 @@ impl From<StoreError> for Status {
                 for s in scopes {
                     details.add_bad_request_violation(
                         "scopes",
-                        format!("scope {s} does not exist for this key"),
+                        format!("scope {s} does not exist for this key or role"),
                     );
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)

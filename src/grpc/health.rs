@@ -23,9 +23,10 @@ pub const VERIFICATION_NAMES: [&str; 2] = ["", "envoy.service.auth.v3.Authorizat
 
 /// The names that report whether writes can succeed: SERVING only while the database
 /// answers.
-pub const WRITE_NAMES: [&str; 4] = [
+pub const WRITE_NAMES: [&str; 5] = [
     "keyplane.v1.WorkspaceService",
     "keyplane.v1.ScopeService",
+    "keyplane.v1.RoleService",
     "keyplane.v1.ApiKeyService",
     "keyplane.v1.AuditService",
 ];

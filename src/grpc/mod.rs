@@ -9,6 +9,7 @@ pub mod ext_authz;
 pub mod health;
 pub mod idle;
 pub mod observe;
+pub mod roles;
 pub mod rpc;
 pub mod scopes;
 pub mod size_limit;

@@ -6,6 +6,8 @@
 //! visible, and never for a rolled-back write), commits, and then evicts on this replica
 //! before the RPC returns. Other replicas receive the notification on their
 //! [feed](super::feed).
+use std::collections::HashSet;
+
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
 
@@ -21,7 +23,7 @@ const ALL: &str = "*";
 const DIGESTS_PER_NOTIFY: usize = 150;
 /// Above this many keys one write evicts everything instead (a forced delete of a large
 /// workspace); a cache refills in moments, a flood of notifications would not help.
-const MAX_NAMED: usize = 1000;
+pub(super) const MAX_NAMED: usize = 1000;
 
 /// The verification answers one write makes stale.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -48,17 +50,14 @@ impl Eviction {
         }
     }
 
-    /// Both evictions as one.
-    pub fn and(self, other: Eviction) -> Self {
+    /// What one write evicts when it makes both stale.
+    pub fn and(self, other: Self) -> Self {
         match (self, other) {
-            (Self::All, _) | (_, Self::All) => Self::All,
             (Self::None, other) | (other, Self::None) => other,
+            (Self::All, _) | (_, Self::All) => Self::All,
             (Self::Keys(mut digests), Self::Keys(more)) => {
-                for digest in more {
-                    if !digests.contains(&digest) {
-                        digests.push(digest);
-                    }
-                }
+                let mut seen: HashSet<KeyDigest> = digests.iter().copied().collect();
+                digests.extend(more.into_iter().filter(|d| seen.insert(*d)));
                 Self::keys(digests)
             }
         }
@@ -151,6 +150,33 @@ mod tests {
         assert_eq!(
             Eviction::keys(vec![KeyDigest([0; 32]); MAX_NAMED + 1]),
             Eviction::All
+        );
+    }
+
+    #[test]
+    fn evictions_add_up() {
+        let a = Eviction::key(KeyDigest([1; 32]));
+        let b = Eviction::keys(vec![KeyDigest([2; 32]), KeyDigest([1; 32])]);
+        assert_eq!(
+            a.clone().and(b),
+            Eviction::Keys(vec![KeyDigest([1; 32]), KeyDigest([2; 32])])
+        );
+        assert_eq!(Eviction::None.and(a.clone()), a);
+        assert_eq!(a.clone().and(Eviction::None), a);
+        assert_eq!(a.clone().and(Eviction::All), Eviction::All);
+        assert_eq!(Eviction::All.and(Eviction::None), Eviction::All);
+        let many: Vec<KeyDigest> = (0..=MAX_NAMED as u64)
+            .map(|i| {
+                let mut digest = [0; 32];
+                digest[..8].copy_from_slice(&i.to_be_bytes());
+                KeyDigest(digest)
+            })
+            .collect();
+        let (first, rest) = many.split_at(MAX_NAMED / 2);
+        assert_eq!(
+            Eviction::keys(first.to_vec()).and(Eviction::keys(rest.to_vec())),
+            Eviction::All,
+            "past the limit, together"
         );
     }
 }

@@ -9,6 +9,7 @@ pub mod database;
 pub mod feed;
 pub mod invalidation;
 pub mod last_used;
+mod roles;
 pub mod schema;
 mod scopes;
 mod update;

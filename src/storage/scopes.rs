@@ -9,8 +9,9 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::api_keys::touched_keys;
-use super::entity::{TenantOwned, api_key, api_key_scope, scope};
+use super::entity::{TenantOwned, api_key, api_key_scope, role, role_scope, scope};
 use super::invalidation::Eviction;
+use super::roles::holders_eviction;
 use super::update::Stored;
 use super::workspaces::require_workspace;
 use super::{Store, StoreError, db_now, is_unique_violation};
@@ -54,11 +55,14 @@ async fn find_scope(
         .transpose()
 }
 
-/// The scopes a key of `workspace_id` may hold: tenant-wide ones and the workspace's own.
-fn usable_in(workspace_id: Uuid) -> Condition {
-    Condition::any()
-        .add(scope::Column::WorkspaceId.is_null())
-        .add(scope::Column::WorkspaceId.eq(workspace_id))
+/// The scopes a key or role of `workspace_id` may hold: tenant-wide ones and the
+/// workspace's own; a tenant-wide role (`None`) only tenant-wide ones.
+fn usable_in(workspace_id: Option<Uuid>) -> Condition {
+    let tenant_wide = Condition::any().add(scope::Column::WorkspaceId.is_null());
+    match workspace_id {
+        Some(ws) => tenant_wide.add(scope::Column::WorkspaceId.eq(ws)),
+        None => tenant_wide,
+    }
 }
 
 impl Store {
@@ -161,7 +165,7 @@ impl Store {
             let mut query =
                 scope::Entity::find().filter(scope::Column::TenantId.eq(tenant.as_uuid()));
             if let Some(ws) = workspace_id {
-                query = query.filter(usable_in(ws));
+                query = query.filter(usable_in(Some(ws)));
             }
             if let Some(after) = after {
                 query = query.filter(scope::Column::Id.gt(after));
@@ -178,7 +182,8 @@ impl Store {
         Ok(Page::from_rows(items, limit))
     }
 
-    /// Deletes a custom scope. Returns how many keys lost it (only with `force`).
+    /// Deletes a custom scope. Refused while keys or roles hold it, unless forced: then it
+    /// is taken from them. Returns how many keys lost it (only with `force`).
     pub async fn delete_scope(
         &self,
         acting: &Acting,
@@ -201,7 +206,14 @@ impl Store {
         );
         let keys = touched_keys(&txn, tenant, holding.clone()).await?;
         let grants = keys.len() as u64;
-        found.ensure_deletable(grants, force)?;
+        let roles: Vec<Uuid> = role_scope::Entity::find()
+            .select_only()
+            .column(role_scope::Column::RoleId)
+            .filter(role_scope::Column::ScopeId.eq(id))
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        found.ensure_deletable(grants + roles.len() as u64, force)?;
         if grants > 0 {
             // The keys' scope lists change, so their etags must too.
             api_key::Entity::update_many()
@@ -215,24 +227,50 @@ impl Store {
                 .exec(&txn)
                 .await?;
         }
-        // Grants go with the scope (ON DELETE CASCADE).
+        // The roles' scope lists change too; so do their holders' effective scopes.
+        let mut eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
+        if !roles.is_empty() {
+            role::Entity::update_many()
+                .col_expr(
+                    role::Column::Revision,
+                    Expr::col(role::Column::Revision).add(1),
+                )
+                .col_expr(role::Column::UpdateTime, Expr::value(db_now()))
+                .filter(role::Column::TenantId.eq(tenant.as_uuid()))
+                .filter(role::Column::Id.is_in(roles.iter().copied()))
+                .exec(&txn)
+                .await?;
+            eviction = eviction.and(holders_eviction(&txn, tenant, &roles).await?);
+        }
+        // Grants and the roles' entries go with the scope (ON DELETE CASCADE).
         scope::Entity::delete_many()
             .filter(scope::Column::TenantId.eq(tenant.as_uuid()))
             .filter(scope::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        let eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
         let change = Change::new(AuditAction::ScopeDelete, id, Vec::new());
         self.commit(txn, acting, change, eviction).await?;
         Ok(grants)
     }
 
-    /// Resolves the scopes requested for a key of `workspace_id` into grant rows: built-ins
-    /// have no scope row, custom scopes prefer the workspace's own over a tenant-wide one.
+    /// Resolves the scopes requested for a key of `workspace_id` into grant rows
+    /// ([`Store::resolve_scopes`]).
     pub(super) async fn resolve_grants(
         conn: &impl ConnectionTrait,
         tenant: TenantId,
         workspace_id: Uuid,
+        wanted: &[ScopeString],
+    ) -> Result<Vec<(String, Option<Uuid>)>, StoreError> {
+        Self::resolve_scopes(conn, tenant, Some(workspace_id), wanted).await
+    }
+
+    /// Resolves the scopes requested for a key or role of `workspace_id` (`None`: a
+    /// tenant-wide role) into rows naming them: built-ins have no scope row, custom scopes
+    /// prefer the workspace's own over a tenant-wide one.
+    pub(super) async fn resolve_scopes(
+        conn: &impl ConnectionTrait,
+        tenant: TenantId,
+        workspace_id: Option<Uuid>,
         wanted: &[ScopeString],
     ) -> Result<Vec<(String, Option<Uuid>)>, StoreError> {
         let custom: Vec<&str> = wanted

@@ -243,6 +243,30 @@ impl TestApp {
             .unwrap()
     }
 
+    /// A role named `name` in `workspace_id` ("" for a tenant-wide one) granting `scopes`.
+    pub async fn create_role(&self, name: &str, workspace_id: &str, scopes: &[&str]) -> pb::Role {
+        self.as_admin()
+            .roles
+            .create_role(pb::CreateRoleRequest {
+                workspace_id: workspace_id.into(),
+                name: name.into(),
+                scopes: strings(scopes),
+                ..Default::default()
+            })
+            .await
+            .resource()
+            .expect("create role")
+    }
+
+    /// The role as the admin sees it now.
+    pub async fn get_role(&self, id: &str) -> Result<pb::Role, Status> {
+        self.as_admin()
+            .roles
+            .get_role(pb::GetRoleRequest { id: id.into() })
+            .await
+            .resource()
+    }
+
     /// A key in `workspace_id` holding `scopes`; returns the key and its secret.
     pub async fn create_key(&self, workspace_id: &str, scopes: &[&str]) -> (pb::ApiKey, String) {
         let r = self

@@ -14,8 +14,8 @@ use keyplane::auth::jwt::{MintClaims, mint_hs256};
 use keyplane::domain::scope::BuiltinScope;
 use keyplane::proto::{
     self as pb, api_key_service_client::ApiKeyServiceClient,
-    audit_service_client::AuditServiceClient, scope_service_client::ScopeServiceClient,
-    workspace_service_client::WorkspaceServiceClient,
+    audit_service_client::AuditServiceClient, role_service_client::RoleServiceClient,
+    scope_service_client::ScopeServiceClient, workspace_service_client::WorkspaceServiceClient,
 };
 use prost_types::{FieldMask, Timestamp};
 use tonic::service::Interceptor;
@@ -85,6 +85,8 @@ pub struct Client {
     pub workspaces: WorkspaceServiceClient<Authed>,
     /// `keyplane.v1.ScopeService`.
     pub scopes: ScopeServiceClient<Authed>,
+    /// `keyplane.v1.RoleService`.
+    pub roles: RoleServiceClient<Authed>,
     /// `keyplane.v1.ApiKeyService`.
     pub keys: ApiKeyServiceClient<Authed>,
     /// `keyplane.v1.AuditService`.
@@ -109,6 +111,7 @@ impl Client {
         Self {
             workspaces: WorkspaceServiceClient::with_interceptor(channel.clone(), auth.clone()),
             scopes: ScopeServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            roles: RoleServiceClient::with_interceptor(channel.clone(), auth.clone()),
             keys: ApiKeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             channel,
@@ -267,6 +270,9 @@ resource_of!(
     pb::CreateScopeResponse => scope: pb::Scope,
     pb::GetScopeResponse => scope: pb::Scope,
     pb::UpdateScopeResponse => scope: pb::Scope,
+    pb::CreateRoleResponse => role: pb::Role,
+    pb::GetRoleResponse => role: pb::Role,
+    pb::UpdateRoleResponse => role: pb::Role,
     pb::GetApiKeyResponse => api_key: pb::ApiKey,
     pb::UpdateApiKeyResponse => api_key: pb::ApiKey,
     pb::RevokeApiKeyResponse => api_key: pb::ApiKey,

@@ -17,10 +17,11 @@ on_both_backends!(
     requests_over_one_mebibyte_are_resource_exhausted,
 );
 
-const NAMES: [&str; 4] = [
+const NAMES: [&str; 5] = [
     "",
     "keyplane.v1.WorkspaceService",
     "keyplane.v1.ScopeService",
+    "keyplane.v1.RoleService",
     "keyplane.v1.ApiKeyService",
 ];
 
@@ -71,6 +72,7 @@ async fn reflection_lists_services_in_v1_and_v1alpha(backend: Backend) {
     for expected in [
         "keyplane.v1.WorkspaceService",
         "keyplane.v1.ScopeService",
+        "keyplane.v1.RoleService",
         "keyplane.v1.ApiKeyService",
         "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",

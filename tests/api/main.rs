@@ -15,6 +15,7 @@ mod lifecycle;
 mod matrix;
 mod permission_queries;
 mod races;
+mod roles;
 mod scopes;
 mod usage;
 mod verify;

@@ -93,6 +93,7 @@ impl Row {
 pub struct Fixture {
     workspace: String,
     scope: String,
+    role: String,
     key: String,
     secret: String,
 }
@@ -103,6 +104,7 @@ impl Fixture {
         Self {
             workspace: Uuid::now_v7().to_string(),
             scope: Uuid::now_v7().to_string(),
+            role: Uuid::now_v7().to_string(),
             key: Uuid::now_v7().to_string(),
             secret: String::new(),
         }
@@ -229,6 +231,67 @@ pub fn rows() -> Vec<Row> {
             request: |f| {
                 pb::DeleteScopeRequest {
                     id: f.scope.clone(),
+                    force: true,
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.RoleService/CreateRole",
+            scope: "keyplane.roles:write",
+            request: |f| {
+                pb::CreateRoleRequest {
+                    workspace_id: f.workspace.clone(),
+                    name: "matrix-new".into(),
+                    scopes: vec!["matrix:read".into()],
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.RoleService/GetRole",
+            scope: "keyplane.roles:read",
+            request: |f| pb::GetRoleRequest { id: f.role.clone() }.encode_to_vec(),
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.RoleService/ListRoles",
+            scope: "keyplane.roles:read",
+            request: |f| {
+                pb::ListRolesRequest {
+                    workspace_id: f.workspace.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.RoleService/UpdateRole",
+            scope: "keyplane.roles:write",
+            request: |f| {
+                pb::UpdateRoleRequest {
+                    role: Some(pb::Role {
+                        id: f.role.clone(),
+                        description: "d".into(),
+                        ..Default::default()
+                    }),
+                    update_mask: mask(&["description"]),
+                    etag: String::new(),
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
+            path: "/keyplane.v1.RoleService/DeleteRole",
+            scope: "keyplane.roles:write",
+            request: |f| {
+                pb::DeleteRoleRequest {
+                    id: f.role.clone(),
                     force: true,
                 }
                 .encode_to_vec()
@@ -431,6 +494,10 @@ async fn fixture(app: &TestApp) -> Fixture {
     let workspace = app.create_workspace("matrix").await.id;
     app.create_scope("matrix:read", &workspace).await;
     let scope = app.create_scope("matrix:delete", &workspace).await.id;
+    let role = app
+        .create_role("matrix", &workspace, &["matrix:read"])
+        .await
+        .id;
     // With credits, so that AdjustApiKeyCredits has something to adjust.
     let created = app
         .as_admin()
@@ -448,6 +515,7 @@ async fn fixture(app: &TestApp) -> Fixture {
     Fixture {
         workspace,
         scope,
+        role,
         key: created.api_key.unwrap().id,
         secret: created.secret,
     }

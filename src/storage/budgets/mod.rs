@@ -132,5 +132,5 @@ pub(crate) mod tests {
         )+};
     }
 
-    pub(super) use on_both;
+    pub(crate) use on_both;
 }
