@@ -8,7 +8,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::api_keys::touched_keys;
+use super::api_keys::{touched_keys, with_descendants};
 use super::entity::{TenantOwned, api_key, api_key_scope, role, role_scope, scope};
 use super::invalidation::Eviction;
 use super::roles::holders_eviction;
@@ -227,8 +227,11 @@ impl Store {
                 .exec(&txn)
                 .await?;
         }
+        // The keys delegated from them hold narrowed copies of their scopes.
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+        let digests = keys.into_iter().map(|k| k.digest).collect();
         // The roles' scope lists change too; so do their holders' effective scopes.
-        let mut eviction = Eviction::keys(keys.into_iter().map(|k| k.digest).collect());
+        let mut eviction = Eviction::keys(with_descendants(&txn, tenant, &ids, digests).await?);
         if !roles.is_empty() {
             role::Entity::update_many()
                 .col_expr(

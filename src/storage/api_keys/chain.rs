@@ -137,7 +137,7 @@ pub(super) async fn descendants(
 
 /// The digests of these keys' descendants, with `digests` (what a write to the keys makes
 /// stale: each descendant's standing holds the keys' state).
-pub(super) async fn with_descendants(
+pub(in crate::storage) async fn with_descendants(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     ids: &[Uuid],

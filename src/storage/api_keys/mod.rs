@@ -5,6 +5,8 @@
 mod chain;
 mod delegation;
 mod roles;
+
+pub(super) use chain::with_descendants;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
