@@ -15,7 +15,7 @@ use crate::domain::key::ApiKeySecret;
 use crate::domain::page::{ListFingerprint, ListKind, PageSize, PageTokenCodec};
 use crate::domain::permission::{MAX_LEN, MAX_TERMS, PermissionQuery};
 use crate::domain::scope::ScopeString;
-use crate::grpc::{api_keys, convert, scopes, workspaces};
+use crate::grpc::{api_keys, convert, roles, scopes, workspaces};
 use crate::proto as pb;
 
 /// A fuzz entry point.
@@ -165,7 +165,7 @@ pub fn request(data: &[u8]) {
             }
         };
     }
-    match kind % 13 {
+    match kind % 16 {
         0 => drop(workspaces::parse_create(
             decode!(pb::CreateWorkspaceRequest),
             "fuzz",
@@ -189,6 +189,7 @@ pub fn request(data: &[u8]) {
             let _ = api_keys::parse_required_scopes(&r.required_scopes);
             let _ = api_keys::parse_cost(r.cost);
             let _ = ApiKeySecret::parse(&r.key);
+            let _ = PermissionQuery::parse(&r.permission_query);
         }
         8 => drop(convert::parse_id(
             "id",
@@ -209,8 +210,14 @@ pub fn request(data: &[u8]) {
             let _ = convert::parse_id("workspace_id", &r.workspace_id);
             let _ = PageSize::parse(r.page_size);
         }
-        _ => drop(api_keys::parse_adjust(&decode!(
+        12 => drop(api_keys::parse_adjust(&decode!(
             pb::AdjustApiKeyCreditsRequest
         ))),
+        13 => drop(api_keys::parse_delegate(
+            decode!(pb::DelegateApiKeyRequest),
+            now,
+        )),
+        14 => drop(roles::parse_create(decode!(pb::CreateRoleRequest))),
+        _ => drop(roles::parse_update(decode!(pb::UpdateRoleRequest))),
     }
 }
