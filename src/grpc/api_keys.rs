@@ -11,6 +11,7 @@ use crate::domain::key::KeyPrefix;
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
+use crate::domain::role::RoleName;
 use crate::domain::rules::RuleViolation;
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
@@ -417,6 +418,19 @@ impl ApiKeyService for KeyplaneApi {
         // grant them.
         let current = self.store.get_api_key(acting.tenant, id).await?;
         caller.may_grant(current.scopes.iter().map(String::as_str))?;
+        // And its roles: the successor holds them too.
+        let roles: Vec<RoleName> = current
+            .roles
+            .iter()
+            .filter_map(|r| RoleName::parse(r))
+            .collect();
+        if !roles.is_empty() {
+            let granted = self
+                .store
+                .scopes_of_roles(acting.tenant, current.workspace_id, &roles, "roles")
+                .await?;
+            caller.may_grant(granted.iter().map(String::as_str))?;
+        }
         let rotated = self.store.rotate_api_key(&acting, id, grace).await?;
         Ok(Response::new(pb::RotateApiKeyResponse {
             api_key: Some(self.api_key(rotated.key)),

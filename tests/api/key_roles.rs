@@ -172,6 +172,18 @@ async fn roles_cannot_escalate_and_must_exist(backend: Backend) {
         .await
         .inner();
     assert_err(result, Code::PermissionDenied, "SCOPE_ESCALATION");
+    // Nor rotate a key holding it: the successor would hold the role too.
+    let (admin_key, _) = key_with_roles(&app, &ws, &[], &["admin"]).await.unwrap();
+    let rotated = limited
+        .keys
+        .clone()
+        .rotate_api_key(pb::RotateApiKeyRequest {
+            id: admin_key.id,
+            grace_period: None,
+        })
+        .await
+        .inner();
+    assert_err(rotated, Code::PermissionDenied, "SCOPE_ESCALATION");
     // A workspace role is not another workspace's.
     let other = app.create_workspace("other").await.id;
     create_role(&app, &ws, "local", &[]).await;
