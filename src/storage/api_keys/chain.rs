@@ -1,16 +1,15 @@
 //! What verifying a key reads besides its own row — its roles' scopes and its ancestors —
 //! and what a write to a key reaches besides the key — its descendants.
 //!
-//! Reads are bounded whatever the depth: a key that holds no roles and was not delegated is
-//! one statement (the key with its grants and credit account); otherwise one more reads
-//! every ancestor at once by the ids stored on the key's row (`ancestry`), and one more the
-//! roles' scopes of the whole chain. Descendants are found through `api_key_ancestors`,
-//! indexed by ancestor, in one statement.
-use std::collections::HashMap;
+//! A verification the cache cannot answer reads one statement whatever the key's depth: its
+//! row and its ancestors' rows (through `api_key_ancestors`, indexed by key), each with its
+//! grants, credit account and roles' scopes joined. Descendants are found through the same
+//! table, indexed by ancestor, in one statement too.
+use std::collections::BTreeSet;
 
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query, SelectStatement, UnionType};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, JoinType, QueryFilter, QuerySelect, RelationTrait,
-    sea_query::Query,
+    ColumnTrait, ConnectionTrait, DeriveIden, EntityTrait, FromQueryResult, JoinType, QueryTrait,
 };
 use uuid::Uuid;
 
@@ -24,93 +23,141 @@ use crate::storage::entity::{
     api_key, api_key_ancestor, api_key_role, api_key_scope, role_scope, usage_credit,
 };
 
-/// The keys with these ids and their grants and credit accounts, in one statement.
-pub(super) async fn keys_joined(
-    conn: &impl ConnectionTrait,
-    filter: sea_orm::Condition,
-) -> Result<Vec<ApiKey>, StoreError> {
-    let rows = api_key::Entity::find()
-        .filter(filter)
+/// The alias of the verified key's row in the ancestors' half of [`standing_by_digest`].
+#[derive(DeriveIden)]
+struct Verified;
+
+/// The column of a row's role scope in [`standing_by_digest`].
+const ROLE_SCOPE: &str = "role_scope";
+
+/// A key row of the chain with its credit account, grants and roles' scopes joined: one
+/// row per grant × role scope, as `A_`, `B_`, `C_` and `role_scope` columns.
+fn chain_rows(tenant: Option<TenantId>) -> SelectStatement {
+    let mut select = api_key::Entity::find()
         .find_also_related(usage_credit::Entity)
         .find_also_related(api_key_scope::Entity)
-        .consolidate()
-        .all(conn)
-        .await?;
-    rows.into_iter()
-        .map(|(model, credits, grants)| {
-            let mut scopes: Vec<String> = grants.into_iter().map(|g| g.scope).collect();
-            scopes.sort();
-            scopes.dedup();
-            from_model(model, scopes, credits.first())
-        })
-        .collect()
+        .into_query();
+    select
+        .join(
+            JoinType::LeftJoin,
+            api_key_role::Entity,
+            Expr::col((api_key_role::Entity, api_key_role::Column::ApiKeyId))
+                .equals((api_key::Entity, api_key::Column::Id)),
+        )
+        .join(
+            JoinType::LeftJoin,
+            role_scope::Entity,
+            Expr::col((role_scope::Entity, role_scope::Column::RoleId))
+                .equals((api_key_role::Entity, api_key_role::Column::RoleId)),
+        )
+        .expr_as(
+            Expr::col((role_scope::Entity, role_scope::Column::Scope)),
+            Alias::new(ROLE_SCOPE),
+        );
+    if let Some(tenant) = tenant {
+        select.and_where(
+            Expr::col((api_key::Entity, api_key::Column::TenantId)).eq(tenant.as_uuid()),
+        );
+    }
+    select
 }
 
-/// The scopes the roles of each of these keys grant, by key.
-async fn role_scopes(
+/// What the rows of one key of the chain add up to.
+struct Gathered {
+    model: api_key::Model,
+    credits: Option<usage_credit::Model>,
+    grants: BTreeSet<String>,
+    role_scopes: BTreeSet<String>,
+}
+
+/// The standing of the key with this digest, if `tenant` (when given) is its tenant: the
+/// key, its roles' scopes and its ancestors with theirs, in one statement however deep the
+/// key sits — the key's own rows, and (`UNION ALL`) those of the keys `api_key_ancestors`
+/// lists for it. A key without roles or ancestors reads what it always read: its row, its
+/// grants and its credit account.
+pub(super) async fn standing_by_digest(
     conn: &impl ConnectionTrait,
-    keys: &[Uuid],
-) -> Result<HashMap<Uuid, Vec<String>>, StoreError> {
-    let rows: Vec<(Uuid, String)> = api_key_role::Entity::find()
-        .select_only()
-        .column(api_key_role::Column::ApiKeyId)
-        .column(role_scope::Column::Scope)
+    tenant: Option<TenantId>,
+    digest: &KeyDigest,
+) -> Result<Option<Standing>, StoreError> {
+    let bytes = digest.0.to_vec();
+    let mut own = chain_rows(tenant);
+    own.and_where(Expr::col((api_key::Entity, api_key::Column::KeyDigest)).eq(bytes.clone()));
+    let mut above = chain_rows(tenant);
+    above
         .join(
             JoinType::InnerJoin,
-            api_key_role::Relation::RoleScopes.def(),
+            api_key_ancestor::Entity,
+            Expr::col((
+                api_key_ancestor::Entity,
+                api_key_ancestor::Column::AncestorId,
+            ))
+            .equals((api_key::Entity, api_key::Column::Id)),
         )
-        .filter(api_key_role::Column::ApiKeyId.is_in(keys.iter().copied()))
-        .into_tuple()
-        .all(conn)
-        .await?;
-    let mut by_key: HashMap<Uuid, Vec<String>> = HashMap::new();
-    for (key, scope) in rows {
-        by_key.entry(key).or_default().push(scope);
+        .join_as(
+            JoinType::InnerJoin,
+            api_key::Entity,
+            Verified,
+            Expr::col((Verified, api_key::Column::Id))
+                .equals((api_key_ancestor::Entity, api_key_ancestor::Column::ApiKeyId)),
+        )
+        .and_where(Expr::col((Verified, api_key::Column::KeyDigest)).eq(bytes))
+        // A chain never crosses tenants; a row that says otherwise is not an ancestor.
+        .and_where(
+            Expr::col((Verified, api_key::Column::TenantId))
+                .equals((api_key::Entity, api_key::Column::TenantId)),
+        );
+    own.union(UnionType::All, above);
+    let rows = conn.query_all(&own).await?;
+
+    let mut keys: Vec<Gathered> = Vec::new();
+    for row in rows {
+        let model = api_key::Model::from_query_result(&row, "A_")?;
+        let index = match keys.iter().position(|k| k.model.id == model.id) {
+            Some(i) => i,
+            None => {
+                keys.push(Gathered {
+                    credits: usage_credit::Model::from_query_result_optional(&row, "B_")?,
+                    model,
+                    grants: BTreeSet::new(),
+                    role_scopes: BTreeSet::new(),
+                });
+                keys.len() - 1
+            }
+        };
+        let gathered = &mut keys[index];
+        if let Some(grant) = api_key_scope::Model::from_query_result_optional(&row, "C_")? {
+            gathered.grants.insert(grant.scope);
+        }
+        if let Some(scope) = row.try_get::<Option<String>>("", ROLE_SCOPE)? {
+            gathered.role_scopes.insert(scope);
+        }
     }
-    Ok(by_key)
+    let Some(at) = keys.iter().position(|k| k.model.key_digest == digest.0) else {
+        return Ok(None);
+    };
+    let key = keys.swap_remove(at);
+    let (key, own_roles) = key.into_key()?;
+    let ancestors = keys
+        .into_iter()
+        .map(Gathered::into_key)
+        .collect::<Result<Vec<_>, _>>()?;
+    if own_roles.is_empty() && ancestors.is_empty() {
+        return Ok(Some(Standing::plain(key)));
+    }
+    Ok(Some(Standing::resolve(key, own_roles, ancestors)))
 }
 
-/// The standing of a key just read: its roles' scopes and its ancestors, read only when it
-/// has any.
-pub(super) async fn standing_of(
-    conn: &impl ConnectionTrait,
-    key: ApiKey,
-) -> Result<Standing, StoreError> {
-    if key.roles.is_empty() && key.ancestry.is_empty() {
-        return Ok(Standing::plain(key));
+impl Gathered {
+    /// The key, and what its roles grant.
+    fn into_key(self) -> Result<(ApiKey, Vec<String>), StoreError> {
+        let key = from_model(
+            self.model,
+            self.grants.into_iter().collect(),
+            self.credits.as_ref(),
+        )?;
+        Ok((key, self.role_scopes.into_iter().collect()))
     }
-    let ancestors = if key.ancestry.is_empty() {
-        Vec::new()
-    } else {
-        // Same tenant: a chain never crosses tenants, and a row that says otherwise is
-        // not an ancestor.
-        keys_joined(
-            conn,
-            sea_orm::Condition::all()
-                .add(api_key::Column::TenantId.eq(key.tenant_id.as_uuid()))
-                .add(api_key::Column::Id.is_in(key.ancestry.iter().copied())),
-        )
-        .await?
-    };
-    let with_roles: Vec<Uuid> = std::iter::once(&key)
-        .chain(&ancestors)
-        .filter(|k| !k.roles.is_empty())
-        .map(|k| k.id)
-        .collect();
-    let mut roles = if with_roles.is_empty() {
-        HashMap::new()
-    } else {
-        role_scopes(conn, &with_roles).await?
-    };
-    let own = roles.remove(&key.id).unwrap_or_default();
-    let ancestors = ancestors
-        .into_iter()
-        .map(|a| {
-            let scopes = roles.remove(&a.id).unwrap_or_default();
-            (a, scopes)
-        })
-        .collect();
-    Ok(Standing::resolve(key, own, ancestors))
 }
 
 /// The keys below these keys in their delegation trees (of this tenant).

@@ -45,7 +45,9 @@ impl Store {
             .ok_or_else(|| StoreError::not_found("api key", parent_id))?;
         // Read in the transaction: a parent revoked since the call was authenticated mints
         // nothing.
-        let parent = chain::standing_of(&txn, parent).await?;
+        let parent = chain::standing_by_digest(&txn, Some(tenant), &parent.digest)
+            .await?
+            .ok_or_else(|| StoreError::not_found("api key", parent_id))?;
         let now = db_now();
         if let Some(code) = parent.unusable(now) {
             return Err(RuleViolation::ParentUnusable(format!("{code:?}").to_lowercase()).into());

@@ -669,25 +669,18 @@ impl Store {
         Ok(key)
     }
 
-    /// The standing of the key with this digest, if the caller may see its tenant: the
-    /// whole cost of a verification the cache cannot answer. For a key without roles or
-    /// ancestors, one query (the key, its grants and its credit account joined: the account
-    /// joins on the key's usage id, which every key with an account has written out, see
-    /// `rotate_api_key` and `Stored::changes`); see [`chain`] for the others.
+    /// The standing of the key with this digest, if the caller may see its tenant: one
+    /// statement (see [`chain`]), the whole cost of a verification the cache cannot answer.
     pub async fn find_standing_by_digest(
         &self,
         access: TenantAccess,
         digest: &KeyDigest,
     ) -> Result<Option<Standing>, StoreError> {
-        let mut condition =
-            sea_orm::Condition::all().add(api_key::Column::KeyDigest.eq(digest.0.to_vec()));
-        if let TenantAccess::One(tenant) = access {
-            condition = condition.add(api_key::Column::TenantId.eq(tenant.as_uuid()));
-        }
-        let Some(key) = chain::keys_joined(&self.db, condition).await?.pop() else {
-            return Ok(None);
+        let tenant = match access {
+            TenantAccess::One(tenant) => Some(tenant),
+            TenantAccess::Any => None,
         };
-        chain::standing_of(&self.db, key).await.map(Some)
+        chain::standing_by_digest(&self.db, tenant, digest).await
     }
 }
 
