@@ -39,9 +39,11 @@ pub fn key_parser(data: &[u8]) {
     };
     if let Ok(key) = ApiKeySecret::parse(text) {
         assert_eq!(key.expose(), text);
+        // The prefix, its own separator (the character after it in the key), the last 4.
+        let separator = &text[key.prefix().len()..=key.prefix().len()];
         assert_eq!(
             key.masked(),
-            format!("{}_****{}", key.prefix(), &text[text.len() - 4..])
+            format!("{}{separator}****{}", key.prefix(), &text[text.len() - 4..])
         );
     }
 }

@@ -1,9 +1,12 @@
-//! The API key format: `{prefix}_{random}{checksum}`, GitHub's token scheme.
+//! The API key format: `{prefix}{sep}{random}{checksum}`, GitHub's token scheme.
 //!
-//! `random` is 32 bytes from the OS CSPRNG written as 43 base62 characters; `checksum` is
-//! the CRC32 of `{prefix}_{random}` as 6 base62 characters. Covering the prefix too means
-//! any single-character typo anywhere in a key is caught without a database lookup. At rest
-//! only the SHA-256 digest of the whole secret is kept.
+//! `sep` is the prefix's own separator: `-` for a prefix written with `-` (`sk-ol-…`, as
+//! Openlayer issues them), `_` otherwise (`kp_…`, `sk_live_…`). `random` is 32 bytes from
+//! the OS CSPRNG written as 43 base62 characters; `checksum` is the CRC32 of everything
+//! before it, prefix and separator included, as 6 base62 characters. Covering the prefix too
+//! means any single-character typo anywhere in a key is caught without a database lookup.
+//! The body has a fixed length, so a key splits from its end whatever its prefix holds. At
+//! rest only the SHA-256 digest of the whole secret is kept.
 use std::fmt;
 
 use sha2::{Digest, Sha256};
@@ -14,24 +17,34 @@ const RANDOM_LEN: usize = 43;
 /// 62^6 > 2^32.
 const CHECKSUM_LEN: usize = 6;
 const BODY_LEN: usize = RANDOM_LEN + CHECKSUM_LEN;
-const PREFIX_MAX: usize = 16;
+const PREFIX_MAX: usize = 24;
 /// No valid key is longer than this; longer input is refused before any other work.
 pub const MAX_KEY_LEN: usize = PREFIX_MAX + 1 + BODY_LEN;
 
-/// A key prefix: `^[a-z][a-z0-9]{0,15}$`.
+/// A key prefix: 1 to 24 characters, lowercase letters and digits in parts joined by
+/// single `_` or `-` (one kind per prefix), starting with a letter: `kp`, `sk_live`,
+/// `sk-ol`, `pk_test`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyPrefix(String);
+
+/// What [`KeyPrefix::parse`] accepts, for messages.
+pub const PREFIX_RULE: &str = "1 to 24 lowercase letters and digits, in parts joined by single _ or - (one kind), starting with a letter";
 
 impl KeyPrefix {
     pub const DEFAULT: &'static str = "kp";
 
     pub fn parse(text: &str) -> Option<Self> {
         let bytes = text.as_bytes();
+        let joiner = bytes.iter().copied().find(|b| matches!(b, b'_' | b'-'));
         let ok = (1..=PREFIX_MAX).contains(&bytes.len())
             && bytes[0].is_ascii_lowercase()
-            && bytes[1..]
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && text.split(['_', '-']).all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            })
+            && joiner.is_none_or(|j| bytes.iter().all(|b| !matches!(b, b'_' | b'-') || *b == j));
         ok.then(|| Self(text.to_owned()))
     }
 
@@ -42,6 +55,16 @@ impl KeyPrefix {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// What joins this prefix to a key's body.
+    pub fn separator(&self) -> char {
+        separator_of(&self.0)
+    }
+}
+
+/// The separator a prefix is written with: `-` for a prefix with `-`, otherwise `_`.
+fn separator_of(prefix: &str) -> char {
+    if prefix.contains('-') { '-' } else { '_' }
 }
 
 /// SHA-256 of a whole secret: the only form in which keys are stored.
@@ -71,7 +94,7 @@ impl fmt::Debug for ApiKeySecret {
 /// Why a presented key is malformed (all of these answer `VERIFY_CODE_MALFORMED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum MalformedKey {
-    #[error("not of the form prefix_body")]
+    #[error("not of the form prefix_body or prefix-body")]
     Shape,
     #[error("invalid prefix")]
     Prefix,
@@ -90,7 +113,7 @@ impl ApiKeySecret {
         getrandom::fill(&mut random)?;
         let mut text = String::with_capacity(prefix.as_str().len() + 1 + BODY_LEN);
         text.push_str(prefix.as_str());
-        text.push('_');
+        text.push(prefix.separator());
         text.push_str(&encode_base62(&random, RANDOM_LEN));
         let checksum = crc32fast::hash(text.as_bytes());
         text.push_str(&encode_base62(&checksum.to_be_bytes(), CHECKSUM_LEN));
@@ -105,13 +128,22 @@ impl ApiKeySecret {
         if text.len() > MAX_KEY_LEN {
             return Err(MalformedKey::Length);
         }
-        let (prefix, body) = text.split_once('_').ok_or(MalformedKey::Shape)?;
-        KeyPrefix::parse(prefix).ok_or(MalformedKey::Prefix)?;
-        if body.len() != BODY_LEN {
+        // The body is the last BODY_LEN characters; before it, the separator and the prefix.
+        if text.len() < BODY_LEN + 2 || !text.is_char_boundary(text.len() - BODY_LEN) {
             return Err(MalformedKey::Length);
         }
+        let (head, body) = text.split_at(text.len() - BODY_LEN);
         if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(MalformedKey::Alphabet);
+        }
+        let (prefix, separator) = head.split_at(head.len() - 1);
+        if !matches!(separator, "_" | "-") {
+            return Err(MalformedKey::Shape);
+        }
+        let parsed = KeyPrefix::parse(prefix).ok_or(MalformedKey::Prefix)?;
+        // The prefix's own separator, and no other.
+        if !separator.starts_with(parsed.separator()) {
+            return Err(MalformedKey::Prefix);
         }
         let (signed, checksum) = text.split_at(text.len() - CHECKSUM_LEN);
         let expected = encode_base62(
@@ -149,9 +181,10 @@ impl ApiKeySecret {
     }
 }
 
-/// The displayable form of a key: its prefix and last 4 characters, nothing more.
+/// The displayable form of a key: its prefix (with its own separator) and last 4
+/// characters, nothing more: `kp_****5PW0`, `sk-ol-****5PW0`.
 pub fn masked_key(prefix: &str, last_four: &str) -> String {
-    format!("{prefix}_****{last_four}")
+    format!("{prefix}{}****{last_four}", separator_of(prefix))
 }
 
 /// Big-endian bytes as exactly `width` base62 digits (left-padded with `0`).
@@ -225,11 +258,58 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        assert!(KeyPrefix::parse("kp").is_some());
-        assert!(KeyPrefix::parse("a").is_some());
-        assert!(KeyPrefix::parse("abcdefghij012345").is_some());
-        for bad in ["", "1a", "Kp", "k_p", "abcdefghij0123456", "kp-"] {
+        for good in [
+            "kp",
+            "a",
+            "abcdefghij012345",
+            "sk_live",
+            "sk-ol",
+            "pk_test_2",
+            "a-b-c",
+            "abcdefghij0123456789abcd",
+        ] {
+            assert!(KeyPrefix::parse(good).is_some(), "{good}");
+        }
+        for bad in [
+            "",
+            "1a",
+            "Kp",
+            "kp-",
+            "kp_",
+            "_kp",
+            "sk__live",
+            "sk-ol_x",
+            "sk_1-x",
+            "a-",
+            "abcdefghij0123456789abcde",
+        ] {
             assert!(KeyPrefix::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_prefix_joins_with_its_own_separator() {
+        for (prefix, start, masked) in [
+            ("sk-ol", "sk-ol-", "sk-ol-****"),
+            ("sk_live", "sk_live_", "sk_live_****"),
+            ("kp", "kp_", "kp_****"),
+        ] {
+            let k = ApiKeySecret::generate(&KeyPrefix::parse(prefix).unwrap()).unwrap();
+            assert!(k.expose().starts_with(start), "{}", k.masked());
+            assert_eq!(k.expose().len(), prefix.len() + 1 + BODY_LEN);
+            assert_eq!(k.prefix(), prefix);
+            assert!(k.masked().starts_with(masked), "{}", k.masked());
+            assert_eq!(
+                ApiKeySecret::parse(k.expose()).unwrap().digest(),
+                k.digest()
+            );
+            // The other separator is a different (and malformed) key.
+            let swapped = format!(
+                "{prefix}{}{}",
+                if start.ends_with('-') { '_' } else { '-' },
+                &k.expose()[prefix.len() + 1..]
+            );
+            assert!(ApiKeySecret::parse(&swapped).is_err(), "{swapped}");
         }
     }
 
@@ -237,7 +317,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_generated_key_parses(prefix in "[a-z][a-z0-9]{0,15}") {
+        fn every_generated_key_parses(prefix in "[a-z][a-z0-9]{0,7}([_-][a-z0-9]{1,7}){0,2}") {
+            prop_assume!(KeyPrefix::parse(&prefix).is_some());
             let k = ApiKeySecret::generate(&KeyPrefix::parse(&prefix).unwrap()).unwrap();
             let parsed = ApiKeySecret::parse(k.expose()).unwrap();
             prop_assert_eq!(parsed.prefix(), prefix.as_str());
@@ -246,10 +327,11 @@ mod tests {
 
         #[test]
         fn any_single_character_change_is_malformed(
-            prefix in "[a-z][a-z0-9]{0,15}",
+            prefix in "[a-z][a-z0-9]{0,7}([_-][a-z0-9]{1,7}){0,2}",
             position in any::<prop::sample::Index>(),
             replacement in prop::sample::select(CHARS),
         ) {
+            prop_assume!(KeyPrefix::parse(&prefix).is_some());
             let k = ApiKeySecret::generate(&KeyPrefix::parse(&prefix).unwrap()).unwrap();
             let mut bytes = k.expose().as_bytes().to_vec();
             let i = position.index(bytes.len());

@@ -7,7 +7,7 @@ use super::convert::{self, Patchable, RequestCheck};
 use super::{KeyplaneApi, acting, caller};
 use crate::domain::audit::ActorKind;
 use crate::domain::delegation::{Lifetime, NewDelegation};
-use crate::domain::key::KeyPrefix;
+use crate::domain::key::{KeyPrefix, PREFIX_RULE};
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
@@ -38,7 +38,7 @@ pub fn parse_create(
     } else {
         let parsed = KeyPrefix::parse(&r.prefix);
         if parsed.is_none() {
-            v.add("prefix", "must match ^[a-z][a-z0-9]{0,15}$");
+            v.add("prefix", format!("must be {PREFIX_RULE}"));
         }
         parsed
     };

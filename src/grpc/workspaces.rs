@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, Patchable};
 use super::{KeyplaneApi, acting, caller};
-use crate::domain::key::KeyPrefix;
+use crate::domain::key::{KeyPrefix, PREFIX_RULE};
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewWorkspace, WorkspacePatch};
 use crate::domain::rules::DEFAULT_WORKSPACE_NAME;
@@ -17,7 +17,7 @@ use crate::proto::{self as pb, workspace_service_server::WorkspaceService};
 fn prefix(v: &mut Validator, field: &str, text: &str) -> Option<KeyPrefix> {
     let parsed = KeyPrefix::parse(text);
     if parsed.is_none() {
-        v.add(field, "must match ^[a-z][a-z0-9]{0,15}$");
+        v.add(field, format!("must be {PREFIX_RULE}"));
     }
     parsed
 }

@@ -75,13 +75,15 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Asserts the documented shape of a fresh secret: `{prefix}_` and 49 base62 characters.
+/// Asserts the documented shape of a fresh secret: the prefix, its own separator (`-` for
+/// a prefix written with `-`, else `_`) and 49 base62 characters.
 #[track_caller]
 pub fn assert_secret_shape(secret: &str, prefix: &str) {
+    let separator = if prefix.contains('-') { '-' } else { '_' };
     let body = secret
         .strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('_'))
-        .unwrap_or_else(|| panic!("{secret:?} does not start with {prefix}_"));
+        .and_then(|rest| rest.strip_prefix(separator))
+        .unwrap_or_else(|| panic!("{secret:?} does not start with {prefix}{separator}"));
     assert_eq!(body.len(), 49, "body of {secret:?}");
     assert!(
         body.bytes().all(|b| b.is_ascii_alphanumeric()),

@@ -67,7 +67,13 @@ async fn malformed_keys_are_an_answer_not_an_error(backend: Backend) {
         (format!("1p_{body}"), "prefix starting with a digit"),
         (format!("_{body}"), "empty prefix"),
         (format!("k-p_{body}"), "prefix outside [a-z0-9]"),
-        (format!("abcdefghijklmnopq_{body}"), "17-character prefix"),
+        (
+            format!("abcdefghijklmnopqrstuvwxy_{body}"),
+            "25-character prefix",
+        ),
+        (format!("sk-ol_{body}"), "a prefix with - joined by _"),
+        (format!("sk_live-{body}"), "a prefix with _ joined by -"),
+        (format!("kp-{body}"), "the other separator"),
         (
             secret[..secret.len() - 1].to_string(),
             "one character short",

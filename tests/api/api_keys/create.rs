@@ -173,6 +173,30 @@ async fn create_uses_the_workspace_default_prefix(backend: Backend) {
         .inner()
         .unwrap();
     assert_secret_shape(&overridden.secret, "x");
+    // Prefixes as other systems issue them, each joined by its own separator, verifying.
+    for (prefix, masked) in [("sk-ol", "sk-ol-****"), ("sk_live", "sk_live_****")] {
+        let created = app
+            .as_admin()
+            .keys
+            .create_api_key(pb::CreateApiKeyRequest {
+                prefix: prefix.into(),
+                ..new_key(&w.id)
+            })
+            .await
+            .inner()
+            .unwrap();
+        assert_secret_shape(&created.secret, prefix);
+        let key = created.api_key.unwrap();
+        assert_eq!(
+            key.masked_key,
+            format!("{masked}{}", &created.secret[created.secret.len() - 4..])
+        );
+        assert_eq!(
+            app.verify(&created.secret, &[]).await.code(),
+            pb::VerifyCode::Valid,
+            "{prefix}"
+        );
+    }
 }
 
 async fn create_validates_every_field(backend: Backend) {
@@ -244,14 +268,14 @@ async fn create_validates_every_field(backend: Backend) {
         ),
         (
             pb::CreateApiKeyRequest {
-                prefix: "k_p".into(),
+                prefix: "k__p".into(),
                 ..new_key(&w.id)
             },
             "prefix",
         ),
         (
             pb::CreateApiKeyRequest {
-                prefix: "a2345678901234567".into(),
+                prefix: "a234567890123456789012345".into(),
                 ..new_key(&w.id)
             },
             "prefix",
@@ -259,6 +283,13 @@ async fn create_validates_every_field(backend: Backend) {
         (
             pb::CreateApiKeyRequest {
                 prefix: "kp-".into(),
+                ..new_key(&w.id)
+            },
+            "prefix",
+        ),
+        (
+            pb::CreateApiKeyRequest {
+                prefix: "sk-ol_x".into(),
                 ..new_key(&w.id)
             },
             "prefix",
