@@ -1,5 +1,5 @@
 //! The authorization model: roles (named sets of scopes), the roles a key holds, and the
-//! delegation chain of keys minted by other keys. Additive only (new tables, nullable or
+//! delegation chain of keys minted by other keys; and the workspaces' key lifetime policy. Additive only (new tables, nullable or
 //! defaulted columns), so the previous release keeps working on this schema during a
 //! rolling upgrade.
 //!
@@ -31,6 +31,7 @@ enum Workspaces {
     Table,
     Id,
     TenantId,
+    MaxKeyTtlMs,
 }
 
 #[derive(DeriveIden)]
@@ -97,6 +98,16 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
+
+        // Key lifetime policy of a workspace (SPEC §3.3.2); NULL: none.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Workspaces::Table)
+                    .add_column(big_integer_null(Workspaces::MaxKeyTtlMs))
+                    .to_owned(),
+            )
+            .await?;
 
         manager
             .create_table(
@@ -285,6 +296,14 @@ impl MigrationTrait for Migration {
                 .drop_table(Table::drop().table(table).to_owned())
                 .await?;
         }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Workspaces::Table)
+                    .drop_column(Workspaces::MaxKeyTtlMs)
+                    .to_owned(),
+            )
+            .await?;
         for column in [
             ApiKeys::Roles,
             ApiKeys::Ancestry,

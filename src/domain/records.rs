@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::TenantId;
 use super::key::{KeyDigest, KeyPrefix, masked_key};
 use super::role::RoleName;
-use super::rules::{GracePeriod, Retirement, RuleViolation};
+use super::rules::{GracePeriod, KeyTtl, Retirement, RuleViolation};
 use super::scope::{BuiltinScope, ScopeString};
 use super::update::{Patch, Revisioned, named, set};
 use super::usage::{Budgets, CreditLimit, CreditPatch, Credits, RateLimits};
@@ -40,6 +40,8 @@ pub struct Workspace {
     pub source: String,
     pub default_key_prefix: String,
     pub labels: StringMap,
+    /// The longest a key of the workspace may live; `None`: no limit.
+    pub max_key_ttl: Option<KeyTtl>,
     pub revision: i64,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
@@ -66,6 +68,7 @@ pub struct NewWorkspace {
     pub owner_id: String,
     pub default_key_prefix: KeyPrefix,
     pub labels: StringMap,
+    pub max_key_ttl: Option<KeyTtl>,
     pub request_id: Option<Uuid>,
 }
 
@@ -81,6 +84,7 @@ impl NewWorkspace {
             ("owner_id", true),
             ("default_key_prefix", true),
             ("labels", !self.labels.is_empty()),
+            ("max_key_ttl", self.max_key_ttl.is_some()),
         ])
     }
 }
@@ -96,6 +100,7 @@ pub struct WorkspacePatch {
     pub owner_id: Option<String>,
     pub default_key_prefix: Option<KeyPrefix>,
     pub labels: Option<StringMap>,
+    pub max_key_ttl: Option<Option<KeyTtl>>,
 }
 
 impl Patch for WorkspacePatch {
@@ -112,6 +117,7 @@ impl Patch for WorkspacePatch {
             w.default_key_prefix = prefix.as_str().to_owned();
         }
         set(&mut w.labels, &self.labels);
+        set(&mut w.max_key_ttl, &self.max_key_ttl);
         Ok(())
     }
 
@@ -125,6 +131,7 @@ impl Patch for WorkspacePatch {
             ("owner_id", self.owner_id.is_some()),
             ("default_key_prefix", self.default_key_prefix.is_some()),
             ("labels", self.labels.is_some()),
+            ("max_key_ttl", self.max_key_ttl.is_some()),
         ])
     }
 }

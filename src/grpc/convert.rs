@@ -133,6 +133,7 @@ impl From<Workspace> for pb::Workspace {
             create_time: Some(timestamp(w.create_time)),
             update_time: Some(timestamp(w.update_time)),
             etag: records::etag(w.revision),
+            max_key_ttl: w.max_key_ttl.map(|t| duration(t.get())),
         }
     }
 }

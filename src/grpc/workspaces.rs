@@ -7,12 +7,17 @@ use super::{KeyplaneApi, acting, caller};
 use crate::domain::key::{KeyPrefix, PREFIX_RULE};
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewWorkspace, WorkspacePatch};
-use crate::domain::rules::DEFAULT_WORKSPACE_NAME;
+use crate::domain::rules::{DEFAULT_WORKSPACE_NAME, KeyTtl};
 use crate::domain::update::Update;
 use crate::domain::validate::{
     self, DESCRIPTION_MAX, NAME_MAX, OWNER_MAX, ValidationError, Validator,
 };
 use crate::proto::{self as pb, workspace_service_server::WorkspaceService};
+
+fn max_key_ttl(v: &mut Validator, field: &str, ttl: &prost_types::Duration) -> Option<KeyTtl> {
+    let ttl = convert::span(Some(ttl)).map(KeyTtl::new)?;
+    v.check(field, ttl)
+}
 
 fn prefix(v: &mut Validator, field: &str, text: &str) -> Option<KeyPrefix> {
     let parsed = KeyPrefix::parse(text);
@@ -48,7 +53,12 @@ pub fn parse_create(
     let labels = convert::sorted(r.labels);
     validate::labels(&mut v, "labels", &labels);
     let request_id = convert::request_id(&mut v, &r.request_id);
+    let ttl = r
+        .max_key_ttl
+        .as_ref()
+        .and_then(|t| max_key_ttl(&mut v, "max_key_ttl", t));
     v.finish(|| NewWorkspace {
+        max_key_ttl: ttl,
         name,
         description,
         company,
@@ -73,6 +83,7 @@ impl Patchable for pb::Workspace {
         "owner_id",
         "default_key_prefix",
         "labels",
+        "max_key_ttl",
     ];
     const OUTPUT_ONLY: &'static [&'static str] = &[
         "id",
@@ -97,6 +108,7 @@ impl Patchable for pb::Workspace {
             "owner_id" => !self.owner_id.is_empty(),
             "default_key_prefix" => !self.default_key_prefix.is_empty(),
             "labels" => !self.labels.is_empty(),
+            "max_key_ttl" => self.max_key_ttl.is_some(),
             _ => false,
         }
     }
@@ -132,6 +144,14 @@ impl Patchable for pb::Workspace {
                 let labels = convert::sorted(self.labels.clone());
                 validate::labels(v, "workspace.labels", &labels);
                 patch.labels = Some(labels);
+            }
+            // Named but absent: no limit.
+            "max_key_ttl" => {
+                patch.max_key_ttl = Some(
+                    self.max_key_ttl
+                        .as_ref()
+                        .and_then(|t| max_key_ttl(v, "workspace.max_key_ttl", t)),
+                )
             }
             _ => {}
         }

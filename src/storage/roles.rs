@@ -554,6 +554,7 @@ mod tests {
                     owner_id: "tester".into(),
                     default_key_prefix: KeyPrefix::parse("kp").unwrap(),
                     labels: StringMap::new(),
+                    max_key_ttl: None,
                     request_id: None,
                 },
             )
@@ -706,6 +707,7 @@ mod tests {
                     owner_id: "tester".into(),
                     default_key_prefix: KeyPrefix::parse("kp").unwrap(),
                     labels: StringMap::new(),
+                    max_key_ttl: None,
                     request_id: None,
                 },
             )

@@ -14,6 +14,7 @@ use crate::domain::TenantId;
 use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::page::Page;
 use crate::domain::records::{NewWorkspace, Workspace, WorkspacePatch};
+use crate::domain::rules::KeyTtl;
 
 /// Fails with NOT_FOUND unless the workspace exists for this tenant; scopes and keys that
 /// name a workspace go through here.
@@ -26,6 +27,11 @@ pub(super) async fn require_workspace(
         .one(conn)
         .await?
         .ok_or_else(|| StoreError::not_found("workspace", id))
+}
+
+/// The workspace's key lifetime policy, as stored.
+pub(super) fn key_policy(w: &workspace::Model) -> Option<KeyTtl> {
+    w.max_key_ttl_ms.and_then(KeyTtl::from_millis)
 }
 
 fn from_model(m: workspace::Model) -> Result<Workspace, StoreError> {
@@ -41,6 +47,7 @@ fn from_model(m: workspace::Model) -> Result<Workspace, StoreError> {
         source: m.source,
         default_key_prefix: m.default_key_prefix,
         labels: map_from_json(m.labels)?,
+        max_key_ttl: m.max_key_ttl_ms.and_then(KeyTtl::from_millis),
         revision: m.revision,
         create_time: m.create_time,
         update_time: m.update_time,
@@ -73,6 +80,7 @@ impl Store {
             source: "api".to_owned(),
             default_key_prefix: new.default_key_prefix.as_str().to_owned(),
             labels: map_to_json(&new.labels),
+            max_key_ttl_ms: new.max_key_ttl.map(KeyTtl::millis),
             revision: 1,
             request_id: new.request_id,
             create_time: now,
@@ -200,6 +208,7 @@ impl Stored for Workspace {
             owner_id: Set(self.owner_id.clone()),
             default_key_prefix: Set(self.default_key_prefix.clone()),
             labels: Set(map_to_json(&self.labels)),
+            max_key_ttl_ms: Set(self.max_key_ttl.map(KeyTtl::millis)),
             revision: Set(self.revision),
             update_time: Set(self.update_time),
             ..Default::default()

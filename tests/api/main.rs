@@ -10,6 +10,7 @@ mod cache;
 mod connection_limits;
 mod delegation;
 mod isolation;
+mod key_policy;
 mod key_roles;
 mod leaks;
 mod lifecycle;

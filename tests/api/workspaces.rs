@@ -55,6 +55,7 @@ async fn create_applies_defaults_and_get_returns_it(backend: Backend) {
             default_key_prefix: "atlas".into(),
             labels: [("env".to_string(), "prod".to_string())].into(),
             request_id: String::new(),
+            max_key_ttl: None,
         })
         .await
         .unwrap()

@@ -18,6 +18,7 @@ use crate::storage::budgets::accounts;
 use crate::storage::budgets::rows::limits_to_json;
 use crate::storage::entity::{TenantOwned, api_key, api_key_ancestor, api_key_role};
 use crate::storage::invalidation::Eviction;
+use crate::storage::workspaces::{key_policy, require_workspace};
 use crate::storage::{Store, StoreError, db_now, map_to_json};
 
 impl Store {
@@ -53,6 +54,9 @@ impl Store {
             return Err(RuleViolation::ParentUnusable(format!("{code:?}").to_lowercase()).into());
         }
         let workspace = parent.key.workspace_id;
+        // The workspace's lifetime policy is a ceiling too.
+        let policy = key_policy(&require_workspace(&txn, tenant, workspace).await?);
+        let max_ttl = policy.map_or(max_ttl, |p| p.get().min(max_ttl));
         let held = roles::resolve_roles(&txn, tenant, workspace, &new.roles, "roles").await?;
         let role_scopes = roles::scopes_of(&txn, &held).await?;
         let child = delegation::admit(&parent, &new, &role_scopes, now, max_ttl)?;

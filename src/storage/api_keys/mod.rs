@@ -23,13 +23,13 @@ use super::budgets::rows::{credits_from_row, limits_from_json, limits_to_json};
 use super::entity::{TenantOwned, api_key, api_key_scope, usage_credit};
 use super::invalidation::Eviction;
 use super::update::Stored;
-use super::workspaces::require_workspace;
+use super::workspaces::{key_policy, require_workspace};
 use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
 use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
 use crate::domain::page::Page;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
-use crate::domain::rules::{GracePeriod, Retirement, RuleViolation};
+use crate::domain::rules::{GracePeriod, KeyTtl, Retirement, RuleViolation};
 use crate::domain::standing::Standing;
 use crate::domain::usage::{self, CreditChange, CreditDelta, Credits};
 use crate::domain::{TenantAccess, TenantId};
@@ -358,6 +358,8 @@ impl Store {
         let secret = ApiKeySecret::generate(&prefix)
             .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
         let now = db_now();
+        let expire_time =
+            KeyTtl::expiry(key_policy(&workspace), new.expire_time, now, "expire_time")?;
         let model = api_key::Model {
             id: Uuid::now_v7(),
             tenant_id: tenant.as_uuid(),
@@ -368,7 +370,7 @@ impl Store {
             last_four: secret.last_four().to_owned(),
             owner_id: new.owner_id,
             metadata: map_to_json(&new.metadata),
-            expire_time: new.expire_time,
+            expire_time,
             disabled: false,
             revoke_time: None,
             last_used_time: None,
@@ -564,8 +566,11 @@ impl Store {
             return Err(RuleViolation::AlreadyRotated.into());
         }
 
+        // The workspace's lifetime policy holds for the successor as for a new key.
+        let policy = key_policy(&require_workspace(&txn, tenant, old.workspace_id).await?);
         let successor = api_key::Model {
             id: successor_id,
+            expire_time: KeyTtl::cut(policy, model.expire_time, now),
             key_digest: secret.digest().0.to_vec(),
             last_four: secret.last_four().to_owned(),
             revoke_time: None,

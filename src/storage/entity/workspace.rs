@@ -17,6 +17,8 @@ pub struct Model {
     pub owner_id: String,
     pub source: String,
     pub default_key_prefix: String,
+    /// The longest a key of the workspace may live, in milliseconds; `None`: no limit.
+    pub max_key_ttl_ms: Option<i64>,
     pub labels: Json,
     pub revision: i64,
     pub request_id: Option<Uuid>,
