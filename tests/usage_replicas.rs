@@ -99,7 +99,11 @@ fn credits_are_exact_across_three_replicas() {
             let id = key.id.clone();
             tokio::spawn(async move {
                 client
-                    .adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest { id, delta: 10 })
+                    .adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest {
+                        id,
+                        delta: 10,
+                        ..Default::default()
+                    })
                     .await
                     .is_ok()
             })

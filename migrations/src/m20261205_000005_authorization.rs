@@ -1,5 +1,6 @@
 //! The authorization model: roles (named sets of scopes), the roles a key holds, and the
-//! delegation chain of keys minted by other keys; and the workspaces' key lifetime policy. Additive only (new tables, nullable or
+//! delegation chain of keys minted by other keys; the workspaces' key lifetime policy; and
+//! the request ids of credit adjustments. Additive only (new tables, nullable or
 //! defaulted columns), so the previous release keeps working on this schema during a
 //! rolling upgrade.
 //!
@@ -67,6 +68,17 @@ enum ApiKeyRoles {
     Table,
     ApiKeyId,
     RoleId,
+}
+
+#[derive(DeriveIden)]
+enum CreditAdjustments {
+    Table,
+    TenantId,
+    RequestId,
+    ApiKeyId,
+    Delta,
+    Remaining,
+    CreateTime,
 }
 
 #[derive(DeriveIden)]
@@ -252,6 +264,34 @@ impl MigrationTrait for Migration {
             ))
             .await?;
 
+        // Idempotent credit adjustments: what the first call with a request id did.
+        manager
+            .create_table(
+                Table::create()
+                    .table(CreditAdjustments::Table)
+                    .col(uuid(CreditAdjustments::TenantId))
+                    .col(uuid(CreditAdjustments::RequestId))
+                    .col(uuid(CreditAdjustments::ApiKeyId))
+                    .col(big_integer(CreditAdjustments::Delta))
+                    .col(big_integer(CreditAdjustments::Remaining))
+                    .col(timestamp_with_time_zone(CreditAdjustments::CreateTime))
+                    .primary_key(
+                        Index::create()
+                            .col(CreditAdjustments::TenantId)
+                            .col(CreditAdjustments::RequestId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(index(
+                "credit_adjustments_tenant_time",
+                CreditAdjustments::Table,
+                [CreditAdjustments::TenantId, CreditAdjustments::CreateTime],
+                false,
+            ))
+            .await?;
+
         // No foreign key to the ancestor: a deleted ancestor leaves its (revoked)
         // descendants in place, and their rows with it.
         manager
@@ -287,6 +327,7 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         for table in [
+            CreditAdjustments::Table.into_iden(),
             ApiKeyAncestors::Table.into_iden(),
             ApiKeyRoles::Table.into_iden(),
             RoleScopes::Table.into_iden(),

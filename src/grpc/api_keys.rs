@@ -249,11 +249,18 @@ pub fn parse_rotate(r: pb::RotateApiKeyRequest) -> Result<(Uuid, GracePeriod), V
 /// either way.
 pub fn parse_adjust(
     r: &pb::AdjustApiKeyCreditsRequest,
-) -> Result<(Uuid, CreditDelta), ValidationError> {
+) -> Result<(Uuid, CreditDelta, Option<Uuid>), ValidationError> {
     let mut v = Validator::new();
     let id = v.id("id", &r.id);
     let delta = v.check("delta", CreditDelta::parse(r.delta));
-    v.finish(|| (id.unwrap_or_default(), delta.unwrap_or(CreditDelta::ONE)))
+    let request_id = convert::request_id(&mut v, &r.request_id);
+    v.finish(|| {
+        (
+            id.unwrap_or_default(),
+            delta.unwrap_or(CreditDelta::ONE),
+            request_id,
+        )
+    })
 }
 
 /// A verification's cost: absent is 1; 0 to 1000.
@@ -453,10 +460,10 @@ impl ApiKeyService for KeyplaneApi {
         request: Request<pb::AdjustApiKeyCreditsRequest>,
     ) -> Result<Response<pb::AdjustApiKeyCreditsResponse>, Status> {
         let (_, acting) = acting(&request)?;
-        let (id, delta) = parse_adjust(request.get_ref())?;
+        let (id, delta, request_id) = parse_adjust(request.get_ref())?;
         let key = self
             .store
-            .adjust_api_key_credits(&acting, id, delta)
+            .adjust_api_key_credits(&acting, id, delta, request_id)
             .await?;
         Ok(Response::new(pb::AdjustApiKeyCreditsResponse {
             api_key: Some(self.api_key(key)),

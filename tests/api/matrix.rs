@@ -377,6 +377,7 @@ pub fn rows() -> Vec<Row> {
                 pb::AdjustApiKeyCreditsRequest {
                     id: f.key.clone(),
                     delta: 1,
+                    ..Default::default()
                 }
                 .encode_to_vec()
             },

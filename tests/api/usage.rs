@@ -15,6 +15,7 @@ on_both_backends!(
     rate_limits_admit_their_limit_and_spend_no_credits_when_refusing,
     owner_shared_limits_draw_from_one_budget,
     adjusting_credits_during_spending_loses_no_increment,
+    retried_adjustments_apply_once,
     updates_set_and_clear_credits_and_limits,
     rotation_carries_limits_and_credits_and_the_predecessor_stops_spending,
     usage_settings_are_validated_field_by_field,
@@ -190,9 +191,68 @@ async fn adjust(app: &TestApp, id: &str, delta: i64) -> Result<pb::ApiKey, tonic
         .adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest {
             id: id.into(),
             delta,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().api_key.unwrap())
+}
+
+async fn retried_adjustments_apply_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (key, _) = app.create_metered_key("", vec![], Some(1000), None).await;
+    let send = |delta: i64, request_id: String| {
+        let mut keys = app.as_admin().keys;
+        let id = key.id.clone();
+        async move {
+            keys.adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest {
+                id,
+                delta,
+                request_id,
+            })
+            .await
+            .inner()
+        }
+    };
+    // A burst of 40 adjustments, each sent three times at once (a client retrying a call
+    // it believes lost while the first is still in flight), then once more afterwards.
+    let ids: Vec<String> = (0..40).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let burst = ids
+        .iter()
+        .flat_map(|id| (0..3).map(move |_| (id.clone(), 7)))
+        .map(|(id, delta)| send(delta, id));
+    let answers = join_all(burst).await;
+    let answers: Vec<pb::ApiKey> = answers
+        .into_iter()
+        .map(|a| a.expect("every retry answered").api_key.unwrap())
+        .collect();
+    // The retries of one adjustment answer what its first call left.
+    for triple in answers.chunks(3) {
+        let first = triple[0].remaining_uses;
+        assert!(
+            triple.iter().all(|k| k.remaining_uses == first),
+            "{triple:?}"
+        );
+    }
+    for id in &ids {
+        send(7, id.clone()).await.expect("a late retry");
+    }
+    let balance = app.get_key(&key.id).await.unwrap().remaining_uses;
+    assert_eq!(
+        balance,
+        Some(1000 + 40 * 7),
+        "each adjustment applied once, exactly"
+    );
+    // A request id is one adjustment: reused for another delta, it is refused.
+    assert_invalid(
+        send(8, ids[0].clone()).await,
+        &["request_id"],
+        "a request id reused for another delta",
+    );
+    assert_invalid(
+        send(7, "not-a-uuid".into()).await,
+        &["request_id"],
+        "not a UUID",
+    );
 }
 
 async fn adjusting_credits_during_spending_loses_no_increment(backend: Backend) {
@@ -217,9 +277,13 @@ async fn adjusting_credits_during_spending_loses_no_increment(backend: Backend) 
         let mut keys = app.as_admin().keys;
         let id = key.id.clone();
         tokio::spawn(async move {
-            keys.adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest { id, delta: 10 })
-                .await
-                .is_ok()
+            keys.adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest {
+                id,
+                delta: 10,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
         })
     });
     let (spent, adjusted) = tokio::join!(join_all(spends), join_all(adjusts));
@@ -261,6 +325,7 @@ async fn adjusting_credits_during_spending_loses_no_increment(backend: Backend) 
         .adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest {
             id: key.id.clone(),
             delta: 5,
+            ..Default::default()
         })
         .await;
     assert_err(foreign, Code::NotFound, "NOT_FOUND");

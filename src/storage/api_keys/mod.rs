@@ -3,6 +3,7 @@
 //! What a key's verification depends on besides its row (roles, ancestors) is read and
 //! reached through [`chain`]; delegation is [`delegation`]; a key's roles, [`roles`].
 mod chain;
+mod credit_requests;
 mod delegation;
 mod roles;
 
@@ -636,14 +637,37 @@ impl Store {
     /// Adds `delta` to a key's remaining uses (removes, when negative; never below 0),
     /// atomically with respect to concurrent reservations: one statement on the account's
     /// row. A key without `remaining_uses` has nothing to add to.
+    ///
+    /// With a `request_id`, an adjustment applies once: a retry answers with the balance the
+    /// first call left (see [`credit_requests`]).
     pub async fn adjust_api_key_credits(
         &self,
         acting: &Acting,
         id: Uuid,
         delta: CreditDelta,
+        request_id: Option<Uuid>,
     ) -> Result<ApiKey, StoreError> {
         let tenant = acting.tenant;
+        if let Some(request_id) = request_id
+            && let Some(first) = self.first_adjustment(tenant, request_id, id, delta).await?
+        {
+            return Ok(first);
+        }
         let txn = self.begin_write().await?;
+        if let Some(request_id) = request_id {
+            match credit_requests::claim(&txn, tenant, request_id, id, delta, db_now()).await {
+                Ok(()) => {}
+                // Another call holds the claim (it waited for that call to commit).
+                Err(e) if is_unique_violation(&e) => {
+                    drop(txn);
+                    return self
+                        .first_adjustment(tenant, request_id, id, delta)
+                        .await?
+                        .ok_or(StoreError::Database(e));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let key = find_key(&txn, tenant, id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
@@ -667,11 +691,42 @@ impl Store {
         let key = find_key(&txn, tenant, id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
+        if let (Some(request_id), Some(credits)) = (request_id, key.credits) {
+            credit_requests::record(&txn, tenant, request_id, credits.balance).await?;
+        }
         // Every key of the account: a remembered refusal must yield to the new version.
         let eviction = family_eviction(&txn, tenant, key.usage_id).await?;
         let change = Change::new(AuditAction::ApiKeyAdjustCredits, id, vec!["remaining_uses"]);
         self.commit(txn, acting, change, eviction).await?;
         Ok(key)
+    }
+
+    /// The answer to a retried adjustment: the key as it is, with the balance the first call
+    /// left. A request id reused for another key or delta is refused.
+    async fn first_adjustment(
+        &self,
+        tenant: TenantId,
+        request_id: Uuid,
+        id: Uuid,
+        delta: CreditDelta,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        let Some(first) = credit_requests::earlier(&self.db, tenant, request_id).await? else {
+            return Ok(None);
+        };
+        if first.api_key_id != id || first.delta != delta.get() {
+            return Err(
+                RuleViolation::Invalid(crate::domain::validate::ValidationError::single(
+                    "request_id",
+                    "was used for another adjustment",
+                ))
+                .into(),
+            );
+        }
+        let mut key = self.get_api_key(tenant, id).await?;
+        if let Some(credits) = key.credits.as_mut() {
+            credits.balance = u64::try_from(first.remaining).unwrap_or(0);
+        }
+        Ok(Some(key))
     }
 
     /// The standing of the key with this digest, if the caller may see its tenant: one

@@ -6,6 +6,7 @@ pub mod api_key_role;
 pub mod api_key_scope;
 pub mod audit_chain;
 pub mod audit_event;
+pub mod credit_adjustment;
 pub mod role;
 pub mod role_scope;
 pub mod scope;
