@@ -256,6 +256,51 @@ fn cached_keys_answer_stale_through_a_database_outage() {
     });
 }
 
+/// A stale verification that runs out of held credits must not leave the key's budget
+/// waiting for a reservation it never sent: once the database is back, the key answers at
+/// once (it used to hang until the request timeout).
+#[test]
+fn a_metered_key_that_ran_dry_while_stale_answers_when_the_database_returns() {
+    if !postgres_or_skip("outage::a_metered_key_that_ran_dry_while_stale") {
+        return;
+    }
+    run_test(async {
+        let db = fresh_database(Backend::Postgres).await;
+        let (app, proxy) = proxied_replica(db, Duration::from_secs(120)).await;
+        let (_, secret) = app
+            .create_metered_key("", Vec::new(), Some(1_000_000), None)
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(app.verify(&secret, &[]).await.code(), pb::VerifyCode::Valid);
+
+        proxy.stop().await;
+        // Stale answers spend what this replica holds, then are UNAVAILABLE.
+        let mut unavailable = 0;
+        for _ in 0..100_000 {
+            match app.as_admin().try_verify(&secret, &[]).await {
+                Ok(v) if v.code() == pb::VerifyCode::Valid => {}
+                Err(s) if s.code() == Code::Unavailable => {
+                    unavailable += 1;
+                    if unavailable == 3 {
+                        break;
+                    }
+                }
+                other => panic!("during the outage: {other:?}"),
+            }
+        }
+        assert_eq!(unavailable, 3, "the held credits never ran out");
+
+        proxy.resume();
+        wait_for_writes(&app, ServingStatus::Serving, Duration::from_secs(10)).await;
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            wait_for_fresh(&app, &secret, pb::VerifyCode::Valid, Duration::from_secs(5)),
+        )
+        .await;
+        assert!(answered.is_ok(), "the key's verification did not come back");
+    });
+}
+
 #[test]
 fn stale_answers_end_when_the_bound_runs_out_and_normal_ones_resume_on_return() {
     if !postgres_or_skip("outage::stale_answers_end_when_the_bound_runs_out") {

@@ -546,6 +546,12 @@ impl Budget {
         self.refusal = None;
     }
 
+    /// The reservation [`Budget::step`] handed out was never asked for (a stale
+    /// verification may not reach the database): nothing is in flight, nothing was taken.
+    pub fn not_asked(&mut self) {
+        self.in_flight = false;
+    }
+
     /// The statement failed, or must be asked again ([`Answer::Again`]). If its outcome is
     /// unknown, whatever it took is lost: never retried blindly, never assumed.
     pub fn failed(&mut self) {

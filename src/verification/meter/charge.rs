@@ -222,13 +222,21 @@ impl Meter {
                 // A busy budget tops its lease up as soon as it runs low rather than at the
                 // next tick: at tens of thousands of requests a second a lease can run dry
                 // between ticks, and then every request waits a database round trip.
+                // A stale verification may not ask the database: no prefetch, and a
+                // reservation `step` handed it is never sent, so the budget must not wait
+                // for it (under this lock, nobody has started waiting yet).
                 let prefetch = match step {
-                    Step::Held(_) => state.budget.prefetch(&terms, sizing, now),
+                    Step::Held(_) if spend == Spend::Reserve => {
+                        state.budget.prefetch(&terms, sizing, now)
+                    }
                     _ => None,
                 };
+                if spend == Spend::HeldOnly && matches!(step, Step::Reserve(_)) {
+                    state.budget.not_asked();
+                }
                 (step, reserved, prefetch)
             };
-            if let Some(ask) = prefetch.filter(|_| spend == Spend::Reserve) {
+            if let Some(ask) = prefetch {
                 self.start_reservation(&slot, terms, ask, fleet);
             }
             let needs_database = matches!(step, Step::Reserve(_) | Step::AwaitReservation);
