@@ -52,7 +52,8 @@ ENVOY_ADMIN_PORT=$((PORT_BASE + 9))
 ENVOY_RPS=${ENVOY_RPS:-2000}
 SCOPE=crm:read
 # The permission query target: the query key holds SCOPE and QUERY_SCOPE, the plain key
-# only SCOPE, so the query holds for the one and not the other (setup checks both).
+# only SCOPE, so the query holds for the one and not the other (setup checks that it fails
+# for the plain key, the probe that it holds for the query key).
 QUERY_SCOPE=crm:write
 QUERY="$SCOPE AND ($QUERY_SCOPE OR billing:*)"
 # Where cargo puts the binaries (it reads CARGO_TARGET_DIR too).
