@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         bench_protos.join("keyplane/bench/v1/echo.proto"),
         keyplane_protos.join("keyplane/v1/api_key_service.proto"),
+        keyplane_protos.join("keyplane/v1/role_service.proto"),
         keyplane_protos.join("keyplane/v1/scope_service.proto"),
         keyplane_protos.join("keyplane/v1/workspace_service.proto"),
     ];

@@ -10,13 +10,15 @@
 #   STREAMS [16]       concurrent streams per connection for throughput (-m)
 #   LAT_CLIENTS [8]    one-at-a-time clients of the latency runs (-c, with -m 1)
 #   ROUNDS [100]       revocations measured across replicas
-#   TP_ROUNDS [5]      interleaved throughput rounds (echo, VerifyApiKey, metered, Check)
+#   TP_ROUNDS [5]      interleaved throughput rounds (echo, VerifyApiKey, metered, role,
+#                      delegated, query, Check)
 #   TP_DURATION [5]    seconds of each throughput run of a round (and of the cold run)
 #   PORT_BASE [18500]  first of the 10 local ports used (echo, keyplane, cold, 3 replicas,
 #                      the allow-all ext_authz server, Envoy's two listeners and its admin)
 #   ENVOY_RPS [2000]   the steady rate of the "behind Envoy" latency comparison
 #   PG [postgres://postgres:postgres@127.0.0.1:5432]  PostgreSQL server (no database)
-#   SKIP_BUILD [0]     1: use the binaries already in target/release
+#   SKIP_BUILD [0]     1: use the binaries already in $CARGO_TARGET_DIR/release
+#   CARGO_TARGET_DIR [target]  where cargo builds and the binaries are taken from
 #   KEEP_DB [0]        1: keep the benchmark database afterwards
 #   WORK [mktemp -d]   where raw h2load outputs and server logs go
 set -euo pipefail
@@ -49,7 +51,13 @@ ENVOY_ALLOW_PORT=$((PORT_BASE + 8))
 ENVOY_ADMIN_PORT=$((PORT_BASE + 9))
 ENVOY_RPS=${ENVOY_RPS:-2000}
 SCOPE=crm:read
-BIN=$ROOT/target/release
+# The permission query target: the query key holds SCOPE and QUERY_SCOPE, the plain key
+# only SCOPE, so the query holds for the one and not the other (setup checks that it fails
+# for the plain key, the probe that it holds for the query key).
+QUERY_SCOPE=crm:write
+QUERY="$SCOPE AND ($QUERY_SCOPE OR billing:*)"
+# Where cargo puts the binaries (it reads CARGO_TARGET_DIR too).
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -205,16 +213,22 @@ log "keyplane on 127.0.0.1:$KP_PORT"
 serve_keyplane keyplane "$KP_PORT"
 KP_PID=$LAST_PID
 TOKEN=$("$BIN/keyplane" token --jwt-secret "$JWT_SECRET" --tenant "$TENANT" \
-  --scope "keyplane.api_keys:verify keyplane.api_keys:write keyplane.workspaces:write keyplane.scopes:write" --ttl 1h)
+  --scope "keyplane.api_keys:verify keyplane.api_keys:write keyplane.workspaces:write keyplane.scopes:write keyplane.roles:write keyplane.api_keys:delegate" --ttl 1h)
 export BENCH_TOKEN=$TOKEN
 
-SETUP_OUT=$("$BIN/setup" --addr "127.0.0.1:$KP_PORT" create --scope "$SCOPE") ||
+# keyplane.roles:write and keyplane.api_keys:delegate above let setup make the role and the
+# delegation chain's root key (granting a built-in scope needs the caller to hold it).
+SETUP_OUT=$("$BIN/setup" --addr "127.0.0.1:$KP_PORT" create --scope "$SCOPE" \
+  --query-scope "$QUERY_SCOPE" --query "$QUERY") ||
   { cat "$WORK/keyplane.log" >&2; die "setup failed"; }
 WORKSPACE_ID=$(sed -n 's/^WORKSPACE_ID=//p' <<<"$SETUP_OUT")
 BENCH_KEY=$(sed -n 's/^KEY=//p' <<<"$SETUP_OUT")
 BENCH_METERED_KEY=$(sed -n 's/^METERED_KEY=//p' <<<"$SETUP_OUT")
-export BENCH_KEY BENCH_METERED_KEY
-"$BIN/payloads" --scope "$SCOPE" --out "$WORK" >/dev/null
+BENCH_ROLE_KEY=$(sed -n 's/^ROLE_KEY=//p' <<<"$SETUP_OUT")
+BENCH_DELEGATED_KEY=$(sed -n 's/^DELEGATED_KEY=//p' <<<"$SETUP_OUT")
+BENCH_QUERY_KEY=$(sed -n 's/^QUERY_KEY=//p' <<<"$SETUP_OUT")
+export BENCH_KEY BENCH_METERED_KEY BENCH_ROLE_KEY BENCH_DELEGATED_KEY BENCH_QUERY_KEY
+"$BIN/payloads" --scope "$SCOPE" --query "$QUERY" --out "$WORK" >/dev/null
 
 probe() { # probe KIND PORT: 0 success, 3 UNIMPLEMENTED
   "$BIN/setup" --addr "127.0.0.1:$2" probe --kind "$1" --payload "$WORK/$1.bin"
@@ -223,11 +237,13 @@ probe() { # probe KIND PORT: 0 success, 3 UNIMPLEMENTED
 # ---------------------------------------------------------------- probes
 start echo_server "$BIN/echo_server" --listen "127.0.0.1:$ECHO_PORT"
 ECHO_PID=$LAST_PID
-log "probes: echo, VerifyApiKey (plain and metered key), Check"
+log "probes: echo, VerifyApiKey (plain, metered, role, delegated and query key), Check"
 probe echo "$ECHO_PORT" >&2 || die "the echo probe failed"
 probe verify "$KP_PORT" >&2 || die "the VerifyApiKey probe did not answer VALID"
-"$BIN/setup" --addr "127.0.0.1:$KP_PORT" probe --kind verify --payload "$WORK/verify_metered.bin" >&2 ||
-  die "the metered VerifyApiKey probe did not answer VALID"
+for kind in metered role delegated query; do
+  "$BIN/setup" --addr "127.0.0.1:$KP_PORT" probe --kind verify --payload "$WORK/verify_$kind.bin" >&2 ||
+    die "the $kind VerifyApiKey probe did not answer VALID"
+done
 CHECK_NOTE=""
 set +e
 CHECK_PROBE=$(probe check "$KP_PORT" 2>&1)
@@ -245,20 +261,24 @@ fi
 # between 78,000 and 108,000 req/s, and a single run of each target a minute apart can
 # differ by more than the gap being measured. So the targets take turns, TP_ROUNDS times, and each
 # round's ratios are taken against that round's echo; the report gives every round and
-# judges by the median ratio.
-ECHO_ALL=() VERIFY_ALL=() METERED_ALL=() CHECK_ALL=()
+# judges by the median ratio. The role, delegated and query keys are judged the same way
+# against the plain VerifyApiKey of their round.
+ECHO_ALL=() VERIFY_ALL=() METERED_ALL=() ROLE_ALL=() DELEGATED_ALL=() QUERY_ALL=() CHECK_ALL=()
 for round in $(seq "$TP_ROUNDS"); do
-  log "throughput round $round of $TP_ROUNDS: echo, VerifyApiKey, metered key, Check (${TP_DURATION}s each, -c $CLIENTS -m $STREAMS)"
+  log "throughput round $round of $TP_ROUNDS: echo, VerifyApiKey, metered, role, delegated and query key, Check (${TP_DURATION}s each, -c $CLIENTS -m $STREAMS)"
   e=$(throughput "echo.$round" "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
   v=$(throughput "verify.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
   m=$(throughput "verify_metered.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
+  r=$(throughput "verify_role.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_role.bin")
+  d=$(throughput "verify_delegated.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_delegated.bin")
+  q=$(throughput "verify_query.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_query.bin")
   c=n/a
   if [ "$CHECK_STATUS" = 0 ]; then
     c=$(throughput "check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
     CHECK_ALL+=("$c")
   fi
-  ECHO_ALL+=("$e") VERIFY_ALL+=("$v") METERED_ALL+=("$m")
-  echo "round $round: echo $e, VerifyApiKey $v, metered $m, Check $c req/s" >&2
+  ECHO_ALL+=("$e") VERIFY_ALL+=("$v") METERED_ALL+=("$m") ROLE_ALL+=("$r") DELEGATED_ALL+=("$d") QUERY_ALL+=("$q")
+  echo "round $round: echo $e, VerifyApiKey $v, metered $m, role $r, delegated $d, query $q, Check $c req/s" >&2
 done
 probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
 # median NUMBER...: the middle value (the lower middle for an even count).
@@ -277,6 +297,16 @@ VERIFY_RPS=$(median "${VERIFY_ALL[@]}")
 METERED_RPS=$(median "${METERED_ALL[@]}")
 V_SHARE=$(median $(ratios "${VERIFY_ALL[@]}" -- "${ECHO_ALL[@]}"))
 M_SHARE=$(median $(ratios "${METERED_ALL[@]}" -- "${ECHO_ALL[@]}"))
+ROLE_RPS=$(median "${ROLE_ALL[@]}")
+DELEGATED_RPS=$(median "${DELEGATED_ALL[@]}")
+QUERY_RPS=$(median "${QUERY_ALL[@]}")
+# Of the plain cached VerifyApiKey (the §6 bar), and of the echo for comparison.
+R_OF_V=$(median $(ratios "${ROLE_ALL[@]}" -- "${VERIFY_ALL[@]}"))
+D_OF_V=$(median $(ratios "${DELEGATED_ALL[@]}" -- "${VERIFY_ALL[@]}"))
+Q_OF_V=$(median $(ratios "${QUERY_ALL[@]}" -- "${VERIFY_ALL[@]}"))
+R_SHARE=$(median $(ratios "${ROLE_ALL[@]}" -- "${ECHO_ALL[@]}"))
+D_SHARE=$(median $(ratios "${DELEGATED_ALL[@]}" -- "${ECHO_ALL[@]}"))
+Q_SHARE=$(median $(ratios "${QUERY_ALL[@]}" -- "${ECHO_ALL[@]}"))
 CHECK_RPS="" C_SHARE=""
 if [ "$CHECK_STATUS" = 0 ]; then
   CHECK_RPS=$(median "${CHECK_ALL[@]}")
@@ -436,6 +466,9 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 <=
 pct() { awk -v f="$1" 'BEGIN { if (f == "") print "n/a"; else printf "%.1f%%", 100 * f }'; }
 V_OK=$(ge "$V_SHARE" 0.90)
 M_OK=$(ge "$M_SHARE" 0.80)
+R_OK=$(ge "$R_OF_V" 0.85)
+D_OK=$(ge "$D_OF_V" 0.85)
+Q_OK=$(ge "$Q_OF_V" 0.85)
 if [ -n "$CHECK_RPS" ]; then
   C_OK=$(ge "$C_SHARE" 0.85)
   C_VERDICT=$(met "$C_OK")
@@ -465,6 +498,7 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "Commit $COMMIT; $(nproc) CPUs ($CPU), $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo);"
   echo "$(h2load --version | head -n1); PostgreSQL $(pgq 'SHOW server_version'); server and load generator on the same machine."
   echo "Load average (1, 5, 15 min) before the build: $LOAD_BEFORE; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s$([ "$SKIP_BUILD" != 1 ] && echo ", the build included")."
   echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS ROUNDS=$ROUNDS TP_ROUNDS=$TP_ROUNDS TP_DURATION=$TP_DURATION."
   echo
   echo "## Throughput (h2load -c $CLIENTS -m $STREAMS, ${TP_DURATION}s after ${WARMUP}s warm-up, $TP_ROUNDS interleaved rounds)"
@@ -483,16 +517,27 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   fi
   echo "| VerifyApiKey cold on PostgreSQL | $COLD_RPS | $(ratio "$COLD_RPS" "$ECHO_RPS") | ≥ 5,000/s | $(met "$COLD_OK") |"
   echo
-  echo "Rounds (req/s):"
+  echo "Rounds (req/s; in parentheses, of that round's echo, but for role, delegated and query: of that round's VerifyApiKey):"
   echo
-  echo "| round | echo | VerifyApiKey | metered key | Check |"
-  echo "|---:|---:|---:|---:|---:|"
+  echo "| round | echo | VerifyApiKey | metered key | role | delegated | query | Check |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
   for i in "${!ECHO_ALL[@]}"; do
-    echo "| $((i + 1)) | ${ECHO_ALL[$i]} | ${VERIFY_ALL[$i]} ($(ratio "${VERIFY_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${METERED_ALL[$i]} ($(ratio "${METERED_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${CHECK_ALL[$i]:-—}$([ -n "${CHECK_ALL[$i]:-}" ] && echo " ($(ratio "${CHECK_ALL[$i]}" "${ECHO_ALL[$i]}"))") |"
+    echo "| $((i + 1)) | ${ECHO_ALL[$i]} | ${VERIFY_ALL[$i]} ($(ratio "${VERIFY_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${METERED_ALL[$i]} ($(ratio "${METERED_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${ROLE_ALL[$i]} ($(ratio "${ROLE_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${DELEGATED_ALL[$i]} ($(ratio "${DELEGATED_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${QUERY_ALL[$i]} ($(ratio "${QUERY_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${CHECK_ALL[$i]:-—}$([ -n "${CHECK_ALL[$i]:-}" ] && echo " ($(ratio "${CHECK_ALL[$i]}" "${ECHO_ALL[$i]}"))") |"
   done
   echo
   echo "Cold: $COLD_NOTE."
   [ -n "$CHECK_NOTE" ] && echo "Check: $CHECK_NOTE."
+  echo
+  echo "### Authorization model on the hot path (the same rounds)"
+  echo
+  echo "Each key is VALID for \`$SCOPE\` another way; \"/ VerifyApiKey\" is the median of each round's"
+  echo "ratio to that round's plain cached VerifyApiKey above, \"/ echo\" as above."
+  echo
+  echo "| target | req/s | / VerifyApiKey | / echo | goal | |"
+  echo "|---|---:|---:|---:|---|---|"
+  echo "| VerifyApiKey, key holding \`$SCOPE\` only through a role | $ROLE_RPS | $(pct "$R_OF_V") | $(pct "$R_SHARE") | ≥ 85% of VerifyApiKey | $(met "$R_OK") |"
+  echo "| VerifyApiKey, delegated key at depth 3 | $DELEGATED_RPS | $(pct "$D_OF_V") | $(pct "$D_SHARE") | ≥ 85% of VerifyApiKey | $(met "$D_OK") |"
+  echo "| VerifyApiKey, permission query \`$QUERY\` | $QUERY_RPS | $(pct "$Q_OF_V") | $(pct "$Q_SHARE") | ≥ 85% of VerifyApiKey | $(met "$Q_OK") |"
   echo
   echo "## Latency at half the echo's rate ($LAT_CLIENTS clients, one call at a time each, ${DURATION}s)"
   echo

@@ -64,12 +64,23 @@ pub fn decode_frame<M: Message + Default>(frame: &[u8]) -> anyhow::Result<M> {
     M::decode(body).context("not a valid protobuf message of the expected type")
 }
 
-/// The VerifyApiKey request every verification target sends (and the echo echoes).
+/// The VerifyApiKey request of the verification targets that name required scopes (and
+/// what the echo echoes).
 pub fn verify_request(key: &str, scopes: &[String]) -> kp::VerifyApiKeyRequest {
     kp::VerifyApiKeyRequest {
         key: key.to_owned(),
         required_scopes: scopes.to_vec(),
         cost: None,
+        ..Default::default()
+    }
+}
+
+/// A VerifyApiKey request whose authorization is a permission query instead of a list of
+/// required scopes.
+pub fn query_request(key: &str, query: &str) -> kp::VerifyApiKeyRequest {
+    kp::VerifyApiKeyRequest {
+        key: key.to_owned(),
+        permission_query: query.to_owned(),
         ..Default::default()
     }
 }
@@ -169,6 +180,9 @@ mod tests {
         );
         let back: kp::VerifyApiKeyRequest = decode_frame(&frame).unwrap();
         assert_eq!(back, request);
+        let query = query_request("kp_x", "crm:read AND (crm:write OR billing:*)");
+        let back: kp::VerifyApiKeyRequest = decode_frame(&grpc_frame(&query)).unwrap();
+        assert_eq!(back, query);
         let check = check_request("kp_x", &["crm:read".to_owned()]);
         let back: CheckRequest = decode_frame(&grpc_frame(&check)).unwrap();
         assert_eq!(back, check);
