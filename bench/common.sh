@@ -93,7 +93,7 @@ serve_keyplane() {
 # tenant_token TENANT: a token with every scope the benchmarks use.
 tenant_token() {
   "$BIN/keyplane" token --jwt-secret "$JWT_SECRET" --tenant "$1" \
-    --scope "keyplane.api_keys:verify keyplane.api_keys:read keyplane.api_keys:write keyplane.workspaces:write keyplane.scopes:write" --ttl 2h
+    --scope "keyplane.api_keys:verify keyplane.api_keys:read keyplane.api_keys:write keyplane.api_keys:delegate keyplane.workspaces:write keyplane.scopes:write keyplane.roles:write" --ttl 2h
 }
 
 # shellcheck disable=SC2034 # used by the scripts that source this file
