@@ -12,6 +12,7 @@ use crate::auth::jwt::{JwtSettings, JwtVerifier};
 use crate::auth::{AuthError, bearer_token};
 use crate::domain::TenantId;
 use crate::domain::key::ApiKeySecret;
+use crate::domain::network::{AllowedNetworks, ClientAddress, Network};
 use crate::domain::page::{ListFingerprint, ListKind, PageSize, PageTokenCodec};
 use crate::domain::permission::{MAX_LEN, MAX_TERMS, PermissionQuery};
 use crate::domain::scope::ScopeString;
@@ -22,13 +23,14 @@ use crate::proto as pb;
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("key_parser", key_parser),
     ("scope_parser", scope_parser),
     ("page_token", page_token),
     ("credentials", credentials),
     ("request", request),
     ("permission_query", permission_query),
+    ("network", network),
 ];
 
 /// The key parser: an accepted key is exactly its input, and its masked form shows the
@@ -93,6 +95,33 @@ pub fn permission_query(data: &[u8]) {
     if canonical.len() <= MAX_LEN {
         assert_eq!(PermissionQuery::parse(&canonical), Ok(query));
     }
+}
+
+/// The allow-list parsers: an allow-list entry and a client address (the input split at
+/// its first NUL). An accepted entry reads back as itself, lies within itself, and admits
+/// exactly the addresses it contains; an accepted address, as a one-host entry, admits
+/// itself.
+pub fn network(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (entry, address) = text.split_once('\0').unwrap_or((&text, ""));
+    let address = ClientAddress::parse(address).ok();
+    if let Some(address) = address {
+        let host = Network::parse(&address.to_string())
+            .unwrap_or_else(|e| panic!("{address} does not read back: {e}"));
+        assert!(host.contains(address));
+    }
+    let Ok(network) = Network::parse(entry) else {
+        return;
+    };
+    assert_eq!(Network::parse(&network.to_string()), Ok(network));
+    let list = AllowedNetworks::new([network]);
+    assert!(list.within(&list));
+    assert!(list.within(&AllowedNetworks::default()));
+    assert!(!AllowedNetworks::default().within(&list));
+    assert_eq!(
+        list.admits(address),
+        address.is_some_and(|a| network.contains(a))
+    );
 }
 
 /// The list every fuzzed token is checked against.
@@ -192,6 +221,7 @@ pub fn request(data: &[u8]) {
             let _ = api_keys::parse_cost(r.cost);
             let _ = ApiKeySecret::parse(&r.key);
             let _ = PermissionQuery::parse(&r.permission_query);
+            let _ = api_keys::parse_client_ip(&r.client_ip);
         }
         8 => drop(convert::parse_id(
             "id",

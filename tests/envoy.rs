@@ -15,7 +15,7 @@ use keyplane::domain::key::{ApiKeySecret, KeyPrefix};
 use keyplane::proto as pb;
 use keyplane_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 on_both_backends!(through_envoy);
 
@@ -147,6 +147,9 @@ static_resources:
         typed_config:
           \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
+          # An edge proxy: the downstream address is the connection's, never a client's
+          # x-forwarded-for (what keyplane sees as attributes.source.address).
+          use_remote_address: true
           route_config:
             name: local
             virtual_hosts:
@@ -358,7 +361,22 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
 
 /// `GET path` on 127.0.0.1:`port` over a fresh connection.
 async fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    get_from([127, 0, 0, 1], port, path, headers).await
+}
+
+/// `GET path` on 127.0.0.1:`port` over a fresh connection from the loopback address
+/// `source` (the whole of 127.0.0.0/8 is this machine's).
+async fn get_from(
+    source: [u8; 4],
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Reply> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    let mut stream = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await?;
     let mut request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
@@ -625,6 +643,7 @@ async fn through_envoy(backend: Backend) {
 
     usage_controls(&app, &ws, port, &upstream).await;
     authorization_model(&app, &ws, port, &upstream).await;
+    ip_allow_lists(&app, &ws, port, &upstream).await;
 
     // No secret ever reached the upstream, in any header.
     for headers in upstream.seen.lock().unwrap().iter() {
@@ -637,6 +656,49 @@ async fn through_envoy(backend: Backend) {
         }
     }
     drop(envoy);
+}
+
+/// A key allowed from 127.0.0.2 only: Envoy reports each connection's own address, so the
+/// same key is refused from 127.0.0.1 (403, before the upstream) whatever
+/// `x-forwarded-for` the client sends, and allowed from 127.0.0.2.
+async fn ip_allow_lists(app: &TestApp, ws: &str, port: u16, upstream: &Upstream) {
+    let created = app
+        .as_admin()
+        .keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            workspace_id: ws.into(),
+            scopes: strings(&["crm:read"]),
+            allowed_cidrs: strings(&["127.0.0.2"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key = [("x-api-key", created.secret.as_str())];
+    let before = upstream.requests();
+    let reply = get_from([127, 0, 0, 1], port, "/crm", &key).await.unwrap();
+    assert_denied(&reply, 403, "VERIFY_CODE_IP_NOT_ALLOWED", "from 127.0.0.1");
+    let spoofed = [key[0], ("x-forwarded-for", "127.0.0.2")];
+    let reply = get_from([127, 0, 0, 1], port, "/crm", &spoofed)
+        .await
+        .unwrap();
+    assert_denied(
+        &reply,
+        403,
+        "VERIFY_CODE_IP_NOT_ALLOWED",
+        "a client-sent x-forwarded-for",
+    );
+    assert_eq!(
+        upstream.requests(),
+        before,
+        "a refused request reached the upstream"
+    );
+    let reply = get_from([127, 0, 0, 2], port, "/crm", &key).await.unwrap();
+    assert_eq!(reply.status, 200, "from 127.0.0.2: {reply:?}");
+    assert_eq!(
+        reply.json()["x-keyplane-key-id"],
+        created.api_key.unwrap().id
+    );
 }
 
 /// Permission queries set per route, and delegated keys: the upstream learns the chain, and

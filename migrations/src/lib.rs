@@ -8,6 +8,7 @@ mod m20261125_000002_audit_log;
 mod m20261125_000003_api_keys_fillfactor;
 mod m20261125_000004_usage_controls;
 mod m20261205_000005_authorization;
+mod m20261205_000006_ip_allow_lists;
 
 /// Runs all keyplane schema migrations in order.
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000003_api_keys_fillfactor::Migration),
             Box::new(m20261125_000004_usage_controls::Migration),
             Box::new(m20261205_000005_authorization::Migration),
+            Box::new(m20261205_000006_ip_allow_lists::Migration),
         ]
     }
 }

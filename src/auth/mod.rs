@@ -8,6 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::domain::audit::{Actor, ActorKind};
+use crate::domain::network::ClientAddress;
 use crate::domain::records::VerifyCode;
 use crate::domain::scope::{BuiltinScope, ScopeString};
 use crate::domain::usage::Cost;
@@ -132,6 +133,9 @@ pub struct Credentials<'a> {
     pub api_key: Option<&'a str>,
     /// The `x-tenant-id` header.
     pub tenant: Option<&'a str>,
+    /// The address the call came from: an admin key with `allowed_cidrs` is refused from
+    /// elsewhere, as any use of the key is.
+    pub peer: Option<ClientAddress>,
 }
 
 /// The token of an `authorization: Bearer <token>` header (scheme case-insensitive).
@@ -165,7 +169,7 @@ impl Authenticator {
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, AuthError> {
         let caller = match (creds.authorization, creds.api_key) {
             (Some(authorization), _) => self.bearer(authorization)?,
-            (None, Some(key)) => self.admin_key(key).await?,
+            (None, Some(key)) => self.admin_key(key, creds.peer).await?,
             (None, None) => return Err(AuthError::CredentialsMissing),
         };
         let Some(header) = creds.tenant else {
@@ -198,7 +202,11 @@ impl Authenticator {
         })
     }
 
-    async fn admin_key(&self, presented: &str) -> Result<Caller, AuthError> {
+    async fn admin_key(
+        &self,
+        presented: &str,
+        peer: Option<ClientAddress>,
+    ) -> Result<Caller, AuthError> {
         let verification = self
             .keys
             // keyplane's own API is not the metered service: checking an admin key spends
@@ -206,6 +214,7 @@ impl Authenticator {
             .verify(
                 TenantAccess::Any,
                 presented,
+                peer,
                 &[] as &[ScopeString],
                 None,
                 Cost::FREE,

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
+use super::network::AllowedNetworks;
 use super::records::StringMap;
 use super::role::RoleName;
 use super::rules::RuleViolation;
@@ -37,6 +38,8 @@ pub struct NewDelegation {
     pub credits: Option<CreditLimit>,
     pub rate_limits: RateLimits,
     pub delegable: bool,
+    /// `None`: the parent's allow-list.
+    pub allowed_cidrs: Option<AllowedNetworks>,
     pub request_id: Option<Uuid>,
 }
 
@@ -53,6 +56,7 @@ impl NewDelegation {
             ("remaining_uses", self.credits.is_some()),
             ("rate_limits", !self.rate_limits.is_empty()),
             ("delegable", self.delegable),
+            ("allowed_cidrs", self.allowed_cidrs.is_some()),
         ])
     }
 }
@@ -67,6 +71,7 @@ pub struct Child {
     pub depth: u8,
     /// Root first, ending with the parent.
     pub ancestry: Vec<Uuid>,
+    pub allowed_cidrs: AllowedNetworks,
 }
 
 fn exceeds(field: &'static str, why: impl Into<String>) -> RuleViolation {
@@ -160,6 +165,17 @@ pub fn admit(
         ));
     }
 
+    let allowed_cidrs = match &new.allowed_cidrs {
+        None => parent.key.allowed_cidrs.clone(),
+        Some(asked) if asked.within(&parent.key.allowed_cidrs) => asked.clone(),
+        Some(_) => {
+            return Err(exceeds(
+                "allowed_cidrs",
+                "every network must lie within one of the parent's allowed_cidrs",
+            ));
+        }
+    };
+
     let mut scopes: Vec<String> = new.scopes.iter().map(ToString::to_string).collect();
     if new.delegable {
         scopes.push(delegate.as_str().to_owned());
@@ -173,6 +189,7 @@ pub fn admit(
         expire_time,
         depth,
         ancestry,
+        allowed_cidrs,
     })
 }
 
@@ -202,6 +219,7 @@ mod tests {
             credits: None,
             rate_limits: RateLimits::default(),
             delegable: false,
+            allowed_cidrs: None,
             request_id: None,
         }
     }
@@ -260,6 +278,41 @@ mod tests {
         assert_eq!(
             admit(&p, &ask(&[]), &[], now, DAY).unwrap().expire_time,
             now + Duration::minutes(10)
+        );
+    }
+
+    #[test]
+    fn allow_lists_stay_within_the_parents() {
+        use crate::domain::network::Network;
+        let now = Utc::now();
+        let nets = |e: &[&str]| AllowedNetworks::new(e.iter().map(|e| Network::parse(e).unwrap()));
+        let mut p = parent(&["crm:read"]);
+        // An unrestricted parent: the child may restrict itself, or not.
+        let asked = |e: &[&str]| NewDelegation {
+            allowed_cidrs: Some(nets(e)),
+            ..ask(&[])
+        };
+        assert_eq!(
+            admit(&p, &asked(&["10.0.0.0/8"]), &[], now, DAY)
+                .unwrap()
+                .allowed_cidrs,
+            nets(&["10.0.0.0/8"])
+        );
+        p.key.allowed_cidrs = nets(&["10.0.0.0/8"]);
+        // Unasked: the parent's list.
+        assert_eq!(
+            admit(&p, &ask(&[]), &[], now, DAY).unwrap().allowed_cidrs,
+            p.key.allowed_cidrs
+        );
+        assert!(admit(&p, &asked(&["10.1.0.0/16"]), &[], now, DAY).is_ok());
+        assert_eq!(
+            field(admit(&p, &asked(&["10.0.0.0/7"]), &[], now, DAY)),
+            "allowed_cidrs"
+        );
+        // Asking for "from anywhere" under a restricted parent is wider.
+        assert_eq!(
+            field(admit(&p, &asked(&[]), &[], now, DAY)),
+            "allowed_cidrs"
         );
     }
 

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod delegation;
 pub mod key;
+pub mod network;
 pub mod page;
 pub mod permission;
 pub mod records;

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::TenantId;
 use super::key::{KeyDigest, KeyPrefix, masked_key};
+use super::network::AllowedNetworks;
 use super::role::RoleName;
 use super::rules::{GracePeriod, KeyTtl, Retirement, RuleViolation};
 use super::scope::{BuiltinScope, ScopeString};
@@ -42,6 +43,8 @@ pub struct Workspace {
     pub labels: StringMap,
     /// The longest a key of the workspace may live; `None`: no limit.
     pub max_key_ttl: Option<KeyTtl>,
+    /// The allow-list a key created in the workspace gets when its request names none.
+    pub default_allowed_cidrs: AllowedNetworks,
     pub revision: i64,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
@@ -69,6 +72,7 @@ pub struct NewWorkspace {
     pub default_key_prefix: KeyPrefix,
     pub labels: StringMap,
     pub max_key_ttl: Option<KeyTtl>,
+    pub default_allowed_cidrs: AllowedNetworks,
     pub request_id: Option<Uuid>,
 }
 
@@ -85,6 +89,10 @@ impl NewWorkspace {
             ("default_key_prefix", true),
             ("labels", !self.labels.is_empty()),
             ("max_key_ttl", self.max_key_ttl.is_some()),
+            (
+                "default_allowed_cidrs",
+                !self.default_allowed_cidrs.is_empty(),
+            ),
         ])
     }
 }
@@ -101,6 +109,7 @@ pub struct WorkspacePatch {
     pub default_key_prefix: Option<KeyPrefix>,
     pub labels: Option<StringMap>,
     pub max_key_ttl: Option<Option<KeyTtl>>,
+    pub default_allowed_cidrs: Option<AllowedNetworks>,
 }
 
 impl Patch for WorkspacePatch {
@@ -118,6 +127,7 @@ impl Patch for WorkspacePatch {
         }
         set(&mut w.labels, &self.labels);
         set(&mut w.max_key_ttl, &self.max_key_ttl);
+        set(&mut w.default_allowed_cidrs, &self.default_allowed_cidrs);
         Ok(())
     }
 
@@ -132,6 +142,10 @@ impl Patch for WorkspacePatch {
             ("default_key_prefix", self.default_key_prefix.is_some()),
             ("labels", self.labels.is_some()),
             ("max_key_ttl", self.max_key_ttl.is_some()),
+            (
+                "default_allowed_cidrs",
+                self.default_allowed_cidrs.is_some(),
+            ),
         ])
     }
 }
@@ -286,6 +300,8 @@ pub struct ApiKey {
     pub delegation_depth: u8,
     /// The ids of its ancestors, root first; empty for a key not minted by delegation.
     pub ancestry: Vec<Uuid>,
+    /// The networks the key may be used from; empty: from anywhere.
+    pub allowed_cidrs: AllowedNetworks,
 }
 
 /// The outcome of checking a key, in the order the checks run.
@@ -297,6 +313,8 @@ pub enum VerifyCode {
     Revoked,
     Expired,
     Disabled,
+    /// The key has an allow-list and the client's address is unknown or outside it.
+    IpNotAllowed,
     InsufficientScopes,
     /// A rate limit has no room for the request's cost.
     RateLimited,
@@ -306,13 +324,14 @@ pub enum VerifyCode {
 
 impl VerifyCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [VerifyCode; 9] = [
+    pub const ALL: [VerifyCode; 10] = [
         VerifyCode::Valid,
         VerifyCode::Malformed,
         VerifyCode::NotFound,
         VerifyCode::Revoked,
         VerifyCode::Expired,
         VerifyCode::Disabled,
+        VerifyCode::IpNotAllowed,
         VerifyCode::InsufficientScopes,
         VerifyCode::RateLimited,
         VerifyCode::UsageExceeded,
@@ -396,6 +415,8 @@ pub struct NewApiKey {
     pub rate_limits: RateLimits,
     /// `None`: unlimited.
     pub credits: Option<CreditLimit>,
+    /// `None`: the workspace's `default_allowed_cidrs`.
+    pub allowed_cidrs: Option<AllowedNetworks>,
 }
 
 impl NewApiKey {
@@ -414,6 +435,7 @@ impl NewApiKey {
             ("rate_limits", !self.rate_limits.is_empty()),
             ("remaining_uses", self.credits.is_some()),
             ("refill", self.credits.is_some_and(|c| c.refill.is_some())),
+            ("allowed_cidrs", self.allowed_cidrs.is_some()),
         ])
     }
 }
@@ -432,6 +454,7 @@ pub struct ApiKeyPatch {
     /// `remaining_uses` and `refill`, written to the credit account by storage (which
     /// knows the database clock the refill is scheduled on).
     pub credits: CreditPatch,
+    pub allowed_cidrs: Option<AllowedNetworks>,
 }
 
 impl Patch for ApiKeyPatch {
@@ -455,6 +478,7 @@ impl Patch for ApiKeyPatch {
         set(&mut k.expire_time, &self.expire_time);
         set(&mut k.disabled, &self.disabled);
         set(&mut k.rate_limits, &self.rate_limits);
+        set(&mut k.allowed_cidrs, &self.allowed_cidrs);
         let mut v = Validator::new();
         // A shared limit needs an owner on the key as it will be.
         if self.rate_limits.is_some() || self.owner_id.is_some() {
@@ -483,6 +507,7 @@ impl Patch for ApiKeyPatch {
             ("rate_limits", self.rate_limits.is_some()),
             ("remaining_uses", self.credits.remaining.is_some()),
             ("refill", self.credits.refill.is_some()),
+            ("allowed_cidrs", self.allowed_cidrs.is_some()),
         ])
     }
 }
@@ -548,6 +573,7 @@ impl ApiKey {
             parent_id: None,
             delegation_depth: 0,
             ancestry: Vec::new(),
+            allowed_cidrs: AllowedNetworks::default(),
         };
         key.bind_budgets();
         key

@@ -10,10 +10,13 @@
 //!   its parent's effective scopes, which were narrowed by theirs ([`scope::narrow`]), so an
 //!   ancestor's re-scope reaches the whole subtree;
 //! - a delegated key is usable only while every ancestor is: revoked, then expired, then
-//!   disabled, whichever key of the chain is in that state.
+//!   disabled, whichever key of the chain is in that state;
+//! - a delegated key is used only from where every key of its chain may be used: each
+//!   allow-list of the chain must admit the client's address.
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::network::ClientAddress;
 use super::permission::PermissionQuery;
 use super::records::{ApiKey, VerifyCode};
 use super::scope::{self, ScopeString};
@@ -72,17 +75,22 @@ impl Standing {
     }
 
     /// The checks of SPEC §3.4 up to the scopes, in their order: revoked, expired and
-    /// disabled (of the key or any ancestor), then the required scopes and the permission
-    /// query against what the key holds now. The scopes it lacks (the query's terms it
-    /// does not hold, when the query fails) come with [`VerifyCode::InsufficientScopes`].
+    /// disabled (of the key or any ancestor), the client's address against every
+    /// allow-list of the chain, then the required scopes and the permission query against
+    /// what the key holds now. The scopes it lacks (the query's terms it does not hold,
+    /// when the query fails) come with [`VerifyCode::InsufficientScopes`].
     pub fn check(
         &self,
         now: DateTime<Utc>,
+        client: Option<ClientAddress>,
         required: &[ScopeString],
         query: Option<&PermissionQuery>,
     ) -> (VerifyCode, Vec<String>) {
         if let Some(code) = self.unusable(now) {
             return (code, Vec::new());
+        }
+        if !self.chain().all(|k| k.allowed_cidrs.admits(client)) {
+            return (VerifyCode::IpNotAllowed, Vec::new());
         }
         let mut missing: Vec<String> = scope::missing(&self.effective, required)
             .into_iter()
@@ -196,27 +204,67 @@ mod tests {
         let mut k = key(&["crm:*"]);
         let standing = |k: &ApiKey| Standing::plain(k.clone());
         assert_eq!(
-            standing(&k).check(now, &need("erp:read"), None),
+            standing(&k).check(now, None, &need("erp:read"), None),
             (VerifyCode::InsufficientScopes, vec!["erp:read".into()])
         );
         assert_eq!(
-            standing(&k).check(now, &need("crm:read"), None).0,
+            standing(&k).check(now, None, &need("crm:read"), None).0,
             VerifyCode::Valid
         );
         k.disabled = true;
         assert_eq!(
-            standing(&k).check(now, &need("erp:read"), None).0,
+            standing(&k).check(now, None, &need("erp:read"), None).0,
             VerifyCode::Disabled
         );
         k.expire_time = Some(now - Duration::seconds(1));
         assert_eq!(
-            standing(&k).check(now, &need("erp:read"), None).0,
+            standing(&k).check(now, None, &need("erp:read"), None).0,
             VerifyCode::Expired
         );
         k.revoke_time = Some(now);
         assert_eq!(
-            standing(&k).check(now, &need("erp:read"), None).0,
+            standing(&k).check(now, None, &need("erp:read"), None).0,
             VerifyCode::Revoked
+        );
+    }
+
+    #[test]
+    fn every_allow_list_of_the_chain_must_admit_the_client() {
+        use crate::domain::network::{AllowedNetworks, Network};
+        let now = Utc::now();
+        let nets = |e: &str| AllowedNetworks::new([Network::parse(e).unwrap()]);
+        let at = |ip: &str| Some(ClientAddress::parse(ip).unwrap());
+        let mut root = key(&["crm:read"]);
+        root.allowed_cidrs = nets("10.0.0.0/8");
+        let mut child = child_of(&root, &["crm:read"]);
+        child.allowed_cidrs = nets("10.1.0.0/16");
+        let s = Standing::resolve(child.clone(), Vec::new(), vec![(root.clone(), Vec::new())]);
+        assert_eq!(s.check(now, at("10.1.2.3"), &[], None).0, VerifyCode::Valid);
+        assert_eq!(
+            s.check(now, at("10.2.0.1"), &[], None).0,
+            VerifyCode::IpNotAllowed
+        );
+        assert_eq!(s.check(now, None, &[], None).0, VerifyCode::IpNotAllowed);
+        // The root narrows later: the child follows.
+        root.allowed_cidrs = nets("10.9.0.0/16");
+        let s = Standing::resolve(child, Vec::new(), vec![(root, Vec::new())]);
+        assert_eq!(
+            s.check(now, at("10.1.2.3"), &need("crm:read"), None).0,
+            VerifyCode::IpNotAllowed
+        );
+        // The address is checked after the key's state and before its scopes.
+        let mut k = key(&[]);
+        k.allowed_cidrs = nets("192.0.2.1");
+        assert_eq!(
+            Standing::plain(k.clone())
+                .check(now, at("192.0.2.1"), &need("x:y"), None)
+                .0,
+            VerifyCode::InsufficientScopes
+        );
+        k.disabled = true;
+        assert_eq!(
+            Standing::plain(k).check(now, at("192.0.2.2"), &[], None).0,
+            VerifyCode::Disabled
         );
     }
 
@@ -227,19 +275,19 @@ mod tests {
         let now = Utc::now();
         let holds = query("crm:read AND (crm:write OR billing:pay)");
         assert_eq!(
-            s.check(now, &[], Some(&holds)),
+            s.check(now, None, &[], Some(&holds)),
             (VerifyCode::Valid, Vec::new())
         );
         let fails = query("crm:write OR erp:read");
         assert_eq!(
-            s.check(now, &need("crm:read"), Some(&fails)),
+            s.check(now, None, &need("crm:read"), Some(&fails)),
             (
                 VerifyCode::InsufficientScopes,
                 vec!["crm:write".to_owned(), "erp:read".to_owned()]
             )
         );
         // Both must hold: a required scope missing fails a query that holds.
-        let (code, missing) = s.check(now, &need("erp:read"), Some(&holds));
+        let (code, missing) = s.check(now, None, &need("erp:read"), Some(&holds));
         assert_eq!(
             (code, missing),
             (VerifyCode::InsufficientScopes, vec!["erp:read".to_owned()])
@@ -251,7 +299,7 @@ mod tests {
         let s = Standing::resolve(key(&["crm:read"]), vec!["billing:read".into()], Vec::new());
         assert_eq!(s.effective, ["billing:read", "crm:read"]);
         assert_eq!(
-            s.check(Utc::now(), &need("billing:read"), None).0,
+            s.check(Utc::now(), None, &need("billing:read"), None).0,
             VerifyCode::Valid
         );
     }
@@ -297,19 +345,19 @@ mod tests {
         let mut disabled = child.clone();
         disabled.disabled = true;
         assert_eq!(
-            resolve(&root, &disabled).check(now, &[], None).0,
+            resolve(&root, &disabled).check(now, None, &[], None).0,
             VerifyCode::Disabled
         );
         let mut revoked = root.clone();
         revoked.revoke_time = Some(now);
         assert_eq!(
-            resolve(&revoked, &disabled).check(now, &[], None).0,
+            resolve(&revoked, &disabled).check(now, None, &[], None).0,
             VerifyCode::Revoked
         );
         let mut expired = root.clone();
         expired.expire_time = Some(now - Duration::seconds(1));
         assert_eq!(
-            resolve(&expired, &disabled).check(now, &[], None).0,
+            resolve(&expired, &disabled).check(now, None, &[], None).0,
             VerifyCode::Expired
         );
         // A deleted ancestor: answered as revoked.
@@ -318,6 +366,6 @@ mod tests {
             Vec::new(),
             vec![(root.clone(), Vec::new())],
         );
-        assert_eq!(orphan.check(now, &[], None).0, VerifyCode::Revoked);
+        assert_eq!(orphan.check(now, None, &[], None).0, VerifyCode::Revoked);
     }
 }

@@ -8,6 +8,7 @@ use super::{KeyplaneApi, acting, caller};
 use crate::domain::audit::ActorKind;
 use crate::domain::delegation::{Lifetime, NewDelegation};
 use crate::domain::key::{KeyPrefix, PREFIX_RULE};
+use crate::domain::network::{AllowedNetworks, ClientAddress, allowed_networks};
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey, VerifyCode};
@@ -62,7 +63,9 @@ pub fn parse_create(
         .refill
         .as_ref()
         .and_then(|f| convert::refill(&mut v, "refill", f));
+    let allowed_cidrs = requested_networks(&mut v, "allowed_cidrs", &r.allowed_cidrs);
     v.finish(|| NewApiKey {
+        allowed_cidrs,
         workspace_id: workspace_id.unwrap_or_default(),
         name,
         prefix,
@@ -91,6 +94,7 @@ impl Patchable for pb::ApiKey {
         "rate_limits",
         "remaining_uses",
         "refill",
+        "allowed_cidrs",
     ];
     const OUTPUT_ONLY: &'static [&'static str] = &[
         "id",
@@ -124,6 +128,7 @@ impl Patchable for pb::ApiKey {
             "rate_limits" => !self.rate_limits.is_empty(),
             "remaining_uses" => self.remaining_uses.is_some(),
             "refill" => self.refill.is_some(),
+            "allowed_cidrs" => !self.allowed_cidrs.is_empty(),
             _ => false,
         }
     }
@@ -169,6 +174,14 @@ impl Patchable for pb::ApiKey {
                         .and_then(|f| convert::refill(v, "api_key.refill", f)),
                 )
             }
+            // Named but empty: from anywhere.
+            "allowed_cidrs" => {
+                patch.allowed_cidrs = Some(allowed_networks(
+                    v,
+                    "api_key.allowed_cidrs",
+                    &self.allowed_cidrs,
+                ))
+            }
             _ => {}
         }
     }
@@ -209,7 +222,9 @@ pub fn parse_delegate(
     let remaining = r
         .remaining_uses
         .and_then(|n| v.check("remaining_uses", usage::remaining_uses(n)));
+    let allowed_cidrs = requested_networks(&mut v, "allowed_cidrs", &r.allowed_cidrs);
     v.finish(|| NewDelegation {
+        allowed_cidrs,
         name,
         scopes,
         roles,
@@ -221,6 +236,25 @@ pub fn parse_delegate(
         delegable: r.delegable,
         request_id,
     })
+}
+
+/// An allow-list a new key asks for; `None` when it names none (and gets its default).
+fn requested_networks(
+    v: &mut Validator,
+    field: &str,
+    entries: &[String],
+) -> Option<AllowedNetworks> {
+    (!entries.is_empty()).then(|| allowed_networks(v, field, entries))
+}
+
+/// The client address a verification names, if any.
+pub fn parse_client_ip(text: &str) -> Result<Option<ClientAddress>, ValidationError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let mut v = Validator::new();
+    let client = v.check("client_ip", ClientAddress::parse(text));
+    v.finish(|| client)
 }
 
 /// Parses and validates an update request; `now` bounds `expire_time`.
@@ -502,9 +536,17 @@ impl ApiKeyService for KeyplaneApi {
         let required = parse_required_scopes(&r.required_scopes)?;
         let query = self.permission_query(&r.permission_query)?;
         let cost = parse_cost(r.cost)?;
+        let client = parse_client_ip(&r.client_ip)?;
         let outcome = self
             .verifier
-            .verify(caller.access, &r.key, &required, query.as_deref(), cost)
+            .verify(
+                caller.access,
+                &r.key,
+                client,
+                &required,
+                query.as_deref(),
+                cost,
+            )
             .await?;
         self.verifications.count(outcome.code);
         let code: pb::VerifyCode = outcome.code.into();

@@ -10,10 +10,12 @@ use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderName};
 use tonic::Status;
 use tonic::body::Body;
+use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
 use super::rpc::{self, Access};
 use crate::auth::{Authenticator, Caller, Credentials};
+use crate::domain::network::ClientAddress;
 use crate::domain::scope::BuiltinScope;
 
 #[derive(Clone)]
@@ -59,12 +61,14 @@ fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
 async fn authorize(
     auth: &Authenticator,
     headers: &HeaderMap,
+    peer: Option<ClientAddress>,
     needed: BuiltinScope,
 ) -> Result<Caller, Status> {
     let creds = Credentials {
         authorization: header(headers, &AUTHORIZATION),
         api_key: header(headers, &API_KEY),
         tenant: header(headers, &TENANT),
+        peer,
     };
     let caller = auth.authenticate(creds).await?;
     caller.require(needed)?;
@@ -97,7 +101,12 @@ where
                     return Ok(Status::unimplemented(format!("unknown method {path}")).into_http());
                 }
                 Some(Access::Scope(needed)) => {
-                    match authorize(&auth, request.headers(), needed).await {
+                    let peer = request
+                        .extensions()
+                        .get::<TcpConnectInfo>()
+                        .and_then(TcpConnectInfo::remote_addr)
+                        .map(|addr| ClientAddress::new(addr.ip()));
+                    match authorize(&auth, request.headers(), peer, needed).await {
                         Ok(caller) => {
                             request.extensions_mut().insert(caller);
                         }

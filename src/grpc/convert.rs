@@ -134,6 +134,7 @@ impl From<Workspace> for pb::Workspace {
             update_time: Some(timestamp(w.update_time)),
             etag: records::etag(w.revision),
             max_key_ttl: w.max_key_ttl.map(|t| duration(t.get())),
+            default_allowed_cidrs: w.default_allowed_cidrs.to_strings(),
         }
     }
 }
@@ -183,6 +184,7 @@ impl From<&ApiKey> for pb::ApiKey {
             roles: k.roles.clone(),
             parent_id: k.parent_id.map(|id| id.to_string()).unwrap_or_default(),
             delegation_depth: k.delegation_depth.into(),
+            allowed_cidrs: k.allowed_cidrs.to_strings(),
             rate_limits: rate_limits(&k.rate_limits),
             // The balance no replica has reserved, counting a refill that fell due.
             remaining_uses: k.credits.map(|c| {
@@ -211,6 +213,7 @@ impl From<VerifyCode> for pb::VerifyCode {
             VerifyCode::Revoked => pb::VerifyCode::Revoked,
             VerifyCode::Expired => pb::VerifyCode::Expired,
             VerifyCode::Disabled => pb::VerifyCode::Disabled,
+            VerifyCode::IpNotAllowed => pb::VerifyCode::IpNotAllowed,
             VerifyCode::InsufficientScopes => pb::VerifyCode::InsufficientScopes,
             VerifyCode::RateLimited => pb::VerifyCode::RateLimited,
             VerifyCode::UsageExceeded => pb::VerifyCode::UsageExceeded,

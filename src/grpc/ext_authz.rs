@@ -18,6 +18,7 @@ use super::convert::RequestCheck;
 use super::{KeyplaneApi, caller};
 use crate::auth::bearer_token;
 use crate::domain::key::ApiKeySecret;
+use crate::domain::network::ClientAddress;
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
@@ -82,6 +83,9 @@ pub struct CheckInput {
     /// What the request costs (`context_extensions["cost"]`), charged exactly as
     /// `VerifyApiKeyRequest.cost`.
     pub cost: u32,
+    /// The downstream address Envoy reports (`attributes.source.address`), for the key's
+    /// `allowed_cidrs`; never a client-sent header.
+    pub client: Option<ClientAddress>,
 }
 
 impl CheckInput {
@@ -101,6 +105,7 @@ impl std::fmt::Debug for CheckInput {
             .field("required", &self.required)
             .field("query", &self.query.as_ref().map(|q| q.to_string()))
             .field("cost", &self.cost)
+            .field("client", &self.client)
             .finish()
     }
 }
@@ -111,6 +116,24 @@ fn bearer_key(authorization: &str) -> Option<&str> {
     bearer_token(authorization)
         .ok()
         .filter(|token| ApiKeySecret::parse(token).is_ok())
+}
+
+/// The downstream client's IP address as Envoy reports it. Envoy derives it from the
+/// connection, or from `x-forwarded-for` only as far as its own `xff_num_trusted_hops`
+/// allows; a pipe or an internal address has none.
+fn source_address(request: &CheckRequest) -> Option<ClientAddress> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    let address = request
+        .attributes
+        .as_ref()?
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?;
+    match address.address.as_ref()? {
+        Address::SocketAddress(socket) => ClientAddress::parse(&socket.address).ok(),
+        _ => None,
+    }
 }
 
 /// Reads a `CheckRequest`. A bad route setting (`context_extensions`) is the caller's
@@ -187,7 +210,9 @@ pub fn parse_check(
             }
         },
     };
+    let client = source_address(request);
     v.finish(|| CheckInput {
+        client,
         key,
         credential_headers,
         client_keyplane_headers,
@@ -455,6 +480,12 @@ pub fn respond(outcome: Outcome<'_>, input: &CheckInput) -> CheckResponse {
             &exhausted_message(verification, standing.as_deref().map(|s| &s.key)),
             exhausted_headers(verification),
         ),
+        (VerifyCode::IpNotAllowed, _) => deny(
+            Code::PermissionDenied,
+            HttpStatusCode::Forbidden,
+            outcome.code_name(),
+            "the API key may not be used from this address",
+        ),
         (VerifyCode::InsufficientScopes, _) => deny(
             Code::PermissionDenied,
             HttpStatusCode::Forbidden,
@@ -502,6 +533,7 @@ impl Authorization for KeyplaneApi {
                     .verify(
                         caller.access,
                         key,
+                        input.client,
                         &input.required,
                         input.query.as_deref(),
                         input.cost(),

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, Patchable};
 use super::{KeyplaneApi, acting, caller};
 use crate::domain::key::{KeyPrefix, PREFIX_RULE};
+use crate::domain::network::allowed_networks;
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::records::{NewWorkspace, WorkspacePatch};
 use crate::domain::rules::{DEFAULT_WORKSPACE_NAME, KeyTtl};
@@ -57,8 +58,11 @@ pub fn parse_create(
         .max_key_ttl
         .as_ref()
         .and_then(|t| max_key_ttl(&mut v, "max_key_ttl", t));
+    let default_allowed_cidrs =
+        allowed_networks(&mut v, "default_allowed_cidrs", &r.default_allowed_cidrs);
     v.finish(|| NewWorkspace {
         max_key_ttl: ttl,
+        default_allowed_cidrs,
         name,
         description,
         company,
@@ -84,6 +88,7 @@ impl Patchable for pb::Workspace {
         "default_key_prefix",
         "labels",
         "max_key_ttl",
+        "default_allowed_cidrs",
     ];
     const OUTPUT_ONLY: &'static [&'static str] = &[
         "id",
@@ -109,6 +114,7 @@ impl Patchable for pb::Workspace {
             "default_key_prefix" => !self.default_key_prefix.is_empty(),
             "labels" => !self.labels.is_empty(),
             "max_key_ttl" => self.max_key_ttl.is_some(),
+            "default_allowed_cidrs" => !self.default_allowed_cidrs.is_empty(),
             _ => false,
         }
     }
@@ -152,6 +158,13 @@ impl Patchable for pb::Workspace {
                         .as_ref()
                         .and_then(|t| max_key_ttl(v, "workspace.max_key_ttl", t)),
                 )
+            }
+            "default_allowed_cidrs" => {
+                patch.default_allowed_cidrs = Some(allowed_networks(
+                    v,
+                    "workspace.default_allowed_cidrs",
+                    &self.default_allowed_cidrs,
+                ))
             }
             _ => {}
         }

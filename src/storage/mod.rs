@@ -284,6 +284,21 @@ fn map_to_json(map: &std::collections::BTreeMap<String, String>) -> serde_json::
     )
 }
 
+/// An allow-list column (`["10.0.0.0/8", ...]`) of the row `owner`.
+fn networks_from_json(
+    owner: uuid::Uuid,
+    value: serde_json::Value,
+) -> Result<crate::domain::network::AllowedNetworks, StoreError> {
+    let entries: Vec<String> = serde_json::from_value(value)
+        .map_err(|e| StoreError::Corrupt(format!("{owner} allow-list: {e}")))?;
+    crate::domain::network::AllowedNetworks::from_stored(&entries)
+        .map_err(|e| StoreError::Corrupt(format!("{owner} allow-list: {e}")))
+}
+
+fn networks_to_json(networks: &crate::domain::network::AllowedNetworks) -> serde_json::Value {
+    serde_json::json!(networks.to_strings())
+}
+
 fn db_now() -> chrono::DateTime<chrono::Utc> {
     // Microseconds: what PostgreSQL keeps, so a value read back equals the value written.
     let now = chrono::Utc::now();

@@ -492,6 +492,7 @@ mod tests {
             delegation_depth: ancestors.len() as i16,
             ancestry: serde_json::json!(ancestors),
             roles: serde_json::json!(roles),
+            allowed_cidrs: serde_json::json!([]),
         };
         api_key::Entity::insert(api_key::ActiveModel::from(model))
             .exec_without_returning(conn)
@@ -555,6 +556,7 @@ mod tests {
                     default_key_prefix: KeyPrefix::parse("kp").unwrap(),
                     labels: StringMap::new(),
                     max_key_ttl: None,
+                    default_allowed_cidrs: Default::default(),
                     request_id: None,
                 },
             )
@@ -708,6 +710,7 @@ mod tests {
                     default_key_prefix: KeyPrefix::parse("kp").unwrap(),
                     labels: StringMap::new(),
                     max_key_ttl: None,
+                    default_allowed_cidrs: Default::default(),
                     request_id: None,
                 },
             )

@@ -9,9 +9,13 @@ use super::api_keys::touched_keys;
 use super::entity::{TenantOwned, api_key, workspace};
 use super::invalidation::Eviction;
 use super::update::Stored;
-use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
+use super::{
+    Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json, networks_from_json,
+    networks_to_json,
+};
 use crate::domain::TenantId;
 use crate::domain::audit::{Acting, AuditAction, Change};
+use crate::domain::network::AllowedNetworks;
 use crate::domain::page::Page;
 use crate::domain::records::{NewWorkspace, Workspace, WorkspacePatch};
 use crate::domain::rules::KeyTtl;
@@ -34,8 +38,14 @@ pub(super) fn key_policy(w: &workspace::Model) -> Option<KeyTtl> {
     w.max_key_ttl_ms.and_then(KeyTtl::from_millis)
 }
 
+/// The allow-list of the workspace's keys created without one.
+pub(super) fn default_networks(w: &workspace::Model) -> Result<AllowedNetworks, StoreError> {
+    networks_from_json(w.id, w.default_allowed_cidrs.clone())
+}
+
 fn from_model(m: workspace::Model) -> Result<Workspace, StoreError> {
     Ok(Workspace {
+        default_allowed_cidrs: default_networks(&m)?,
         id: m.id,
         tenant_id: TenantId::new(m.tenant_id),
         name: m.name,
@@ -81,6 +91,7 @@ impl Store {
             default_key_prefix: new.default_key_prefix.as_str().to_owned(),
             labels: map_to_json(&new.labels),
             max_key_ttl_ms: new.max_key_ttl.map(KeyTtl::millis),
+            default_allowed_cidrs: networks_to_json(&new.default_allowed_cidrs),
             revision: 1,
             request_id: new.request_id,
             create_time: now,
@@ -209,6 +220,7 @@ impl Stored for Workspace {
             default_key_prefix: Set(self.default_key_prefix.clone()),
             labels: Set(map_to_json(&self.labels)),
             max_key_ttl_ms: Set(self.max_key_ttl.map(KeyTtl::millis)),
+            default_allowed_cidrs: Set(networks_to_json(&self.default_allowed_cidrs)),
             revision: Set(self.revision),
             update_time: Set(self.update_time),
             ..Default::default()

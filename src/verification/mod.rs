@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use crate::domain::key::{ApiKeySecret, KeyDigest};
+use crate::domain::network::ClientAddress;
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
@@ -79,8 +80,9 @@ impl KeyVerifier {
         }
     }
 
-    /// Checks a presented key in the documented order, then charges `cost` to its rate
-    /// limits and credits (a key failing an earlier check spends nothing). A malformed key
+    /// Checks a presented key, used from `client` (when known), in the documented order,
+    /// then charges `cost` to its rate limits and credits (a key failing an earlier check
+    /// spends nothing). A malformed key
     /// reaches neither the cache nor the database; only database trouble is an error —
     /// including when a reservation is needed and cannot be made: never an admission
     /// keyplane cannot account for.
@@ -88,6 +90,7 @@ impl KeyVerifier {
         &self,
         access: TenantAccess,
         presented: &str,
+        client: Option<ClientAddress>,
         required: &[ScopeString],
         query: Option<&PermissionQuery>,
         cost: Cost,
@@ -111,7 +114,7 @@ impl KeyVerifier {
             return Ok(Verification::without_key(VerifyCode::NotFound));
         };
         let now = Utc::now();
-        let (mut code, missing) = standing.check(now, required, query);
+        let (mut code, missing) = standing.check(now, client, required, query);
         let mut usage = None;
         if code == VerifyCode::Valid && standing.has_usage_controls() {
             // Stale: the database cannot reserve more, so only what is held may be spent.

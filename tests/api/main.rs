@@ -3,6 +3,7 @@
 //! `keyplane_testkit`).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod allowed_cidrs;
 mod api_keys;
 mod audit;
 mod auth;

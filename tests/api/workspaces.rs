@@ -56,6 +56,7 @@ async fn create_applies_defaults_and_get_returns_it(backend: Backend) {
             labels: [("env".to_string(), "prod".to_string())].into(),
             request_id: String::new(),
             max_key_ttl: None,
+            default_allowed_cidrs: Vec::new(),
         })
         .await
         .unwrap()

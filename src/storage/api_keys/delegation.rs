@@ -97,6 +97,7 @@ impl Store {
             delegation_depth: i16::from(child.depth),
             ancestry: serde_json::json!(child.ancestry),
             roles: roles::names_json(&held),
+            allowed_cidrs: crate::storage::networks_to_json(&child.allowed_cidrs),
         };
         let txn = match self.insert_key(txn, tenant, model).await? {
             Inserted::Fresh(txn) => txn,

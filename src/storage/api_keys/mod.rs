@@ -24,8 +24,11 @@ use super::budgets::rows::{credits_from_row, limits_from_json, limits_to_json};
 use super::entity::{TenantOwned, api_key, api_key_scope, usage_credit};
 use super::invalidation::Eviction;
 use super::update::Stored;
-use super::workspaces::{key_policy, require_workspace};
-use super::{Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json};
+use super::workspaces::{default_networks, key_policy, require_workspace};
+use super::{
+    Store, StoreError, db_now, is_unique_violation, map_from_json, map_to_json, networks_from_json,
+    networks_to_json,
+};
 use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
 use crate::domain::page::Page;
@@ -97,6 +100,7 @@ fn from_model(
         delegation_depth: u8::try_from(m.delegation_depth)
             .map_err(|_| StoreError::Corrupt(format!("key {} delegation depth", m.id)))?,
         ancestry: list_from_json(m.id, "ancestry", m.ancestry)?,
+        allowed_cidrs: networks_from_json(m.id, m.allowed_cidrs)?,
     };
     key.bind_budgets();
     Ok(key)
@@ -386,6 +390,11 @@ impl Store {
             delegation_depth: 0,
             ancestry: serde_json::json!([]),
             roles: roles::names_json(&held),
+            allowed_cidrs: networks_to_json(
+                new.allowed_cidrs
+                    .as_ref()
+                    .unwrap_or(&default_networks(&workspace)?),
+            ),
         };
         // Its own credit account (rotation successors share their predecessor's).
         let model = api_key::Model {
@@ -766,6 +775,7 @@ impl Stored for ApiKey {
         api_key::ActiveModel {
             name: Set(self.name.clone()),
             roles: Set(serde_json::json!(self.roles)),
+            allowed_cidrs: Set(networks_to_json(&self.allowed_cidrs)),
             owner_id: Set(self.owner_id.clone()),
             metadata: Set(map_to_json(&self.metadata)),
             expire_time: Set(self.expire_time),

@@ -38,6 +38,8 @@ pub struct Model {
     pub ancestry: Json,
     /// `["name", ...]`: the names of the roles the key holds, sorted.
     pub roles: Json,
+    /// `["10.0.0.0/8", ...]`: the networks the key may be used from; empty: anywhere.
+    pub allowed_cidrs: Json,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

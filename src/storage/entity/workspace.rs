@@ -19,6 +19,8 @@ pub struct Model {
     pub default_key_prefix: String,
     /// The longest a key of the workspace may live, in milliseconds; `None`: no limit.
     pub max_key_ttl_ms: Option<i64>,
+    /// `["10.0.0.0/8", ...]`: the allow-list of keys created without one.
+    pub default_allowed_cidrs: Json,
     pub labels: Json,
     pub revision: i64,
     pub request_id: Option<Uuid>,
