@@ -261,6 +261,41 @@ impl From<ApiError> for Status {
     }
 }
 
+/// An error of one item of a batch (`ImportApiKeys`): the `google.rpc.Status` the call
+/// would have failed with, its fields named within the item (`keys[3].scopes`, where the
+/// error named `scopes`).
+pub fn item_status(status: &Status, item: &str) -> tonic_types::pb::Status {
+    use prost::Message;
+    use tonic_types::pb;
+    let within = |field: &str| {
+        if field.starts_with(item) && field[item.len()..].starts_with('.') {
+            field.to_owned()
+        } else {
+            format!("{item}.{field}")
+        }
+    };
+    let mut rpc = pb::Status::decode(status.details()).unwrap_or_default();
+    rpc.code = status.code() as i32;
+    rpc.message = status.message().to_owned();
+    for any in &mut rpc.details {
+        if any.type_url.ends_with("/google.rpc.BadRequest")
+            && let Ok(mut bad) = pb::BadRequest::decode(any.value.as_slice())
+        {
+            for violation in &mut bad.field_violations {
+                violation.field = within(&violation.field);
+            }
+            any.value = bad.encode_to_vec();
+        } else if any.type_url.ends_with("/google.rpc.ErrorInfo")
+            && let Ok(mut info) = pb::ErrorInfo::decode(any.value.as_slice())
+            && let Some(fields) = info.metadata.get_mut("fields")
+        {
+            *fields = fields.split(',').map(within).collect::<Vec<_>>().join(",");
+            any.value = info.encode_to_vec();
+        }
+    }
+    rpc
+}
+
 /// Requests above the size limit: tonic reports OUT_OF_RANGE, the gRPC convention  is RESOURCE_EXHAUSTED.
 pub fn request_too_large(limit: usize) -> Status {
     status(

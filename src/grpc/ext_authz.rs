@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status};
 use super::convert::RequestCheck;
 use super::{KeyplaneApi, caller};
 use crate::auth::bearer_token;
-use crate::domain::key::ApiKeySecret;
+use crate::domain::key::{ApiKeySecret, ImportedSecret};
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
 use crate::domain::scope::ScopeString;
@@ -82,9 +82,25 @@ pub struct CheckInput {
     /// What the request costs (`context_extensions["cost"]`), charged exactly as
     /// `VerifyApiKeyRequest.cost`.
     pub cost: u32,
+    /// A bearer value that is not of keyplane's shape but could be an imported key, when
+    /// no other key was presented: a key only once the deployment holds imported keys
+    /// ([`CheckInput::with_imported_keys`]); until then the upstream's to judge.
+    pub other_bearer: Option<String>,
 }
 
 impl CheckInput {
+    /// The input as read when the deployment holds imported keys: a bearer value of
+    /// another shape is the key (and is removed on allow) when nothing else was presented.
+    pub fn with_imported_keys(mut self) -> Self {
+        if self.key.is_none()
+            && let Some(token) = self.other_bearer.take()
+        {
+            self.key = Some((token, KeyHeader::Authorization));
+            self.credential_headers.push(KeyHeader::Authorization);
+        }
+        self
+    }
+
     pub fn cost(&self) -> Cost {
         // parse_check bounds it; a cost it could not bound charges the most, never nothing.
         Cost::new(u64::from(self.cost)).unwrap_or(Cost::MAX)
@@ -136,6 +152,14 @@ pub fn parse_check(
 
     let api_key = headers.get("x-api-key");
     let bearer = headers.get("authorization").and_then(|a| bearer_key(a));
+    let other_bearer = match (api_key, bearer) {
+        (None, None) => headers
+            .get("authorization")
+            .and_then(|a| bearer_token(a).ok())
+            .filter(|token| ImportedSecret::digest_of(token).is_ok())
+            .map(str::to_owned),
+        _ => None,
+    };
     let key = match (api_key, bearer) {
         (Some(key), _) => Some((key.clone(), KeyHeader::ApiKey)),
         (None, Some(key)) => Some((key.to_owned(), KeyHeader::Authorization)),
@@ -194,6 +218,7 @@ pub fn parse_check(
         required,
         query,
         cost,
+        other_bearer,
     })
 }
 
@@ -493,7 +518,10 @@ impl Authorization for KeyplaneApi {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let caller = caller(&request)?;
-        let input = parse_check(request.get_ref(), &self.queries)?;
+        let mut input = parse_check(request.get_ref(), &self.queries)?;
+        if self.verifier.holds_imported_keys() {
+            input = input.with_imported_keys();
+        }
         let verification = match &input.key {
             None => None,
             Some((key, _)) => {

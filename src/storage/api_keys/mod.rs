@@ -5,6 +5,7 @@
 mod chain;
 mod credit_requests;
 mod delegation;
+mod import;
 mod roles;
 
 pub(super) use chain::with_descendants;
@@ -529,8 +530,14 @@ impl Store {
         let now = db_now();
         let old = with_scopes(&txn, vec![model.clone()]).await?.remove(0);
         let retirement = old.rotation(now, grace)?;
-        let prefix = KeyPrefix::parse(&old.prefix)
-            .ok_or_else(|| StoreError::Corrupt(format!("key {id} prefix")))?;
+        let workspace = require_workspace(&txn, tenant, old.workspace_id).await?;
+        // An imported key of another format has no prefix: its successor gets the
+        // workspace's, like a new key.
+        let prefix = match old.prefix.as_str() {
+            "" => KeyPrefix::parse(&workspace.default_key_prefix),
+            own => KeyPrefix::parse(own),
+        }
+        .ok_or_else(|| StoreError::Corrupt(format!("key {id} prefix")))?;
         let secret = ApiKeySecret::generate(&prefix)
             .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
         let successor_id = Uuid::now_v7();
@@ -568,9 +575,10 @@ impl Store {
         }
 
         // The workspace's lifetime policy holds for the successor as for a new key.
-        let policy = key_policy(&require_workspace(&txn, tenant, old.workspace_id).await?);
+        let policy = key_policy(&workspace);
         let successor = api_key::Model {
             id: successor_id,
+            prefix: prefix.as_str().to_owned(),
             expire_time: KeyTtl::cut(policy, model.expire_time, now),
             key_digest: secret.digest().0.to_vec(),
             last_four: secret.last_four().to_owned(),
