@@ -305,3 +305,40 @@ pub fn request_too_large(limit: usize) -> Status {
         meta([("limit_bytes", limit.to_string())]),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn an_items_error_names_its_fields_within_the_item() {
+        let mut invalid = ValidationError::single("scopes", "unknown");
+        invalid.add("keys[3].hint", "bad");
+        let status = Status::from(invalid);
+        let rpc = item_status(&status, "keys[3]");
+        assert_eq!(rpc.code, Code::InvalidArgument as i32);
+        let back = Status::with_details(
+            Code::InvalidArgument,
+            rpc.message.clone(),
+            prost::Message::encode_to_vec(&rpc).into(),
+        );
+        let fields: Vec<String> = back
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["keys[3].scopes", "keys[3].hint"]);
+        let info = back.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_ARGUMENT");
+        assert_eq!(info.metadata["fields"], "keys[3].scopes,keys[3].hint");
+        // A plain status: its code and message.
+        let rpc = item_status(&Status::already_exists("held"), "keys[0]");
+        assert_eq!(
+            (rpc.code, rpc.message.as_str()),
+            (Code::AlreadyExists as i32, "held")
+        );
+    }
+}

@@ -690,6 +690,43 @@ mod tests {
     }
 
     #[test]
+    fn a_bearer_of_another_shape_is_a_key_only_with_imported_keys() {
+        let legacy = "Bearer sk_live_0123456789abcdef";
+        let input = parse_check(&request(&[("authorization", legacy)], &[]), &queries()).unwrap();
+        assert_eq!(input.key, None, "no imported keys: not a key");
+        assert!(input.credential_headers.is_empty());
+        let input = input.with_imported_keys();
+        assert_eq!(
+            input.key,
+            Some((
+                "sk_live_0123456789abcdef".to_owned(),
+                KeyHeader::Authorization
+            ))
+        );
+        assert_eq!(input.credential_headers, vec![KeyHeader::Authorization]);
+        assert!(!format!("{input:?}").contains("0123456789"));
+        // x-api-key decides, and the upstream keeps its own bearer token.
+        let input = parse_check(
+            &request(
+                &[("x-api-key", "legacy-key-1"), ("authorization", legacy)],
+                &[],
+            ),
+            &queries(),
+        )
+        .unwrap()
+        .with_imported_keys();
+        assert_eq!(input.key.unwrap().0, "legacy-key-1");
+        assert_eq!(input.credential_headers, vec![KeyHeader::ApiKey]);
+        // Too short or too long to be any key.
+        for other in ["Bearer short", &format!("Bearer {}", "x".repeat(513))] {
+            let input = parse_check(&request(&[("authorization", other)], &[]), &queries())
+                .unwrap()
+                .with_imported_keys();
+            assert_eq!(input.key, None, "{other}");
+        }
+    }
+
+    #[test]
     fn reads_route_settings() {
         let input = parse_check(&request(&[], &[]), &queries()).unwrap();
         assert_eq!((input.required.len(), input.cost), (0, 1));
