@@ -672,9 +672,10 @@ impl ApiKeyService for KeyplaneApi {
                     Some(Err(status)) => pb::import_api_key_result::Result::Error(
                         super::error::item_status(&status, &format!("keys[{i}]")),
                     ),
-                    // Every position was filled above; never sent.
+                    // Every position was filled above: a store answering fewer items than
+                    // it was given is a bug, logged as one.
                     None => pb::import_api_key_result::Result::Error(super::error::item_status(
-                        &Status::internal("no result"),
+                        &Status::from(StoreError::Corrupt("an import item had no result".into())),
                         &format!("keys[{i}]"),
                     )),
                 }),
