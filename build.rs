@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // google.rpc.Status (ImportApiKeys' per-item errors) is tonic-types' own type: the
+        // one its error details already encode.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .compile_fds(fds)?;
 
     let envoy = protox::compile(

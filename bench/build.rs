@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // ImportApiKeys' per-item google.rpc.Status: tonic-types' type, as in keyplane.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=../proto");

@@ -11,7 +11,7 @@ use prost::Message;
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
 use crate::auth::{AuthError, bearer_token};
 use crate::domain::TenantId;
-use crate::domain::key::ApiKeySecret;
+use crate::domain::key::{ApiKeySecret, ImportedSecret, KeyDigest};
 use crate::domain::network::{AllowedNetworks, ClientAddress, Network};
 use crate::domain::page::{ListFingerprint, ListKind, PageSize, PageTokenCodec};
 use crate::domain::permission::{MAX_LEN, MAX_TERMS, PermissionQuery};
@@ -33,12 +33,22 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("network", network),
 ];
 
-/// The key parser: an accepted key is exactly its input, and its masked form shows the
-/// prefix and the last 4 characters, nothing more.
+/// The key parsers: an accepted key is exactly its input, and its masked form shows the
+/// prefix and the last 4 characters, nothing more; an accepted hex digest is its input read
+/// as bytes (either case); a string accepted as an imported secret has that secret's digest,
+/// and a keyplane key is one too, with the same digest.
 pub fn key_parser(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    if let Ok(digest) = KeyDigest::from_hex(text) {
+        let hex: String = digest.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, text.to_ascii_lowercase());
+    }
+    if let Ok(imported) = ImportedSecret::parse(text) {
+        assert_eq!(ImportedSecret::digest_of(text), Ok(imported.digest()));
+        assert!(imported.hint().is_none_or(|h| text.ends_with(h.as_str())));
+    }
     if let Ok(key) = ApiKeySecret::parse(text) {
         assert_eq!(key.expose(), text);
         // The prefix, its own separator (the character after it in the key), the last 4.
@@ -47,6 +57,7 @@ pub fn key_parser(data: &[u8]) {
             key.masked(),
             format!("{}{separator}****{}", key.prefix(), &text[text.len() - 4..])
         );
+        assert_eq!(ImportedSecret::digest_of(text), Ok(key.digest()));
     }
 }
 
@@ -196,7 +207,7 @@ pub fn request(data: &[u8]) {
             }
         };
     }
-    match kind % 16 {
+    match kind % 17 {
         0 => drop(workspaces::parse_create(
             decode!(pb::CreateWorkspaceRequest),
             "fuzz",
@@ -220,6 +231,7 @@ pub fn request(data: &[u8]) {
             let _ = api_keys::parse_required_scopes(&r.required_scopes);
             let _ = api_keys::parse_cost(r.cost);
             let _ = ApiKeySecret::parse(&r.key);
+            let _ = ImportedSecret::digest_of(&r.key);
             let _ = PermissionQuery::parse(&r.permission_query);
             let _ = api_keys::parse_client_ip(&r.client_ip);
         }
@@ -250,6 +262,11 @@ pub fn request(data: &[u8]) {
             now,
         )),
         14 => drop(roles::parse_create(decode!(pb::CreateRoleRequest))),
-        _ => drop(roles::parse_update(decode!(pb::UpdateRoleRequest))),
+        15 => drop(roles::parse_update(decode!(pb::UpdateRoleRequest))),
+        // Digests, secrets of any shape and hints, item by item.
+        _ => drop(api_keys::parse_import(
+            decode!(pb::ImportApiKeysRequest),
+            now,
+        )),
     }
 }

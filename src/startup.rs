@@ -111,6 +111,10 @@ impl Application {
             }
         }
         let store = Store::new(db);
+        store
+            .refresh_imported_keys()
+            .await
+            .context("cannot read whether the deployment holds imported keys")?;
 
         // Page tokens must verify on every replica and across restarts, so the key lives in
         // the database. Without the OS random source there is no safe key to store for good.
@@ -237,6 +241,7 @@ impl Application {
                 cache,
                 state,
                 self.meter.clone(),
+                self.store.imported_keys(),
                 stop_feed.clone(),
             ))
         });

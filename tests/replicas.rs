@@ -187,3 +187,64 @@ fn revocations_are_honoured_while_the_feeds_are_cut_and_after_they_recover() {
         );
     });
 }
+
+/// A key of another shape imported through one replica verifies on the others within the
+/// bound: the import's notification tells them the deployment now holds imported keys
+/// (before it, such strings are MALFORMED without a lookup).
+#[test]
+fn a_key_imported_on_one_replica_verifies_on_the_others() {
+    if !postgres_or_skip("replicas::a_key_imported_on_one_replica_verifies_on_the_others") {
+        return;
+    }
+    run_test(async {
+        let all = replicas(3, Duration::from_millis(300)).await;
+        let writer = &all[0];
+        let ws = writer.create_workspace("migrated").await;
+        let secret = format!("legacy-{}", uuid::Uuid::new_v4());
+        for replica in &all {
+            assert_eq!(
+                verify_on(replica, writer, &secret, &[]).await,
+                pb::VerifyCode::Malformed
+            );
+        }
+        let results = writer
+            .as_admin()
+            .keys
+            .import_api_keys(pb::ImportApiKeysRequest {
+                workspace_id: ws.id.clone(),
+                keys: vec![pb::ImportedApiKey {
+                    secret: secret.clone(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .expect("import")
+            .into_inner()
+            .results;
+        assert!(matches!(
+            results[0].result,
+            Some(pb::import_api_key_result::Result::ApiKey(_))
+        ));
+        let since = Instant::now();
+        for replica in &all[1..] {
+            loop {
+                let code = verify_on(replica, writer, &secret, &[]).await;
+                if code == pb::VerifyCode::Valid {
+                    break;
+                }
+                assert_eq!(code, pb::VerifyCode::Malformed, "an unexpected answer");
+                assert!(
+                    since.elapsed() < BOUND,
+                    "replica {} still answers MALFORMED {:?} after the import",
+                    replica.addr,
+                    since.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        eprintln!(
+            "imported key verified everywhere after {:?}",
+            since.elapsed()
+        );
+    });
+}

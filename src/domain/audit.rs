@@ -113,13 +113,14 @@ pub enum AuditAction {
     ApiKeyDelete,
     ApiKeyAdjustCredits,
     ApiKeyDelegate,
+    ApiKeyImport,
     RoleCreate,
     RoleUpdate,
     RoleDelete,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 16] = [
+    pub const ALL: [AuditAction; 17] = [
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
         AuditAction::WorkspaceDelete,
@@ -133,6 +134,7 @@ impl AuditAction {
         AuditAction::ApiKeyDelete,
         AuditAction::ApiKeyAdjustCredits,
         AuditAction::ApiKeyDelegate,
+        AuditAction::ApiKeyImport,
         AuditAction::RoleCreate,
         AuditAction::RoleUpdate,
         AuditAction::RoleDelete,
@@ -154,6 +156,7 @@ impl AuditAction {
             AuditAction::ApiKeyDelete => "api_key.delete",
             AuditAction::ApiKeyAdjustCredits => "api_key.adjust_credits",
             AuditAction::ApiKeyDelegate => "api_key.delegate",
+            AuditAction::ApiKeyImport => "api_key.import",
             AuditAction::RoleCreate => "role.create",
             AuditAction::RoleUpdate => "role.update",
             AuditAction::RoleDelete => "role.delete",
@@ -170,7 +173,7 @@ impl AuditAction {
             WorkspaceCreate | WorkspaceUpdate | WorkspaceDelete => ResourceType::Workspace,
             ScopeCreate | ScopeUpdate | ScopeDelete => ResourceType::Scope,
             ApiKeyCreate | ApiKeyUpdate | ApiKeyRevoke | ApiKeyRotate | ApiKeyDelete
-            | ApiKeyAdjustCredits | ApiKeyDelegate => ResourceType::ApiKey,
+            | ApiKeyAdjustCredits | ApiKeyDelegate | ApiKeyImport => ResourceType::ApiKey,
             RoleCreate | RoleUpdate | RoleDelete => ResourceType::Role,
         }
     }

@@ -77,6 +77,123 @@ impl fmt::Debug for KeyDigest {
     }
 }
 
+/// Why a hex digest was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("must be 64 hex characters (a SHA-256 digest)")]
+pub struct BadDigest;
+
+impl KeyDigest {
+    /// A SHA-256 digest written as 64 hex characters, either case: how a home-grown key
+    /// table usually keeps its keys.
+    pub fn from_hex(text: &str) -> Result<Self, BadDigest> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 64 {
+            return Err(BadDigest);
+        }
+        let mut digest = [0u8; 32];
+        for (out, pair) in digest.iter_mut().zip(bytes.chunks_exact(2)) {
+            let high = hex_value(pair[0]).ok_or(BadDigest)?;
+            let low = hex_value(pair[1]).ok_or(BadDigest)?;
+            *out = (high << 4) | low;
+        }
+        Ok(Self(digest))
+    }
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The shortest secret of another system keyplane imports and looks up: shorter strings
+/// are not worth a cache entry.
+pub const IMPORTED_MIN_LEN: usize = 8;
+/// The longest one: longer input is MALFORMED before any other work.
+pub const IMPORTED_MAX_LEN: usize = 512;
+/// Secrets shorter than this get no derived hint: four characters would show too much.
+const HINT_FROM_LEN: usize = 16;
+
+/// Why a secret of another system was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "must be {IMPORTED_MIN_LEN} to {IMPORTED_MAX_LEN} printable ASCII characters, without spaces"
+)]
+pub struct BadImportedSecret;
+
+/// A secret of another system (`sk_test_…`, a UUID, hex), imported as it is: 8 to 512
+/// printable ASCII characters without spaces. Like [`ApiKeySecret`], its `Debug` never
+/// shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImportedSecret(String);
+
+impl fmt::Debug for ImportedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ImportedSecret(..)")
+    }
+}
+
+impl ImportedSecret {
+    pub fn parse(text: &str) -> Result<Self, BadImportedSecret> {
+        Self::digest_of(text).map(|_| Self(text.to_owned()))
+    }
+
+    /// The digest a presented string would have as an imported key, when it could be one:
+    /// the verifier's check, without copying the string.
+    pub fn digest_of(text: &str) -> Result<KeyDigest, BadImportedSecret> {
+        let ok = (IMPORTED_MIN_LEN..=IMPORTED_MAX_LEN).contains(&text.len())
+            && text.bytes().all(|b| b.is_ascii_graphic());
+        if !ok {
+            return Err(BadImportedSecret);
+        }
+        Ok(KeyDigest(Sha256::digest(text.as_bytes()).into()))
+    }
+
+    pub fn digest(&self) -> KeyDigest {
+        KeyDigest(Sha256::digest(self.0.as_bytes()).into())
+    }
+
+    /// The secret in keyplane's own format, when it has it (a key of another keyplane):
+    /// then it is shown with its prefix like any key.
+    pub fn as_keyplane(&self) -> Option<ApiKeySecret> {
+        ApiKeySecret::parse(&self.0).ok()
+    }
+
+    /// Its last 4 characters, for `masked_key`; none for a secret short enough that they
+    /// would give away a quarter of it.
+    pub fn hint(&self) -> Option<KeyHint> {
+        (self.0.len() >= HINT_FROM_LEN).then(|| KeyHint(self.0[self.0.len() - 4..].to_owned()))
+    }
+
+    /// Whether `hint` is how the secret ends.
+    pub fn ends_with(&self, hint: &KeyHint) -> bool {
+        self.0.ends_with(hint.as_str())
+    }
+}
+
+/// Why a hint was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("must be 1 to 4 printable ASCII characters, without spaces")]
+pub struct BadHint;
+
+/// The last characters of an imported secret (1 to 4), shown in its `masked_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHint(String);
+
+impl KeyHint {
+    pub fn parse(text: &str) -> Result<Self, BadHint> {
+        let ok = (1..=4).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| Self(text.to_owned())).ok_or(BadHint)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A well-formed secret. Its `Debug` never shows the secret, so it cannot leak into logs by
 /// accident.
 #[derive(Clone, PartialEq, Eq)]
@@ -182,8 +299,12 @@ impl ApiKeySecret {
 }
 
 /// The displayable form of a key: its prefix (with its own separator) and last 4
-/// characters, nothing more: `kp_****5PW0`, `sk-ol-****5PW0`.
+/// characters, nothing more: `kp_****5PW0`, `sk-ol-****5PW0`. An imported key of another
+/// format has no prefix (`****5PW0`), and no last characters when none were given (`****`).
 pub fn masked_key(prefix: &str, last_four: &str) -> String {
+    if prefix.is_empty() {
+        return format!("****{last_four}");
+    }
     format!("{prefix}{}****{last_four}", separator_of(prefix))
 }
 
@@ -313,6 +434,57 @@ mod tests {
         }
     }
 
+    #[test]
+    fn hex_digests() {
+        let k = key();
+        let hex: String = k.digest().0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(KeyDigest::from_hex(&hex), Ok(k.digest()));
+        assert_eq!(KeyDigest::from_hex(&hex.to_uppercase()), Ok(k.digest()));
+        for bad in [
+            "",
+            "ab",
+            &hex[1..],
+            &format!("{hex}0"),
+            &hex.replacen('a', "g", 1),
+        ] {
+            if bad != hex {
+                assert_eq!(KeyDigest::from_hex(bad), Err(BadDigest), "{bad}");
+            }
+        }
+        // A multi-byte character never splits a pair into a panic.
+        assert_eq!(KeyDigest::from_hex(&"é".repeat(32)), Err(BadDigest));
+    }
+
+    #[test]
+    fn imported_secrets_and_hints() {
+        let uuid = "0b6f6b8e-3c2a-4e55-9a4e-7f2f1b7c9d10";
+        let s = ImportedSecret::parse(uuid).unwrap();
+        assert_eq!(s.digest(), ImportedSecret::digest_of(uuid).unwrap());
+        assert_eq!(s.hint().unwrap().as_str(), "9d10");
+        assert!(s.ends_with(&KeyHint::parse("d10").unwrap()));
+        assert!(!format!("{s:?}").contains("9d10"));
+        assert!(s.as_keyplane().is_none());
+        assert!(ImportedSecret::parse("short12x").unwrap().hint().is_none());
+        for bad in [
+            "short",
+            "has space inside",
+            "tab\there12",
+            "ünïcødé-key",
+            &"x".repeat(513),
+        ] {
+            assert!(ImportedSecret::parse(bad).is_err(), "{bad}");
+        }
+        let own = key();
+        let imported = ImportedSecret::parse(own.expose()).unwrap();
+        assert_eq!(imported.digest(), own.digest());
+        assert_eq!(imported.as_keyplane().unwrap().prefix(), "kp");
+        for bad in ["", "abcde", " ab", "\n"] {
+            assert!(KeyHint::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(masked_key("", "abcd"), "****abcd");
+        assert_eq!(masked_key("", ""), "****");
+    }
+
     const CHARS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-!";
 
     proptest! {
@@ -344,6 +516,16 @@ mod tests {
         #[test]
         fn arbitrary_input_never_panics(text in ".{0,100}") {
             let _ = ApiKeySecret::parse(&text);
+            let _ = ImportedSecret::parse(&text);
+            let _ = KeyDigest::from_hex(&text);
+            let _ = KeyHint::parse(&text);
+        }
+
+        #[test]
+        fn every_digest_round_trips_through_hex(bytes in any::<[u8; 32]>(), upper in any::<bool>()) {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = if upper { hex.to_uppercase() } else { hex };
+            prop_assert_eq!(KeyDigest::from_hex(&hex), Ok(KeyDigest(bytes)));
         }
     }
 }

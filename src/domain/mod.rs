@@ -2,6 +2,7 @@
 //! service works with. Nothing here knows about gRPC or SQL.
 pub mod audit;
 pub mod delegation;
+pub mod import;
 pub mod key;
 pub mod network;
 pub mod page;

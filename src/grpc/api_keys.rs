@@ -5,9 +5,11 @@ use uuid::Uuid;
 
 use super::convert::{self, Patchable, RequestCheck};
 use super::{KeyplaneApi, acting, caller};
+use crate::auth::Caller;
 use crate::domain::audit::ActorKind;
 use crate::domain::delegation::{Lifetime, NewDelegation};
-use crate::domain::key::{KeyPrefix, PREFIX_RULE};
+use crate::domain::import::{IMPORT_MAX, ImportedCredential, ImportedKey};
+use crate::domain::key::{ImportedSecret, KeyDigest, KeyHint, KeyPrefix, PREFIX_RULE};
 use crate::domain::network::{AllowedNetworks, ClientAddress, allowed_networks};
 use crate::domain::page::{ListFingerprint, ListKind};
 use crate::domain::permission::PermissionQuery;
@@ -20,7 +22,7 @@ use crate::domain::update::Update;
 use crate::domain::usage::{self, Cost, CreditDelta, CreditLimit};
 use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
-use crate::storage::ApiKeyFilter;
+use crate::storage::{ApiKeyFilter, StoreError};
 
 fn owner(v: &mut Validator, field: &str, text: &str) -> Option<String> {
     (!text.is_empty()).then(|| v.max_len(field, text, OWNER_MAX))
@@ -257,6 +259,105 @@ pub fn parse_client_ip(text: &str) -> Result<Option<ClientAddress>, ValidationEr
     v.finish(|| client)
 }
 
+/// Parses an import: the request's own fields, whose faults fail the call, and each item,
+/// whose faults are that item's result (fields named `keys[i].field`).
+#[allow(clippy::type_complexity)]
+pub fn parse_import(
+    r: pb::ImportApiKeysRequest,
+    now: DateTime<Utc>,
+) -> Result<(Uuid, Vec<Result<ImportedKey, ValidationError>>), ValidationError> {
+    let mut v = Validator::new();
+    let workspace_id = v.id("workspace_id", &r.workspace_id);
+    if r.keys.is_empty() || r.keys.len() > IMPORT_MAX {
+        v.add("keys", format!("must hold 1 to {IMPORT_MAX} keys per call"));
+    }
+    let workspace_id = v.finish(|| workspace_id.unwrap_or_default())?;
+    let items = r
+        .keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, key)| parse_imported(&format!("keys[{i}]"), key, workspace_id, now))
+        .collect();
+    Ok((workspace_id, items))
+}
+
+/// One item of an import, its fields named under `at` (`keys[3]`).
+fn parse_imported(
+    at: &str,
+    k: pb::ImportedApiKey,
+    workspace_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<ImportedKey, ValidationError> {
+    let f = |name: &str| format!("{at}.{name}");
+    let mut v = Validator::new();
+    let credential = match (k.secret.is_empty(), k.sha256.is_empty()) {
+        (false, true) => v
+            .check(&f("secret"), ImportedSecret::parse(&k.secret))
+            .map(ImportedCredential::Secret),
+        (true, false) => v
+            .check(&f("sha256"), KeyDigest::from_hex(k.sha256.trim()))
+            .map(ImportedCredential::Digest),
+        (false, false) => {
+            v.add(f("sha256"), "give secret or sha256, not both");
+            None
+        }
+        (true, true) => {
+            v.add(f("secret"), "give the secret or its sha256");
+            None
+        }
+    };
+    let hint = (!k.hint.is_empty())
+        .then(|| v.check(&f("hint"), KeyHint::parse(&k.hint)))
+        .flatten();
+    let name = v.max_len(&f("name"), k.name.trim(), NAME_MAX);
+    let scopes = v.scopes(&f("scopes"), &k.scopes);
+    let roles = v.roles(&f("roles"), &k.roles);
+    let owner_id = owner(&mut v, &f("owner_id"), &k.owner_id);
+    let metadata = convert::sorted(k.metadata);
+    validate::metadata(&mut v, &f("metadata"), &metadata);
+    let expire_time = k
+        .expire_time
+        .as_ref()
+        .and_then(|t| v.future_time(&f("expire_time"), t, now));
+    let limit_inputs = convert::rate_limit_inputs(&k.rate_limits);
+    let rate_limits = usage::rate_limits(&mut v, &f("rate_limits"), &limit_inputs);
+    usage::check_shared_owner(
+        &mut v,
+        &f("rate_limits"),
+        &limit_inputs,
+        owner_id.as_deref(),
+    );
+    let remaining = k
+        .remaining_uses
+        .and_then(|n| v.check(&f("remaining_uses"), usage::remaining_uses(n)));
+    let refill = k
+        .refill
+        .as_ref()
+        .and_then(|r| convert::refill(&mut v, &f("refill"), r));
+    let allowed_cidrs = requested_networks(&mut v, &f("allowed_cidrs"), &k.allowed_cidrs);
+    let (credential, hint, key) = v.finish(|| {
+        let key = NewApiKey {
+            workspace_id,
+            name,
+            prefix: None,
+            scopes,
+            roles,
+            owner_id,
+            metadata,
+            expire_time,
+            request_id: None,
+            rate_limits: rate_limits.unwrap_or_default(),
+            credits: CreditLimit::on_create(remaining, refill),
+            allowed_cidrs,
+        };
+        (credential, hint, key)
+    })?;
+    let credential = credential
+        .ok_or_else(|| ValidationError::single(f("secret"), "give the secret or its sha256"))?;
+    ImportedKey::new(credential, hint, key)
+        .map_err(|e| ValidationError::single(f("hint"), e.to_string()))
+}
+
 /// Parses and validates an update request; `now` bounds `expire_time`.
 pub fn parse_update(
     r: pb::UpdateApiKeyRequest,
@@ -311,7 +412,42 @@ pub fn parse_required_scopes(scopes: &[String]) -> Result<Vec<ScopeString>, Vali
     v.finish(|| required)
 }
 
+/// Whether a storage error is one item's (a rule, an unknown scope or role) rather than
+/// the whole call's (the database, a missing workspace).
+fn refuses_item(err: &StoreError) -> bool {
+    matches!(err, StoreError::UnknownScopes(_) | StoreError::Rule(_))
+}
+
 impl KeyplaneApi {
+    /// Whether the caller may give an item what it asks for: the built-in scopes on it and
+    /// those of its roles, as at create. `Ok(Err)` refuses the item; `Err` fails the call.
+    async fn may_import(
+        &self,
+        caller: &Caller,
+        tenant: crate::domain::TenantId,
+        key: &ImportedKey,
+        at: &str,
+    ) -> Result<Result<(), Status>, Status> {
+        if let Err(e) = caller.may_grant(key.key.scopes.iter().map(|s| s.as_str())) {
+            return Ok(Err(e.into()));
+        }
+        if key.key.roles.is_empty() {
+            return Ok(Ok(()));
+        }
+        let field = format!("{at}.roles");
+        match self
+            .store
+            .scopes_of_roles(tenant, key.key.workspace_id, &key.key.roles, &field)
+            .await
+        {
+            Ok(granted) => Ok(caller
+                .may_grant(granted.iter().map(String::as_str))
+                .map_err(Status::from)),
+            Err(e) if refuses_item(&e) => Ok(Err(e.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A request's permission query: none when empty; parsed once per distinct text.
     fn permission_query(
         &self,
@@ -525,6 +661,63 @@ impl ApiKeyService for KeyplaneApi {
             api_key: Some(self.api_key(key)),
             secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
         }))
+    }
+
+    async fn import_api_keys(
+        &self,
+        request: Request<pb::ImportApiKeysRequest>,
+    ) -> Result<Response<pb::ImportApiKeysResponse>, Status> {
+        let (caller, acting) = acting(&request)?;
+        let (workspace_id, items) = parse_import(request.into_inner(), Utc::now())?;
+        // Each item's result; the accepted ones are filled in by the store.
+        let mut results: Vec<Option<Result<pb::ApiKey, Status>>> = Vec::with_capacity(items.len());
+        let mut accepted = Vec::new();
+        let mut positions = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let checked = match item {
+                Err(invalid) => Err(Status::from(invalid)),
+                Ok(key) => self
+                    .may_import(&caller, acting.tenant, &key, &format!("keys[{i}]"))
+                    .await?
+                    .map(|()| key),
+            };
+            match checked {
+                Ok(key) => {
+                    accepted.push(key);
+                    positions.push(i);
+                    results.push(None);
+                }
+                Err(status) => results.push(Some(Err(status))),
+            }
+        }
+        if !accepted.is_empty() {
+            let outcomes = self
+                .store
+                .import_api_keys(&acting, workspace_id, accepted)
+                .await?;
+            for (i, outcome) in positions.into_iter().zip(outcomes) {
+                results[i] = Some(outcome.map(|k| self.api_key(k)).map_err(Status::from));
+            }
+        }
+        let results = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, result)| pb::ImportApiKeyResult {
+                result: Some(match result {
+                    Some(Ok(key)) => pb::import_api_key_result::Result::ApiKey(key),
+                    Some(Err(status)) => pb::import_api_key_result::Result::Error(
+                        super::error::item_status(&status, &format!("keys[{i}]")),
+                    ),
+                    // Every position was filled above: a store answering fewer items than
+                    // it was given is a bug, logged as one.
+                    None => pb::import_api_key_result::Result::Error(super::error::item_status(
+                        &Status::from(StoreError::Corrupt("an import item had no result".into())),
+                        &format!("keys[{i}]"),
+                    )),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::ImportApiKeysResponse { results }))
     }
 
     async fn verify_api_key(

@@ -261,6 +261,41 @@ impl From<ApiError> for Status {
     }
 }
 
+/// An error of one item of a batch (`ImportApiKeys`): the `google.rpc.Status` the call
+/// would have failed with, its fields named within the item (`keys[3].scopes`, where the
+/// error named `scopes`).
+pub fn item_status(status: &Status, item: &str) -> tonic_types::pb::Status {
+    use prost::Message;
+    use tonic_types::pb;
+    let within = |field: &str| {
+        if field.starts_with(item) && field[item.len()..].starts_with('.') {
+            field.to_owned()
+        } else {
+            format!("{item}.{field}")
+        }
+    };
+    let mut rpc = pb::Status::decode(status.details()).unwrap_or_default();
+    rpc.code = status.code() as i32;
+    rpc.message = status.message().to_owned();
+    for any in &mut rpc.details {
+        if any.type_url.ends_with("/google.rpc.BadRequest")
+            && let Ok(mut bad) = pb::BadRequest::decode(any.value.as_slice())
+        {
+            for violation in &mut bad.field_violations {
+                violation.field = within(&violation.field);
+            }
+            any.value = bad.encode_to_vec();
+        } else if any.type_url.ends_with("/google.rpc.ErrorInfo")
+            && let Ok(mut info) = pb::ErrorInfo::decode(any.value.as_slice())
+            && let Some(fields) = info.metadata.get_mut("fields")
+        {
+            *fields = fields.split(',').map(within).collect::<Vec<_>>().join(",");
+            any.value = info.encode_to_vec();
+        }
+    }
+    rpc
+}
+
 /// Requests above the size limit: tonic reports OUT_OF_RANGE, the gRPC convention  is RESOURCE_EXHAUSTED.
 pub fn request_too_large(limit: usize) -> Status {
     status(
@@ -269,4 +304,41 @@ pub fn request_too_large(limit: usize) -> Status {
         "REQUEST_TOO_LARGE",
         meta([("limit_bytes", limit.to_string())]),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn an_items_error_names_its_fields_within_the_item() {
+        let mut invalid = ValidationError::single("scopes", "unknown");
+        invalid.add("keys[3].hint", "bad");
+        let status = Status::from(invalid);
+        let rpc = item_status(&status, "keys[3]");
+        assert_eq!(rpc.code, Code::InvalidArgument as i32);
+        let back = Status::with_details(
+            Code::InvalidArgument,
+            rpc.message.clone(),
+            prost::Message::encode_to_vec(&rpc).into(),
+        );
+        let fields: Vec<String> = back
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["keys[3].scopes", "keys[3].hint"]);
+        let info = back.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_ARGUMENT");
+        assert_eq!(info.metadata["fields"], "keys[3].scopes,keys[3].hint");
+        // A plain status: its code and message.
+        let rpc = item_status(&Status::already_exists("held"), "keys[0]");
+        assert_eq!(
+            (rpc.code, rpc.message.as_str()),
+            (Code::AlreadyExists as i32, "held")
+        );
+    }
 }

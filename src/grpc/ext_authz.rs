@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status};
 use super::convert::RequestCheck;
 use super::{KeyplaneApi, caller};
 use crate::auth::bearer_token;
-use crate::domain::key::ApiKeySecret;
+use crate::domain::key::{ApiKeySecret, ImportedSecret};
 use crate::domain::network::ClientAddress;
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
@@ -86,9 +86,25 @@ pub struct CheckInput {
     /// The downstream address Envoy reports (`attributes.source.address`), for the key's
     /// `allowed_cidrs`; never a client-sent header.
     pub client: Option<ClientAddress>,
+    /// A bearer value that is not of keyplane's shape but could be an imported key, when
+    /// no other key was presented: a key only once the deployment holds imported keys
+    /// ([`CheckInput::with_imported_keys`]); until then the upstream's to judge.
+    pub other_bearer: Option<String>,
 }
 
 impl CheckInput {
+    /// The input as read when the deployment holds imported keys: a bearer value of
+    /// another shape is the key (and is removed on allow) when nothing else was presented.
+    pub fn with_imported_keys(mut self) -> Self {
+        if self.key.is_none()
+            && let Some(token) = self.other_bearer.take()
+        {
+            self.key = Some((token, KeyHeader::Authorization));
+            self.credential_headers.push(KeyHeader::Authorization);
+        }
+        self
+    }
+
     pub fn cost(&self) -> Cost {
         // parse_check bounds it; a cost it could not bound charges the most, never nothing.
         Cost::new(u64::from(self.cost)).unwrap_or(Cost::MAX)
@@ -159,6 +175,14 @@ pub fn parse_check(
 
     let api_key = headers.get("x-api-key");
     let bearer = headers.get("authorization").and_then(|a| bearer_key(a));
+    let other_bearer = match (api_key, bearer) {
+        (None, None) => headers
+            .get("authorization")
+            .and_then(|a| bearer_token(a).ok())
+            .filter(|token| ImportedSecret::digest_of(token).is_ok())
+            .map(str::to_owned),
+        _ => None,
+    };
     let key = match (api_key, bearer) {
         (Some(key), _) => Some((key.clone(), KeyHeader::ApiKey)),
         (None, Some(key)) => Some((key.to_owned(), KeyHeader::Authorization)),
@@ -219,6 +243,7 @@ pub fn parse_check(
         required,
         query,
         cost,
+        other_bearer,
     })
 }
 
@@ -524,7 +549,10 @@ impl Authorization for KeyplaneApi {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let caller = caller(&request)?;
-        let input = parse_check(request.get_ref(), &self.queries)?;
+        let mut input = parse_check(request.get_ref(), &self.queries)?;
+        if self.verifier.holds_imported_keys() {
+            input = input.with_imported_keys();
+        }
         let verification = match &input.key {
             None => None,
             Some((key, _)) => {
@@ -691,6 +719,43 @@ mod tests {
             )
             .contains(&k)
         );
+    }
+
+    #[test]
+    fn a_bearer_of_another_shape_is_a_key_only_with_imported_keys() {
+        let legacy = "Bearer sk_live_0123456789abcdef";
+        let input = parse_check(&request(&[("authorization", legacy)], &[]), &queries()).unwrap();
+        assert_eq!(input.key, None, "no imported keys: not a key");
+        assert!(input.credential_headers.is_empty());
+        let input = input.with_imported_keys();
+        assert_eq!(
+            input.key,
+            Some((
+                "sk_live_0123456789abcdef".to_owned(),
+                KeyHeader::Authorization
+            ))
+        );
+        assert_eq!(input.credential_headers, vec![KeyHeader::Authorization]);
+        assert!(!format!("{input:?}").contains("0123456789"));
+        // x-api-key decides, and the upstream keeps its own bearer token.
+        let input = parse_check(
+            &request(
+                &[("x-api-key", "legacy-key-1"), ("authorization", legacy)],
+                &[],
+            ),
+            &queries(),
+        )
+        .unwrap()
+        .with_imported_keys();
+        assert_eq!(input.key.unwrap().0, "legacy-key-1");
+        assert_eq!(input.credential_headers, vec![KeyHeader::ApiKey]);
+        // Too short or too long to be any key.
+        for other in ["Bearer short", &format!("Bearer {}", "x".repeat(513))] {
+            let input = parse_check(&request(&[("authorization", other)], &[]), &queries())
+                .unwrap()
+                .with_imported_keys();
+            assert_eq!(input.key, None, "{other}");
+        }
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub const RPCS: &[Rpc] = &[
     ),
     // The credential is the parent key itself (the handler refuses any other kind).
     needs("/keyplane.v1.ApiKeyService/DelegateApiKey", ApiKeysDelegate),
+    needs("/keyplane.v1.ApiKeyService/ImportApiKeys", ApiKeysWrite),
     needs("/keyplane.v1.RoleService/CreateRole", RolesWrite),
     needs("/keyplane.v1.RoleService/GetRole", RolesRead),
     needs("/keyplane.v1.RoleService/ListRoles", RolesRead),

@@ -98,12 +98,17 @@ pub struct ChainReport {
     pub broken: Option<ChainBreak>,
 }
 
-/// Appends the event of `change` to its tenant's chain, in the write's transaction.
-pub(super) async fn append(
+/// Appends one event per change, in order, to the tenant's chain, in the write's
+/// transaction: one lock, one insert and one move of the head for the lot (an import of
+/// 1,000 keys records 1,000 events).
+pub(super) async fn append_all(
     txn: &DatabaseTransaction,
     acting: &Acting,
-    change: &Change,
+    changes: &[Change],
 ) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
     let tenant = acting.tenant.as_uuid();
     let chain = match lock_chain(txn, acting.tenant).await? {
         Some(chain) => chain,
@@ -126,16 +131,26 @@ pub(super) async fn append(
                 .ok_or_else(|| StoreError::Corrupt("audit chain row vanished".into()))?
         }
     };
-    let previous = hash_of(&chain.head_hash)
+    let mut previous = hash_of(&chain.head_hash)
         .ok_or_else(|| StoreError::Corrupt(format!("audit chain head of tenant {tenant}")))?;
-    let sequence = chain.head_sequence + 1;
-    let event = AuditEvent::record(acting, change, sequence, db_now(), &previous);
-    audit_event::Entity::insert(to_row(&event))
-        .exec(txn)
-        .await?;
+    let mut sequence = chain.head_sequence;
+    let now = db_now();
+    let mut rows = Vec::with_capacity(changes.len());
+    for change in changes {
+        sequence += 1;
+        let event = AuditEvent::record(acting, change, sequence, now, &previous);
+        previous = event.hash;
+        rows.push(to_row(&event));
+    }
+    // Bounded statements: each row binds 13 values, and SQLite allows 32,766.
+    for chunk in rows.chunks(500) {
+        audit_event::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(txn)
+            .await?;
+    }
     audit_chain::Entity::update_many()
         .col_expr(audit_chain::Column::HeadSequence, sequence.into())
-        .col_expr(audit_chain::Column::HeadHash, event.hash.to_vec().into())
+        .col_expr(audit_chain::Column::HeadHash, previous.to_vec().into())
         .filter(audit_chain::Column::TenantId.eq(tenant))
         .exec(txn)
         .await?;

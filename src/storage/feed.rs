@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::budgets::leases::recalled_budget;
+use super::imported::{self, ImportedKeys};
 use super::invalidation::{CHANNEL, Eviction, EvictionSink};
 use crate::domain::usage::BudgetId;
 
@@ -145,12 +146,14 @@ enum Heard {
     Lost(String),
 }
 
-/// Keeps the feed up until `stop`: listens, applies evictions, reconnects with backoff.
+/// Keeps the feed up until `stop`: listens, applies evictions, learns of imported keys,
+/// reconnects with backoff.
 pub async fn run(
     db: DatabaseConnection,
     sink: Arc<dyn EvictionSink>,
     state: Arc<FeedState>,
     heartbeats: Arc<dyn Heartbeats>,
+    imported: Arc<ImportedKeys>,
     stop: CancellationToken,
 ) {
     // Tells this replica's heartbeats from the others'.
@@ -158,7 +161,7 @@ pub async fn run(
     let mut backoff = BACKOFF.0;
     loop {
         let ended = tokio::select! {
-            ended = listen_once(&db, sink.as_ref(), &state, heartbeats.as_ref(), &me) => ended,
+            ended = listen_once(&db, sink.as_ref(), &state, heartbeats.as_ref(), &imported, &me) => ended,
             _ = stop.cancelled() => return,
         };
         state.set(false);
@@ -186,6 +189,7 @@ async fn listen_once(
     sink: &dyn EvictionSink,
     state: &FeedState,
     heartbeats: &dyn Heartbeats,
+    imported: &ImportedKeys,
     me: &str,
 ) -> Result<String, String> {
     // A connection of its own, to the host the pool uses now (which follows a failover).
@@ -207,7 +211,12 @@ async fn listen_once(
         .listen_all([CHANNEL, USAGE_CHANNEL])
         .await
         .map_err(|e| format!("LISTEN failed: {e}"))?;
-    // Listening from here on: flush what may have changed unseen, then answer again.
+    // Listening from here on: an import's notice may have been missed while down.
+    imported
+        .refresh(db)
+        .await
+        .map_err(|e| format!("cannot read whether keys were imported: {e}"))?;
+    // Flush what may have changed unseen, then answer again.
     sink.evict(&Eviction::All);
     state.good_at(std::time::Instant::now());
     state.set(true);
@@ -248,6 +257,7 @@ async fn listen_once(
                 Some(Heard::Payload(payload)) if payload.starts_with("ping:") => {
                     heartbeats.heard(payload.trim_start_matches("ping:"));
                 }
+                Some(Heard::Payload(payload)) if payload == imported::PAYLOAD => imported.set(),
                 Some(Heard::Payload(payload)) => {
                     metrics::counter!("keyplane_invalidations_received_total").increment(1);
                     sink.evict(&Eviction::from_payload(&payload));

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod budgets;
 pub mod database;
 pub mod feed;
+pub mod imported;
 pub mod invalidation;
 pub mod last_used;
 mod roles;
@@ -159,6 +160,8 @@ pub struct Store {
     db: DatabaseConnection,
     /// This replica's verification cache, told about every write that changes an answer.
     evictions: Option<Arc<dyn EvictionSink>>,
+    /// Whether the deployment holds imported keys (shared by every clone).
+    imported: Arc<imported::ImportedKeys>,
 }
 
 impl std::fmt::Debug for Store {
@@ -174,7 +177,19 @@ impl Store {
         Self {
             db,
             evictions: None,
+            imported: Arc::default(),
         }
+    }
+
+    /// This replica's knowledge of whether the deployment holds imported keys, for the
+    /// verifier and the invalidation feed.
+    pub fn imported_keys(&self) -> Arc<imported::ImportedKeys> {
+        self.imported.clone()
+    }
+
+    /// Reads whether the deployment holds imported keys (at start).
+    pub async fn refresh_imported_keys(&self) -> Result<(), StoreError> {
+        self.imported.refresh(&self.db).await
     }
 
     /// Has every write that changes a verification answer evict it from `sink`.
@@ -202,7 +217,20 @@ impl Store {
         change: Change,
         eviction: Eviction,
     ) -> Result<(), StoreError> {
-        audit::append(&txn, acting, &change).await?;
+        self.commit_all(txn, acting, std::slice::from_ref(&change), eviction)
+            .await
+    }
+
+    /// [`Store::commit`] for a write that makes several changes (an import): one audit
+    /// event each.
+    pub(crate) async fn commit_all(
+        &self,
+        txn: DatabaseTransaction,
+        acting: &Acting,
+        changes: &[Change],
+        eviction: Eviction,
+    ) -> Result<(), StoreError> {
+        audit::append_all(&txn, acting, changes).await?;
         invalidation::notify(&txn, &eviction).await?;
         let committed = txn.commit().await;
         if let Some(sink) = &self.evictions {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::domain::key::{ApiKeySecret, KeyDigest};
+use crate::domain::key::{ApiKeySecret, ImportedSecret, KeyDigest};
 use crate::domain::network::ClientAddress;
 use crate::domain::permission::PermissionQuery;
 use crate::domain::records::{ApiKey, VerifyCode};
@@ -20,6 +20,7 @@ use crate::domain::scope::ScopeString;
 use crate::domain::standing::Standing;
 use crate::domain::usage::Cost;
 use crate::domain::{TenantAccess, TenantId};
+use crate::storage::imported::ImportedKeys;
 use crate::storage::last_used::LastUsedRecorder;
 use crate::storage::{Store, StoreError};
 use cache::{Entry, Lookup, VerificationCache};
@@ -61,6 +62,8 @@ pub struct KeyVerifier {
     usage: Arc<LastUsedRecorder>,
     meter: Arc<Meter>,
     outage: Arc<Outage>,
+    /// Read only when a presented string is not of keyplane's format.
+    imported: Arc<ImportedKeys>,
 }
 
 impl KeyVerifier {
@@ -72,6 +75,7 @@ impl KeyVerifier {
         outage: Arc<Outage>,
     ) -> Self {
         Self {
+            imported: store.imported_keys(),
             store,
             cache,
             usage,
@@ -95,10 +99,16 @@ impl KeyVerifier {
         query: Option<&PermissionQuery>,
         cost: Cost,
     ) -> Result<Verification, StoreError> {
-        let Ok(secret) = ApiKeySecret::parse(presented) else {
-            return Ok(Verification::without_key(VerifyCode::Malformed));
+        let digest = match ApiKeySecret::parse(presented) {
+            Ok(secret) => secret.digest(),
+            // Not keyplane's format: only an imported key can be such a string, so it is
+            // looked up (through the cache, which keeps a flood of made-up strings as
+            // negative entries) only once the deployment holds some.
+            Err(_) => match self.imported_digest(presented) {
+                Some(digest) => digest,
+                None => return Ok(Verification::without_key(VerifyCode::Malformed)),
+            },
         };
-        let digest = secret.digest();
         // The cache holds every tenant's keys; who may see which is decided below, per call.
         let (found, stale) = match self.cache.lookup(&digest) {
             Lookup::Hit(entry) => (entry, false),
@@ -180,6 +190,21 @@ impl KeyVerifier {
         }
         self.outage.served_stale();
         Ok((frozen, true))
+    }
+
+    /// The digest under which a string of another format would be held, when the
+    /// deployment holds imported keys and the string could be one.
+    fn imported_digest(&self, presented: &str) -> Option<KeyDigest> {
+        if !self.imported.held() {
+            return None;
+        }
+        ImportedSecret::digest_of(presented).ok()
+    }
+
+    /// Whether the deployment holds imported keys: then a credential of any shape may be a
+    /// key (Envoy's `Check` reads a bearer value of another shape too).
+    pub fn holds_imported_keys(&self) -> bool {
+        self.imported.held()
     }
 
     /// The credits of this key's account that this replica holds and may still spend.

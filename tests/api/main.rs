@@ -10,6 +10,7 @@ mod auth;
 mod cache;
 mod connection_limits;
 mod delegation;
+mod import;
 mod isolation;
 mod key_policy;
 mod key_roles;

@@ -412,6 +412,23 @@ pub fn rows() -> Vec<Row> {
             names_a_resource: false,
         },
         Row {
+            path: "/keyplane.v1.ApiKeyService/ImportApiKeys",
+            scope: "keyplane.api_keys:write",
+            request: |f| {
+                pb::ImportApiKeysRequest {
+                    workspace_id: f.workspace.clone(),
+                    keys: vec![pb::ImportedApiKey {
+                        // A fresh secret per call: every call imports something.
+                        secret: Uuid::now_v7().to_string(),
+                        scopes: vec!["matrix:read".into()],
+                        ..Default::default()
+                    }],
+                }
+                .encode_to_vec()
+            },
+            names_a_resource: true,
+        },
+        Row {
             path: "/keyplane.v1.AuditService/ListAuditEvents",
             scope: "keyplane.audit:read",
             request: |f| {

@@ -5,6 +5,7 @@
 mod chain;
 mod credit_requests;
 mod delegation;
+mod import;
 mod roles;
 
 pub(super) use chain::with_descendants;
@@ -21,7 +22,7 @@ use uuid::Uuid;
 
 use super::budgets::accounts;
 use super::budgets::rows::{credits_from_row, limits_from_json, limits_to_json};
-use super::entity::{TenantOwned, api_key, api_key_scope, usage_credit};
+use super::entity::{TenantOwned, api_key, api_key_scope, usage_credit, workspace};
 use super::invalidation::Eviction;
 use super::update::Stored;
 use super::workspaces::{default_networks, key_policy, require_workspace};
@@ -31,6 +32,7 @@ use super::{
 };
 use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::key::{ApiKeySecret, KeyDigest, KeyPrefix};
+use crate::domain::network::AllowedNetworks;
 use crate::domain::page::Page;
 use crate::domain::records::{ApiKey, ApiKeyPatch, NewApiKey};
 use crate::domain::rules::{GracePeriod, KeyTtl, Retirement, RuleViolation};
@@ -326,6 +328,17 @@ async fn revoke_descendants(
     Ok(Eviction::keys(digests))
 }
 
+/// The stored allow-list of a new key: the one it asks for, or its workspace's default.
+fn allow_list(
+    asked: Option<&AllowedNetworks>,
+    workspace: &workspace::Model,
+) -> Result<serde_json::Value, StoreError> {
+    Ok(match asked {
+        Some(networks) => networks_to_json(networks),
+        None => networks_to_json(&default_networks(workspace)?),
+    })
+}
+
 async fn find_key(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
@@ -390,11 +403,7 @@ impl Store {
             delegation_depth: 0,
             ancestry: serde_json::json!([]),
             roles: roles::names_json(&held),
-            allowed_cidrs: networks_to_json(
-                new.allowed_cidrs
-                    .as_ref()
-                    .unwrap_or(&default_networks(&workspace)?),
-            ),
+            allowed_cidrs: allow_list(new.allowed_cidrs.as_ref(), &workspace)?,
         };
         // Its own credit account (rotation successors share their predecessor's).
         let model = api_key::Model {
@@ -538,8 +547,14 @@ impl Store {
         let now = db_now();
         let old = with_scopes(&txn, vec![model.clone()]).await?.remove(0);
         let retirement = old.rotation(now, grace)?;
-        let prefix = KeyPrefix::parse(&old.prefix)
-            .ok_or_else(|| StoreError::Corrupt(format!("key {id} prefix")))?;
+        let workspace = require_workspace(&txn, tenant, old.workspace_id).await?;
+        // An imported key of another format has no prefix: its successor gets the
+        // workspace's, like a new key.
+        let prefix = match old.prefix.as_str() {
+            "" => KeyPrefix::parse(&workspace.default_key_prefix),
+            own => KeyPrefix::parse(own),
+        }
+        .ok_or_else(|| StoreError::Corrupt(format!("key {id} prefix")))?;
         let secret = ApiKeySecret::generate(&prefix)
             .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
         let successor_id = Uuid::now_v7();
@@ -577,9 +592,10 @@ impl Store {
         }
 
         // The workspace's lifetime policy holds for the successor as for a new key.
-        let policy = key_policy(&require_workspace(&txn, tenant, old.workspace_id).await?);
+        let policy = key_policy(&workspace);
         let successor = api_key::Model {
             id: successor_id,
+            prefix: prefix.as_str().to_owned(),
             expire_time: KeyTtl::cut(policy, model.expire_time, now),
             key_digest: secret.digest().0.to_vec(),
             last_four: secret.last_four().to_owned(),
