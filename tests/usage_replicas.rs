@@ -1,6 +1,6 @@
 //! Usage controls across replicas on one PostgreSQL database: credits are spent exactly
 //! (never one more than granted, none refused while some are left), adjustments during
-//! spending lose nothing, a SIGKILLed replica never lets more through than was granted, and
+//! spending lose nothing and apply once however many replicas their retries reach, a SIGKILLed replica never lets more through than was granted, and
 //! a rate limit admits between 95% and 105% (plus one per replica) of its limit in a window.
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -90,7 +90,12 @@ fn credits_are_exact_across_three_replicas() {
             .await;
         cached(&clients, &secret).await;
         let results = burst(&clients, &secret, 2000).await;
-        assert!(results.iter().all(|r| r.is_ok()), "no call failed");
+        let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "no call failed: {:?}",
+            &failed[..failed.len().min(3)]
+        );
         assert_eq!(valid(&results), 500, "exactly the credits granted");
         let left = burst(&clients, &secret, 30).await;
         assert_eq!(valid(&left), 0, "nothing left anywhere");
@@ -113,29 +118,47 @@ fn credits_are_exact_across_three_replicas() {
             .unwrap();
         assert_eq!(read.remaining_uses, Some(0), "read back on another replica");
 
-        // Adjustments racing spending on every replica lose no increment.
+        // Adjustments racing spending on every replica lose no increment, and each is
+        // retried at once on the two other replicas (a client that believes its call lost):
+        // every adjustment applies once, and its retries answer what the first call did.
         let (key, secret) = apps[0]
             .create_metered_key("", vec![], Some(100), None)
             .await;
         cached(&clients, &secret).await;
-        let adjusts = (0..10).map(|i| {
-            let mut client = clients[i % 3].clone();
+        let adjusts = (0..10).flat_map(|i| {
+            let request_id = uuid::Uuid::now_v7().to_string();
             let id = key.id.clone();
-            tokio::spawn(async move {
-                client
-                    .adjust_api_key_credits(pb::AdjustApiKeyCreditsRequest {
-                        id,
-                        delta: 10,
-                        ..Default::default()
-                    })
-                    .await
-                    .is_ok()
+            let clients = clients.clone();
+            (0..3).map(move |retry| {
+                let mut client = clients[(i + retry) % 3].clone();
+                let request = pb::AdjustApiKeyCreditsRequest {
+                    id: id.clone(),
+                    delta: 10,
+                    request_id: request_id.clone(),
+                };
+                tokio::spawn(async move {
+                    let answer = client.adjust_api_key_credits(request).await;
+                    answer.map(|a| a.into_inner().api_key.unwrap().remaining_uses)
+                })
             })
         });
         let (spent, adjusted) = tokio::join!(burst(&clients, &secret, 600), join_all(adjusts));
-        assert!(adjusted.into_iter().all(|r| r.unwrap()));
+        let answers: Vec<Option<i64>> = adjusted
+            .into_iter()
+            .map(|r| r.unwrap().expect("every call and retry answered"))
+            .collect();
+        for retries in answers.chunks(3) {
+            assert!(
+                retries.iter().all(|a| *a == retries[0]),
+                "retries on other replicas answer the first call's answer: {retries:?}"
+            );
+        }
         let after = burst(&clients, &secret, 300).await;
-        assert_eq!(valid(&spent) + valid(&after), 200, "100 + 10 × 10, exactly");
+        assert_eq!(
+            valid(&spent) + valid(&after),
+            200,
+            "100 + 10 × 10, exactly, however many retries"
+        );
     });
 }
 

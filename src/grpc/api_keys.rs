@@ -631,12 +631,15 @@ impl ApiKeyService for KeyplaneApi {
     ) -> Result<Response<pb::AdjustApiKeyCreditsResponse>, Status> {
         let (_, acting) = acting(&request)?;
         let (id, delta, request_id) = parse_adjust(request.get_ref())?;
+        // The balance shown counts what this replica holds, as any read of the key does.
         let key = self
             .store
-            .adjust_api_key_credits(&acting, id, delta, request_id)
+            .adjust_api_key_credits(&acting, id, delta, request_id, |key| {
+                self.verifier.held_credits(key)
+            })
             .await?;
         Ok(Response::new(pb::AdjustApiKeyCreditsResponse {
-            api_key: Some(self.api_key(key)),
+            api_key: Some(key.into()),
         }))
     }
 

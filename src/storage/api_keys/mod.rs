@@ -665,12 +665,16 @@ impl Store {
     ///
     /// With a `request_id`, an adjustment applies once: a retry answers with the balance the
     /// first call left (see [`credit_requests`]).
+    /// Adjusts a key's credits. The answer's balance is what no replica has reserved plus
+    /// `held(key)`, what the answering replica holds; it is recorded with the request id, so
+    /// that a retry answers exactly what the first call did, on whichever replica it lands.
     pub async fn adjust_api_key_credits(
         &self,
         acting: &Acting,
         id: Uuid,
         delta: CreditDelta,
         request_id: Option<Uuid>,
+        held: impl Fn(&ApiKey) -> u64,
     ) -> Result<ApiKey, StoreError> {
         let tenant = acting.tenant;
         if let Some(request_id) = request_id
@@ -713,11 +717,15 @@ impl Store {
             .filter(api_key::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        let key = find_key(&txn, tenant, id)
+        let mut key = find_key(&txn, tenant, id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", id))?;
-        if let (Some(request_id), Some(credits)) = (request_id, key.credits) {
-            credit_requests::record(&txn, tenant, request_id, credits.balance).await?;
+        let held = held(&key);
+        if let Some(credits) = key.credits.as_mut() {
+            credits.balance = Ord::min(credits.balance.saturating_add(held), usage::CREDITS_MAX);
+            if let Some(request_id) = request_id {
+                credit_requests::record(&txn, tenant, request_id, credits.balance).await?;
+            }
         }
         // Every key of the account: a remembered refusal must yield to the new version.
         let eviction = family_eviction(&txn, tenant, key.usage_id).await?;
