@@ -225,6 +225,8 @@ async fn prepare(
     headers.insert(REQUEST_ID.clone(), request_id.clone());
     parts.method = Method::POST;
     parts.uri = route.grpc_uri.clone();
+    // A gRPC call is HTTP/2 whatever the client spoke (tonic-web refuses gRPC over 1.1).
+    parts.version = http::Version::HTTP_2;
     let grpc = Request::from_parts(parts, Body::new(Full::new(frame.freeze())));
     Ok(Prepared::Call(route.rpc.output(), grpc))
 }
