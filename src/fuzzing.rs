@@ -228,7 +228,9 @@ pub fn request(data: &[u8]) {
 /// The HTTP layer, built once, in front of a stand-in for the gRPC stack.
 fn http_layer() -> Option<&'static crate::http::HttpLayer> {
     static LAYER: OnceLock<Option<crate::http::HttpLayer>> = OnceLock::new();
-    LAYER.get_or_init(|| crate::http::HttpLayer::new().ok()).as_ref()
+    LAYER
+        .get_or_init(|| crate::http::HttpLayer::new().ok())
+        .as_ref()
 }
 
 /// The HTTP/JSON layer, in process: byte 0 picks the method (its high bit sends a
@@ -256,10 +258,18 @@ pub fn http(data: &[u8]) {
     // What hyper would refuse never reaches the layer.
     let Ok(request) = http::Request::builder()
         .method(method)
-        .uri(if target.starts_with('/') { target.to_owned() } else { format!("/{target}") })
+        .uri(if target.starts_with('/') {
+            target.to_owned()
+        } else {
+            format!("/{target}")
+        })
         .header(
             "content-type",
-            if selector & 0x80 == 0 { "application/json" } else { "text/plain" },
+            if selector & 0x80 == 0 {
+                "application/json"
+            } else {
+                "text/plain"
+            },
         )
         .body(Body::new(Full::new(Bytes::copy_from_slice(body))))
     else {
@@ -278,7 +288,9 @@ pub fn http(data: &[u8]) {
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        let length = frame.get(1..5).map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]));
+        let length = frame
+            .get(1..5)
+            .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]));
         assert_eq!(frame.first(), Some(&0), "a compressed or empty frame");
         assert_eq!(length.map(|l| l as usize + 5), Some(frame.len()));
         // An empty message is a valid answer of every RPC.

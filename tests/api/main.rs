@@ -9,6 +9,7 @@ mod auth;
 mod cache;
 mod connection_limits;
 mod delegation;
+mod grpc_web;
 mod http_json;
 mod isolation;
 mod key_policy;
