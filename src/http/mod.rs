@@ -141,39 +141,33 @@ where
     // Every HTTP answer carries a request id: the client's, or one given here and handed
     // on as if the client had sent it, so the gRPC layers log and audit under it too.
     let request_id = observe::client_id(request.headers()).unwrap_or_else(observe::fresh_header);
+    // The document describes the API, as reflection (also public) does: no credential,
+    // so that tools can fetch it before they have one.
+    if request.uri().path() == OPENAPI_PATH {
+        return Ok(match *request.method() {
+            Method::GET => json(StatusCode::OK, shared.openapi.clone(), request_id),
+            _ => reject(
+                &shared,
+                Rejection::wrong_method(request.method(), vec![Method::GET]),
+                request_id,
+            ),
+        });
+    }
     let (route, grpc_request) = match prepare(&shared, request, &request_id).await {
-        Ok(Prepared::Call(route, grpc_request)) => (route, grpc_request),
-        Ok(Prepared::Document) => {
-            return Ok(json(StatusCode::OK, shared.openapi.clone(), request_id));
-        }
+        Ok(prepared) => prepared,
         Err(rejection) => return Ok(reject(&shared, rejection, request_id)),
     };
     let response = inner.call(grpc_request).await?;
     Ok(answer(&shared, route, response, request_id).await)
 }
 
-enum Prepared {
-    /// The RPC's output type, and its gRPC request.
-    Call(MessageDescriptor, Request<Body>),
-    /// `GET /openapi.json`.
-    Document,
-}
-
-/// The gRPC request an HTTP request stands for.
+/// The gRPC request an HTTP request stands for, and the RPC's output type.
 async fn prepare(
     shared: &Shared,
     request: Request<Body>,
     request_id: &HeaderValue,
-) -> Result<Prepared, Rejection> {
+) -> Result<(MessageDescriptor, Request<Body>), Rejection> {
     let (mut parts, body) = request.into_parts();
-    // The document describes the API, as reflection (also public) does: no credential,
-    // so that tools can fetch it before they have one.
-    if parts.uri.path() == OPENAPI_PATH {
-        return match parts.method {
-            Method::GET => Ok(Prepared::Document),
-            _ => Err(Rejection::wrong_method(&parts.method, vec![Method::GET])),
-        };
-    }
     let (route, bound) = match shared.routes.find(&parts.method, parts.uri.path()) {
         Matched::Route(route, bound) => (route, bound),
         Matched::WrongMethod(allow) => return Err(Rejection::wrong_method(&parts.method, allow)),
@@ -228,7 +222,7 @@ async fn prepare(
     // A gRPC call is HTTP/2 whatever the client spoke (tonic-web refuses gRPC over 1.1).
     parts.version = http::Version::HTTP_2;
     let grpc = Request::from_parts(parts, Body::new(Full::new(frame.freeze())));
-    Ok(Prepared::Call(route.rpc.output(), grpc))
+    Ok((route.rpc.output(), grpc))
 }
 
 /// `application/json`, with or without parameters.
