@@ -93,7 +93,36 @@ pub fn request(
         Value::Object(root),
         &DeserializeOptions::new().deny_unknown_fields(true),
     )
-    .map_err(|e| Rejection::malformed(format!("invalid request: {e}"), None))
+    .map_err(|e| Rejection::malformed(format!("invalid request: {}", redact(&e.to_string())), None))
+}
+
+/// A deserializer's message without the strings it quotes (`invalid type: string "…"`):
+/// the value may be a secret sent in the wrong field, and errors are logged.
+fn redact(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        let after = &rest[start + QUOTED.len()..];
+        // The closing quote: the first one not escaped.
+        let mut escaped = false;
+        let end = after.char_indices().find_map(|(i, c)| match (c, escaped) {
+            ('\\', false) => {
+                escaped = true;
+                None
+            }
+            ('"', false) => Some(i + 1),
+            _ => {
+                escaped = false;
+                None
+            }
+        });
+        rest = end.map_or("", |end| &after[end..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The JSON of a response message.
@@ -286,6 +315,23 @@ mod tests {
         );
         let json = transcode(Method::DELETE, "/v1/scopes/s?force=true", "").unwrap();
         assert_eq!(json, serde_json::json!({"id": "s", "force": true}));
+    }
+
+    #[test]
+    fn quoted_values_are_left_out_of_errors() {
+        assert_eq!(
+            redact(r#"invalid type: string "kp_s\"ecret", expected a list at x"#),
+            "invalid type: a string, expected a list at x"
+        );
+        assert_eq!(redact("unknown field `a`"), "unknown field `a`");
+        assert_eq!(redact(r#"string "open"#), "a string");
+        let message = transcode(
+            Method::POST,
+            "/v1/apiKeys:verify",
+            r#"{"requiredScopes": "kp_secret_value"}"#,
+        )
+        .unwrap_err();
+        assert!(!message.contains("kp_secret_value"), "{message}");
     }
 
     #[test]
