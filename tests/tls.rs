@@ -1,7 +1,7 @@
 //! TLS and mutual TLS on the gRPC port: handshakes with the right and the wrong CA, client
-//! certificates, a certificate replaced on disk while a connection stays open, and the
-//! start errors of bad files, and HTTP/1.1 for HTTP/JSON clients. Certificates are made here with rcgen; SQLite only (TLS does
-//! not touch the database).
+//! certificates, a certificate replaced on disk while a connection stays open, the start
+//! errors of bad files, and HTTP/1.1 for HTTP/JSON clients. Certificates are made here
+//! with rcgen; SQLite only (TLS does not touch the database).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
