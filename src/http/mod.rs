@@ -185,13 +185,13 @@ async fn prepare(
     }
     let message = transcode::request(route, bound, parts.uri.query(), &body)?;
 
-    let encoded = prost::Message::encode_to_vec(&message);
-    let length =
-        u32::try_from(encoded.len()).map_err(|_| Rejection::too_large(MAX_REQUEST_BYTES))?;
-    let mut frame = BytesMut::with_capacity(5 + encoded.len());
-    frame.put_u8(0); // not compressed
-    frame.put_u32(length);
-    frame.put_slice(&encoded);
+    // One gRPC frame: uncompressed flag, length, message, encoded in place.
+    let length = prost::Message::encoded_len(&message);
+    let mut frame = BytesMut::with_capacity(5 + length);
+    frame.put_u8(0);
+    frame.put_u32(u32::try_from(length).map_err(|_| Rejection::too_large(MAX_REQUEST_BYTES))?);
+    prost::Message::encode(&message, &mut frame)
+        .map_err(|_| Rejection::too_large(MAX_REQUEST_BYTES))?;
 
     // The same headers (credentials, tenant, request id, deadline), as a gRPC call's.
     let headers = &mut parts.headers;
