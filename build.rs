@@ -12,12 +12,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     files.retain(|p| p.extension().is_some_and(|ext| ext == "proto"));
     files.sort();
 
-    let fds = protox::compile(&files, ["proto"])?;
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(&files)?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // Encoded by protox itself: `prost_types` would drop the options' extensions, and the
+    // HTTP routes are the `google.api.http` extension of each method's options.
     fs::write(
         out_dir.join("keyplane_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        compiler.encode_file_descriptor_set(),
     )?;
+    let fds = compiler.file_descriptor_set();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -11,7 +11,9 @@
 #   LAT_CLIENTS [8]    one-at-a-time clients of the latency runs (-c, with -m 1)
 #   ROUNDS [100]       revocations measured across replicas
 #   TP_ROUNDS [5]      interleaved throughput rounds (echo, VerifyApiKey, metered, role,
-#                      delegated, query, Check)
+#                      delegated, query, HTTP/JSON verify, Check)
+#   H1_CLIENTS [64]    HTTP/1.1 keep-alive connections of the HTTP/JSON verify (h2load --h1
+#                      -c, one request at a time each: HTTP/1.1 has no streams)
 #   TP_DURATION [5]    seconds of each throughput run of a round (and of the cold run)
 #   PORT_BASE [18500]  first of the 10 local ports used (echo, keyplane, cold, 3 replicas,
 #                      the allow-all ext_authz server, Envoy's two listeners and its admin)
@@ -30,6 +32,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 CLIENTS=${CLIENTS:-16}
 STREAMS=${STREAMS:-16}
+H1_CLIENTS=${H1_CLIENTS:-64}
 LAT_CLIENTS=${LAT_CLIENTS:-8}
 ROUNDS=${ROUNDS:-100}
 TP_ROUNDS=${TP_ROUNDS:-5}
@@ -154,6 +157,16 @@ throughput() {
   awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out"
 }
 
+# throughput_h1 NAME PORT PATH PAYLOAD: the same over HTTP/1.1 keep-alive, with a JSON body.
+throughput_h1() {
+  local name=$1 port=$2 path=$3 payload=$4 out="$WORK/$1.h2load.txt"
+  h2load --h1 -D "$TP_DURATION" --warm-up-time "$WARMUP" -c "$H1_CLIENTS" -m 1 \
+    -H 'content-type: application/json' -H "$(auth_header)" -d "$payload" \
+    "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
+  check_h2load "$name" "$out"
+  awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out"
+}
+
 # check_h2load NAME FILE: requests done, none failed, errored or timed out, no status but
 # 2xx. (In timed runs h2load may count the status of a response that ends just after the
 # window but not the request, so the 2xx count is not compared with "succeeded".)
@@ -244,6 +257,11 @@ for kind in metered role delegated query; do
   "$BIN/setup" --addr "127.0.0.1:$KP_PORT" probe --kind verify --payload "$WORK/verify_$kind.bin" >&2 ||
     die "the $kind VerifyApiKey probe did not answer VALID"
 done
+# The HTTP/JSON verify: the plain key, as JSON, at VerifyApiKey's google.api.http path.
+printf '{"key": "%s", "requiredScopes": ["%s"]}' "$BENCH_KEY" "$SCOPE" >"$WORK/verify.json"
+curl -sS -X POST -H 'content-type: application/json' -H "$(auth_header)" --data-binary "@$WORK/verify.json" \
+  "http://127.0.0.1:$KP_PORT/v1/apiKeys:verify" | grep -q '"code":"VERIFY_CODE_VALID"' ||
+  die "the HTTP/JSON verify probe did not answer VALID"
 CHECK_NOTE=""
 set +e
 CHECK_PROBE=$(probe check "$KP_PORT" 2>&1)
@@ -263,22 +281,23 @@ fi
 # round's ratios are taken against that round's echo; the report gives every round and
 # judges by the median ratio. The role, delegated and query keys are judged the same way
 # against the plain VerifyApiKey of their round.
-ECHO_ALL=() VERIFY_ALL=() METERED_ALL=() ROLE_ALL=() DELEGATED_ALL=() QUERY_ALL=() CHECK_ALL=()
+ECHO_ALL=() VERIFY_ALL=() METERED_ALL=() ROLE_ALL=() DELEGATED_ALL=() QUERY_ALL=() HTTP_ALL=() CHECK_ALL=()
 for round in $(seq "$TP_ROUNDS"); do
-  log "throughput round $round of $TP_ROUNDS: echo, VerifyApiKey, metered, role, delegated and query key, Check (${TP_DURATION}s each, -c $CLIENTS -m $STREAMS)"
+  log "throughput round $round of $TP_ROUNDS: echo, VerifyApiKey, metered, role, delegated and query key, HTTP/JSON verify, Check (${TP_DURATION}s each, -c $CLIENTS -m $STREAMS; HTTP/1.1 -c $H1_CLIENTS)"
   e=$(throughput "echo.$round" "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
   v=$(throughput "verify.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
   m=$(throughput "verify_metered.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
   r=$(throughput "verify_role.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_role.bin")
   d=$(throughput "verify_delegated.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_delegated.bin")
   q=$(throughput "verify_query.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_query.bin")
+  h=$(throughput_h1 "verify_http.$round" "$KP_PORT" /v1/apiKeys:verify "$WORK/verify.json")
   c=n/a
   if [ "$CHECK_STATUS" = 0 ]; then
     c=$(throughput "check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
     CHECK_ALL+=("$c")
   fi
-  ECHO_ALL+=("$e") VERIFY_ALL+=("$v") METERED_ALL+=("$m") ROLE_ALL+=("$r") DELEGATED_ALL+=("$d") QUERY_ALL+=("$q")
-  echo "round $round: echo $e, VerifyApiKey $v, metered $m, role $r, delegated $d, query $q, Check $c req/s" >&2
+  ECHO_ALL+=("$e") VERIFY_ALL+=("$v") METERED_ALL+=("$m") ROLE_ALL+=("$r") DELEGATED_ALL+=("$d") QUERY_ALL+=("$q") HTTP_ALL+=("$h")
+  echo "round $round: echo $e, VerifyApiKey $v, metered $m, role $r, delegated $d, query $q, HTTP/JSON verify $h, Check $c req/s" >&2
 done
 probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
 # median NUMBER...: the middle value (the lower middle for an even count).
@@ -300,6 +319,7 @@ M_SHARE=$(median $(ratios "${METERED_ALL[@]}" -- "${ECHO_ALL[@]}"))
 ROLE_RPS=$(median "${ROLE_ALL[@]}")
 DELEGATED_RPS=$(median "${DELEGATED_ALL[@]}")
 QUERY_RPS=$(median "${QUERY_ALL[@]}")
+HTTP_RPS=$(median "${HTTP_ALL[@]}")
 # Of the plain cached VerifyApiKey (the §6 bar), and of the echo for comparison.
 R_OF_V=$(median $(ratios "${ROLE_ALL[@]}" -- "${VERIFY_ALL[@]}"))
 D_OF_V=$(median $(ratios "${DELEGATED_ALL[@]}" -- "${VERIFY_ALL[@]}"))
@@ -307,6 +327,8 @@ Q_OF_V=$(median $(ratios "${QUERY_ALL[@]}" -- "${VERIFY_ALL[@]}"))
 R_SHARE=$(median $(ratios "${ROLE_ALL[@]}" -- "${ECHO_ALL[@]}"))
 D_SHARE=$(median $(ratios "${DELEGATED_ALL[@]}" -- "${ECHO_ALL[@]}"))
 Q_SHARE=$(median $(ratios "${QUERY_ALL[@]}" -- "${ECHO_ALL[@]}"))
+H_OF_V=$(median $(ratios "${HTTP_ALL[@]}" -- "${VERIFY_ALL[@]}"))
+H_SHARE=$(median $(ratios "${HTTP_ALL[@]}" -- "${ECHO_ALL[@]}"))
 CHECK_RPS="" C_SHARE=""
 if [ "$CHECK_STATUS" = 0 ]; then
   CHECK_RPS=$(median "${CHECK_ALL[@]}")
@@ -469,6 +491,7 @@ M_OK=$(ge "$M_SHARE" 0.80)
 R_OK=$(ge "$R_OF_V" 0.85)
 D_OK=$(ge "$D_OF_V" 0.85)
 Q_OK=$(ge "$Q_OF_V" 0.85)
+H_OK=$(ge "$H_OF_V" 0.70)
 if [ -n "$CHECK_RPS" ]; then
   C_OK=$(ge "$C_SHARE" 0.85)
   C_VERDICT=$(met "$C_OK")
@@ -517,12 +540,12 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   fi
   echo "| VerifyApiKey cold on PostgreSQL | $COLD_RPS | $(ratio "$COLD_RPS" "$ECHO_RPS") | ≥ 5,000/s | $(met "$COLD_OK") |"
   echo
-  echo "Rounds (req/s; in parentheses, of that round's echo, but for role, delegated and query: of that round's VerifyApiKey):"
+  echo "Rounds (req/s; in parentheses, of that round's echo, but for role, delegated, query and HTTP/JSON: of that round's VerifyApiKey):"
   echo
-  echo "| round | echo | VerifyApiKey | metered key | role | delegated | query | Check |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| round | echo | VerifyApiKey | metered key | role | delegated | query | HTTP/JSON | Check |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for i in "${!ECHO_ALL[@]}"; do
-    echo "| $((i + 1)) | ${ECHO_ALL[$i]} | ${VERIFY_ALL[$i]} ($(ratio "${VERIFY_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${METERED_ALL[$i]} ($(ratio "${METERED_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${ROLE_ALL[$i]} ($(ratio "${ROLE_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${DELEGATED_ALL[$i]} ($(ratio "${DELEGATED_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${QUERY_ALL[$i]} ($(ratio "${QUERY_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${CHECK_ALL[$i]:-—}$([ -n "${CHECK_ALL[$i]:-}" ] && echo " ($(ratio "${CHECK_ALL[$i]}" "${ECHO_ALL[$i]}"))") |"
+    echo "| $((i + 1)) | ${ECHO_ALL[$i]} | ${VERIFY_ALL[$i]} ($(ratio "${VERIFY_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${METERED_ALL[$i]} ($(ratio "${METERED_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${ROLE_ALL[$i]} ($(ratio "${ROLE_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${DELEGATED_ALL[$i]} ($(ratio "${DELEGATED_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${QUERY_ALL[$i]} ($(ratio "${QUERY_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${HTTP_ALL[$i]} ($(ratio "${HTTP_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${CHECK_ALL[$i]:-—}$([ -n "${CHECK_ALL[$i]:-}" ] && echo " ($(ratio "${CHECK_ALL[$i]}" "${ECHO_ALL[$i]}"))") |"
   done
   echo
   echo "Cold: $COLD_NOTE."
@@ -538,6 +561,15 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "| VerifyApiKey, key holding \`$SCOPE\` only through a role | $ROLE_RPS | $(pct "$R_OF_V") | $(pct "$R_SHARE") | ≥ 85% of VerifyApiKey | $(met "$R_OK") |"
   echo "| VerifyApiKey, delegated key at depth 3 | $DELEGATED_RPS | $(pct "$D_OF_V") | $(pct "$D_SHARE") | ≥ 85% of VerifyApiKey | $(met "$D_OK") |"
   echo "| VerifyApiKey, permission query \`$QUERY\` | $QUERY_RPS | $(pct "$Q_OF_V") | $(pct "$Q_SHARE") | ≥ 85% of VerifyApiKey | $(met "$Q_OK") |"
+  echo
+  echo "### HTTP/JSON (the same rounds)"
+  echo
+  echo "The plain key verified by \`POST /v1/apiKeys:verify\` with a JSON body over HTTP/1.1 keep-alive"
+  echo "(h2load --h1 -c $H1_CLIENTS, one request at a time per connection), beside gRPC VerifyApiKey above."
+  echo
+  echo "| target | req/s | / VerifyApiKey | / echo | goal | |"
+  echo "|---|---:|---:|---:|---|---|"
+  echo "| POST /v1/apiKeys:verify, HTTP/1.1 JSON | $HTTP_RPS | $(pct "$H_OF_V") | $(pct "$H_SHARE") | ≥ 70% of VerifyApiKey | $(met "$H_OK") |"
   echo
   echo "## Latency at half the echo's rate ($LAT_CLIENTS clients, one call at a time each, ${DURATION}s)"
   echo

@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 seconds=${1:-60}
 export RUSTC_BOOTSTRAP=1
 status=0
-for target in key_parser scope_parser page_token credentials request permission_query network; do
+for target in key_parser scope_parser page_token credentials request permission_query network http; do
   echo "==> $target for ${seconds}s"
   mkdir -p "corpus/$target" "regressions/$target"
   if ! cargo fuzz run -O "$target" "corpus/$target" -- -max_total_time="$seconds" -max_len=4096; then
@@ -19,7 +19,7 @@ for target in key_parser scope_parser page_token credentials request permission_
   done
 done
 # Keep the committed corpus small: only inputs that add coverage.
-for target in key_parser scope_parser page_token credentials request permission_query network; do
+for target in key_parser scope_parser page_token credentials request permission_query network http; do
   cargo fuzz cmin -O "$target" "corpus/$target" >/dev/null 2>&1 || true
 done
 exit $status

@@ -1,4 +1,4 @@
-//! The commands: `serve`, `token`, `migrate` and `audit verify`.
+//! The commands: `serve`, `token`, `migrate`, `audit verify` and `openapi`.
 use std::io::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,7 +29,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(args) => token(args),
         Command::Migrate(args) => migrate(args).await,
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(args).await,
+        Command::Openapi => openapi(),
     }
+}
+
+/// Prints the OpenAPI document: `keyplane openapi > docs/openapi.json` refreshes the
+/// committed copy.
+fn openapi() -> anyhow::Result<()> {
+    let document = crate::http::HttpLayer::openapi()?;
+    std::io::stdout().write_all(&document)?;
+    Ok(())
 }
 
 /// Checks a tenant's audit chain: prints what it checked, or the first broken event and

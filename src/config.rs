@@ -57,6 +57,8 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print the OpenAPI 3.1 document of the HTTP/JSON API (as served at /openapi.json).
+    Openapi,
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +208,11 @@ pub struct ServeArgs {
     /// Needs --tls-cert. Re-read when the file changes.
     #[arg(long, env = "KEYPLANE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// An origin browsers may call the HTTP/JSON and gRPC-Web API from
+    /// (e.g. https://app.example.com); repeat it or separate origins with commas. CORS is
+    /// off when none is given.
+    #[arg(long, env = "KEYPLANE_CORS_ALLOWED_ORIGIN", value_delimiter = ',')]
+    pub cors_allowed_origin: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -274,6 +281,8 @@ pub struct Settings {
     pub max_delegation_ttl: Duration,
     /// TLS on the gRPC port; plaintext when `None`.
     pub tls: Option<TlsSettings>,
+    /// The origins CORS allows; none: CORS off.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Settings {
@@ -295,6 +304,7 @@ impl Settings {
             database_timeout: defaults::DATABASE_TIMEOUT,
             max_delegation_ttl: defaults::MAX_DELEGATION_TTL,
             tls: None,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -325,6 +335,7 @@ impl From<ServeArgs> for Settings {
                 }),
                 _ => None,
             },
+            cors_allowed_origins: args.cors_allowed_origin,
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::proto as pb;
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("key_parser", key_parser),
     ("scope_parser", scope_parser),
     ("page_token", page_token),
@@ -31,6 +31,7 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("request", request),
     ("permission_query", permission_query),
     ("network", network),
+    ("http", http),
 ];
 
 /// The key parsers: an accepted key is exactly its input, and its masked form shows the
@@ -269,4 +270,95 @@ pub fn request(data: &[u8]) {
             now,
         )),
     }
+}
+
+/// The HTTP layer, built once, in front of a stand-in for the gRPC stack.
+fn http_layer() -> Option<&'static crate::http::HttpLayer> {
+    static LAYER: OnceLock<Option<crate::http::HttpLayer>> = OnceLock::new();
+    LAYER
+        .get_or_init(|| crate::http::HttpLayer::new().ok())
+        .as_ref()
+}
+
+/// The HTTP/JSON layer, in process: byte 0 picks the method (its high bit sends a
+/// non-JSON content type), the bytes up to the first newline are the path and query, the
+/// rest is the body. Whatever comes in: no panic, never a 500, always a JSON answer with a
+/// request id; and what it hands the gRPC stack is one well-formed gRPC frame on a
+/// keyplane RPC's path.
+pub fn http(data: &[u8]) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tonic::body::Body;
+    use tower::{Layer, Service};
+
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let methods = ["GET", "POST", "PATCH", "DELETE", "PUT", "OPTIONS", "HEAD"];
+    let method = methods[usize::from(selector & 0x7f) % methods.len()];
+    let newline = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+    let (target, body) = rest.split_at(newline);
+    let body = body.get(1..).unwrap_or_default();
+    let Ok(target) = std::str::from_utf8(target) else {
+        return;
+    };
+    // What hyper would refuse never reaches the layer.
+    let Ok(request) = http::Request::builder()
+        .method(method)
+        .uri(if target.starts_with('/') {
+            target.to_owned()
+        } else {
+            format!("/{target}")
+        })
+        .header(
+            "content-type",
+            if selector & 0x80 == 0 {
+                "application/json"
+            } else {
+                "text/plain"
+            },
+        )
+        .body(Body::new(Full::new(Bytes::copy_from_slice(body))))
+    else {
+        return;
+    };
+    let Some(layer) = http_layer() else {
+        panic!("the HTTP layer could not be built");
+    };
+    let grpc = tower::service_fn(|request: http::Request<Body>| async move {
+        assert_eq!(request.method(), http::Method::POST);
+        assert!(request.uri().path().starts_with("/keyplane.v1."));
+        assert_eq!(request.headers()["content-type"], "application/grpc");
+        let frame = request
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let length = frame
+            .get(1..5)
+            .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]));
+        assert_eq!(frame.first(), Some(&0), "a compressed or empty frame");
+        assert_eq!(length.map(|l| l as usize + 5), Some(frame.len()));
+        // An empty message is a valid answer of every RPC.
+        let answer = http_body_util::StreamBody::new(futures::stream::iter([
+            Ok::<_, tonic::Status>(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+            Ok(http_body::Frame::trailers(http::HeaderMap::from_iter([(
+                http::HeaderName::from_static("grpc-status"),
+                http::HeaderValue::from_static("0"),
+            )]))),
+        ]));
+        Ok::<_, String>(http::Response::new(Body::new(answer)))
+    });
+    let mut service = layer.layer(grpc);
+    let Ok(response) = futures::executor::block_on(service.call(request)) else {
+        panic!("the stand-in gRPC stack failed");
+    };
+    assert_ne!(response.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(response.headers().contains_key("x-request-id"));
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let Ok(answer) = futures::executor::block_on(response.into_body().collect()) else {
+        panic!("the answer's body failed");
+    };
+    assert!(serde_json::from_slice::<serde_json::Value>(&answer.to_bytes()).is_ok());
 }

@@ -16,6 +16,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
+use tonic_web::GrpcWebLayer;
 use tower::util::MapResponseLayer;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
@@ -31,6 +32,7 @@ use crate::grpc::idle::IdleTimeout;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
 use crate::grpc::tls::{self, Tls};
+use crate::http::HttpLayer;
 use crate::proto::{
     api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
     role_service_server::RoleServiceServer, scope_service_server::ScopeServiceServer,
@@ -249,14 +251,22 @@ impl Application {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        let cors = crate::http::cors::layer(&self.settings.cors_allowed_origins)?;
         let router = Server::builder()
+            // HTTP/1.1 too: HTTP/JSON and gRPC-Web clients (browsers, curl) speak it.
+            .accept_http1(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .timeout(self.settings.request_timeout)
             // Pings keep healthy idle connections readable well within the idle timeout.
             .http2_keepalive_interval(Some(self.settings.idle_timeout / 4))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-            // Outermost first: observe the call (request id, error log, latency), fix up
-            // the size-limit status, then authorize.
+            // Outermost first: CORS when configured; HTTP/JSON transcoded into gRPC calls
+            // (gRPC passes straight through); gRPC-Web turned into gRPC; then, for every
+            // call alike, observe it (request id, error log, latency), fix up the
+            // size-limit status, and authorize.
+            .layer(tower::util::option_layer(cors))
+            .layer(HttpLayer::new()?)
+            .layer(GrpcWebLayer::new())
             .layer(ObserveLayer::new())
             .layer(MapResponseLayer::new(size_limit::resource_exhausted))
             .layer(AuthLayer::new(self.auth.clone()))

@@ -1,7 +1,7 @@
 //! TLS and mutual TLS on the gRPC port: handshakes with the right and the wrong CA, client
-//! certificates, a certificate replaced on disk while a connection stays open, and the
-//! start errors of bad files. Certificates are made here with rcgen; SQLite only (TLS does
-//! not touch the database).
+//! certificates, a certificate replaced on disk while a connection stays open, the start
+//! errors of bad files, and HTTP/1.1 for HTTP/JSON clients. Certificates are made here
+//! with rcgen; SQLite only (TLS does not touch the database).
 // Tests fail by panicking; the no-unwrap rule is for the server's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -471,5 +471,47 @@ fn missing_files_stop_the_start() {
         };
         let (result, _db) = build(garbage.clone()).await;
         assert_start_error(result, &garbage.cert);
+    });
+}
+
+/// HTTP/JSON clients speak HTTP/1.1 over TLS too: the server offers it in ALPN beside h2.
+#[test]
+fn tls_serves_http1_for_http_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    run_test(async {
+        let ca = Ca::new("keyplane test CA");
+        let files = Files::new();
+        let server = serve(files.settings(&ca, None)).await;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+            .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .expect("a TLS handshake offering only http/1.1");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        tls.write_all(
+            b"GET /openapi.json HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.300}");
+        assert!(answer.contains("\"openapi\": \"3.1.0\""), "{answer:.300}");
+        server.stop().await;
     });
 }

@@ -74,13 +74,14 @@ pub struct Observe<S> {
     histograms: Arc<[Histogram]>,
 }
 
-fn fresh_header() -> HeaderValue {
+/// A fresh request id, as a header value.
+pub fn fresh_header() -> HeaderValue {
     HeaderValue::try_from(new_request_id()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// A client's request id, if it is short, visible ASCII: safe to log and to echo.
-fn client_id(request: &http::Request<impl Sized>) -> Option<HeaderValue> {
-    let value = request.headers().get(REQUEST_ID_HEADER)?;
+pub fn client_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let value = headers.get(REQUEST_ID_HEADER)?;
     let sane = !value.is_empty()
         && value.len() <= MAX_CLIENT_ID
         && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
@@ -101,7 +102,7 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let index = rpc::index(request.uri().path());
-        let mut request_id = client_id(&request);
+        let mut request_id = client_id(request.headers());
         if index.is_some_and(|i| RPCS[i].mutates()) {
             let id = request_id.get_or_insert_with(fresh_header);
             let text = id.to_str().unwrap_or_default();

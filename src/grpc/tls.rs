@@ -175,8 +175,8 @@ fn build(settings: &TlsSettings, contents: &Contents) -> anyhow::Result<ServerCo
         _ => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(Single(Arc::new(certified))));
-    // gRPC is HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 as well, for HTTP/JSON and gRPC-Web clients.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

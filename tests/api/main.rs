@@ -10,6 +10,8 @@ mod auth;
 mod cache;
 mod connection_limits;
 mod delegation;
+mod grpc_web;
+mod http_json;
 mod import;
 mod isolation;
 mod key_policy;
