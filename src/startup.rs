@@ -16,7 +16,6 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
-use tonic_web::GrpcWebLayer;
 use tower::util::MapResponseLayer;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
@@ -261,12 +260,11 @@ impl Application {
             .http2_keepalive_interval(Some(self.settings.idle_timeout / 4))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             // Outermost first: CORS when configured; HTTP/JSON transcoded into gRPC calls
-            // (gRPC passes straight through); gRPC-Web turned into gRPC; then, for every
-            // call alike, observe it (request id, error log, latency), fix up the
+            // and gRPC-Web turned into gRPC (gRPC passes straight through); then, for
+            // every call alike, observe it (request id, error log, latency), fix up the
             // size-limit status, and authorize.
             .layer(tower::util::option_layer(cors))
             .layer(HttpLayer::new()?)
-            .layer(GrpcWebLayer::new())
             .layer(ObserveLayer::new())
             .layer(MapResponseLayer::new(size_limit::resource_exhausted))
             .layer(AuthLayer::new(self.auth.clone()))

@@ -1,6 +1,6 @@
-//! HTTP/JSON on the gRPC port. [`HttpLayer`] is the outermost layer of the server: a
-//! request whose content type is `application/grpc…` (gRPC, and gRPC-Web, which tonic-web
-//! turns into gRPC further in) passes straight through; any other request is matched
+//! HTTP/JSON on the gRPC port. [`HttpLayer`] is the outermost layer of the server: a gRPC
+//! request (HTTP/2, `application/grpc…`) passes straight through; a gRPC-Web one goes
+//! through tonic-web, which turns it into gRPC, on its way in; any other request is matched
 //! against the `google.api.http` rules of the protos, transcoded into the gRPC request of
 //! its RPC, and sent through the very same inner stack as a gRPC call (observation and
 //! request ids, the size limit, authentication and the authorization table, the
@@ -25,6 +25,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use prost_reflect::MessageDescriptor;
 use tonic::Code;
 use tonic::body::Body;
+use tonic_web::{GrpcWebLayer, GrpcWebService};
 use tower::{Layer, Service};
 
 use crate::grpc::observe::{self, REQUEST_ID_HEADER};
@@ -95,12 +96,33 @@ pub struct HttpService<S> {
     shared: Arc<Shared>,
 }
 
-/// gRPC and gRPC-Web: everything whose content type starts `application/grpc`.
-fn is_grpc<B>(request: &Request<B>) -> bool {
-    request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// Which of the three ways in a request takes.
+enum Way {
+    /// gRPC over HTTP/2: the hot path, straight to the inner stack.
+    Grpc,
+    /// gRPC-Web, and anything else claiming `application/grpc…` (tonic-web answers a
+    /// gRPC call over HTTP/1.1 with 400).
+    GrpcWeb,
+    /// HTTP/JSON (and the OpenAPI document).
+    Json,
+}
+
+impl Way {
+    fn of<B>(request: &Request<B>) -> Self {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map_or(&b""[..], |v| v.as_bytes());
+        match content_type.strip_prefix(b"application/grpc") {
+            None => Way::Json,
+            Some(rest)
+                if !rest.starts_with(b"-web") && request.version() == http::Version::HTTP_2 =>
+            {
+                Way::Grpc
+            }
+            Some(_) => Way::GrpcWeb,
+        }
+    }
 }
 
 impl<S> Service<Request<Body>> for HttpService<S>
@@ -111,21 +133,34 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, S::Error>>>;
+    type Future = Either<
+        S::Future,
+        Either<
+            tonic_web::ResponseFuture<S::Future>,
+            BoxFuture<'static, Result<Response<Body>, S::Error>>,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        // The gRPC path: one header check, nothing else.
-        if is_grpc(&request) {
+        let way = Way::of(&request);
+        // The gRPC path: one header check, nothing else (no gRPC-Web wrapping either).
+        if let Way::Grpc = way {
             return Either::Left(self.inner.call(request));
         }
         // The ready service handles this call; a fresh clone waits for the next one.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Either::Right(Box::pin(serve(self.shared.clone(), inner, request)))
+        Either::Right(match way {
+            Way::GrpcWeb => {
+                let mut web: GrpcWebService<S> = GrpcWebLayer::new().layer(inner);
+                Either::Left(web.call(request))
+            }
+            _ => Either::Right(Box::pin(serve(self.shared.clone(), inner, request))),
+        })
     }
 }
 
