@@ -104,10 +104,6 @@ impl AllowedNetworks {
         self.0.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     /// Whether a request from `client` may use the key: always with an empty list;
     /// otherwise only from an address inside one of the networks (a request whose address
     /// is unknown is refused).

@@ -10,20 +10,17 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::{insert_grants, roles, with_scopes};
+use super::{NewKeyRow, with_scopes};
 use crate::domain::TenantId;
 use crate::domain::audit::{Acting, AuditAction, Change};
 use crate::domain::import::ImportedKey;
 use crate::domain::key::KeyDigest;
 use crate::domain::records::ApiKey;
-use crate::domain::rules::KeyTtl;
-use crate::storage::budgets::accounts;
-use crate::storage::budgets::rows::limits_to_json;
 use crate::storage::entity::{api_key, workspace};
 use crate::storage::imported;
 use crate::storage::invalidation::Eviction;
-use crate::storage::workspaces::{key_policy, require_workspace};
-use crate::storage::{Store, StoreError, db_now, map_to_json};
+use crate::storage::workspaces::require_workspace;
+use crate::storage::{Store, StoreError};
 
 /// Digests per `IN (...)` lookup: well within every backend's bound on parameters.
 const DIGESTS_PER_QUERY: usize = 500;
@@ -139,53 +136,26 @@ async fn insert_imported(
     workspace: &workspace::Model,
     item: ImportedKey,
 ) -> Result<Option<Uuid>, StoreError> {
-    let new = item.key;
-    let grants = Store::resolve_grants(txn, tenant, workspace.id, &new.scopes).await?;
-    let held = roles::resolve_roles(txn, tenant, workspace.id, &new.roles, "roles").await?;
-    let now = db_now();
-    let expire_time = KeyTtl::expiry(key_policy(workspace), new.expire_time, now, "expire_time")?;
-    let id = Uuid::now_v7();
-    let model = api_key::Model {
-        id,
-        tenant_id: tenant.as_uuid(),
-        workspace_id: workspace.id,
-        name: new.name,
-        prefix: item.prefix,
-        key_digest: item.digest.0.to_vec(),
-        last_four: item.last_four,
-        owner_id: new.owner_id,
-        metadata: map_to_json(&new.metadata),
-        expire_time,
-        disabled: false,
-        revoke_time: None,
-        last_used_time: None,
-        replaced_by: None,
-        revision: 1,
-        request_id: None,
-        create_time: now,
-        update_time: now,
-        rate_limits: limits_to_json(&new.rate_limits),
-        usage_id: Some(id),
-        parent_id: None,
-        delegation_depth: 0,
-        ancestry: serde_json::json!([]),
-        roles: roles::names_json(&held),
-        allowed_cidrs: super::allow_list(new.allowed_cidrs.as_ref(), workspace)?,
-    };
+    let row = NewKeyRow::resolve(
+        txn,
+        tenant,
+        workspace,
+        item.key,
+        item.prefix,
+        &item.digest,
+        item.last_four,
+    )
+    .await?;
     // Not an error on a taken digest: on PostgreSQL that would end the whole transaction.
-    let inserted = api_key::Entity::insert(api_key::ActiveModel::from(model))
+    let inserted = api_key::Entity::insert(api_key::ActiveModel::from(row.model.clone()))
         .on_conflict_do_nothing_on([api_key::Column::KeyDigest])
         .exec_without_returning(txn)
         .await?;
     if !matches!(inserted, TryInsertResult::Inserted(n) if n > 0) {
         return Ok(None);
     }
-    insert_grants(txn, id, &grants).await?;
-    roles::write_roles(txn, id, &held).await?;
-    if let Some(credits) = new.credits {
-        accounts::set_credits(txn, tenant, id, credits.remaining, credits.refill, true).await?;
-    }
-    Ok(Some(id))
+    row.write_parts(txn, tenant).await?;
+    Ok(Some(row.model.id))
 }
 
 /// The created keys, read back with their grants and credits in a few queries.

@@ -339,6 +339,85 @@ fn allow_list(
     })
 }
 
+/// A new key not minted by delegation (created or imported), as it is stored: its row, and
+/// what is written beside it once the row is in.
+struct NewKeyRow {
+    model: api_key::Model,
+    grants: Vec<(String, Option<Uuid>)>,
+    held: Vec<roles::HeldRole>,
+    credits: Option<usage::CreditLimit>,
+}
+
+impl NewKeyRow {
+    /// Resolves `new` in `workspace` (its scopes, its roles, the workspace's lifetime policy
+    /// and default allow-list) into the row of a key stored under `digest`.
+    async fn resolve(
+        txn: &DatabaseTransaction,
+        tenant: TenantId,
+        workspace: &workspace::Model,
+        new: NewApiKey,
+        prefix: String,
+        digest: &KeyDigest,
+        last_four: String,
+    ) -> Result<Self, StoreError> {
+        let grants = Store::resolve_grants(txn, tenant, workspace.id, &new.scopes).await?;
+        let held = roles::resolve_roles(txn, tenant, workspace.id, &new.roles, "roles").await?;
+        let now = db_now();
+        let expire_time =
+            KeyTtl::expiry(key_policy(workspace), new.expire_time, now, "expire_time")?;
+        let id = Uuid::now_v7();
+        let model = api_key::Model {
+            id,
+            tenant_id: tenant.as_uuid(),
+            workspace_id: workspace.id,
+            name: new.name,
+            prefix,
+            key_digest: digest.0.to_vec(),
+            last_four,
+            owner_id: new.owner_id,
+            metadata: map_to_json(&new.metadata),
+            expire_time,
+            disabled: false,
+            revoke_time: None,
+            last_used_time: None,
+            replaced_by: None,
+            revision: 1,
+            request_id: new.request_id,
+            create_time: now,
+            update_time: now,
+            rate_limits: limits_to_json(&new.rate_limits),
+            // Its own credit account (rotation successors share their predecessor's).
+            usage_id: Some(id),
+            parent_id: None,
+            delegation_depth: 0,
+            ancestry: serde_json::json!([]),
+            roles: roles::names_json(&held),
+            allowed_cidrs: allow_list(new.allowed_cidrs.as_ref(), workspace)?,
+        };
+        Ok(Self {
+            model,
+            grants,
+            held,
+            credits: new.credits,
+        })
+    }
+
+    /// Writes the key's grants, roles and credit account, after its row.
+    async fn write_parts(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: TenantId,
+    ) -> Result<(), StoreError> {
+        let id = self.model.id;
+        insert_grants(txn, id, &self.grants).await?;
+        roles::write_roles(txn, id, &self.held).await?;
+        if let Some(credits) = self.credits {
+            accounts::set_credits(txn, tenant, id, credits.remaining, credits.refill, true).await?;
+        }
+        Ok(())
+    }
+}
+
 async fn find_key(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
@@ -365,68 +444,29 @@ impl Store {
         let fields = new.fields();
         let txn = self.begin_write().await?;
         let workspace = require_workspace(&txn, tenant, new.workspace_id).await?;
-        let prefix = match new.prefix {
+        let prefix = match new.prefix.clone() {
             Some(p) => p,
             None => KeyPrefix::parse(&workspace.default_key_prefix)
                 .ok_or_else(|| StoreError::Corrupt(format!("workspace {} prefix", workspace.id)))?,
         };
-        let grants = Self::resolve_grants(&txn, tenant, new.workspace_id, &new.scopes).await?;
-        let held =
-            roles::resolve_roles(&txn, tenant, new.workspace_id, &new.roles, "roles").await?;
         let secret = ApiKeySecret::generate(&prefix)
             .map_err(|e| StoreError::Corrupt(format!("CSPRNG: {e}")))?;
-        let now = db_now();
-        let expire_time =
-            KeyTtl::expiry(key_policy(&workspace), new.expire_time, now, "expire_time")?;
-        let model = api_key::Model {
-            id: Uuid::now_v7(),
-            tenant_id: tenant.as_uuid(),
-            workspace_id: new.workspace_id,
-            name: new.name,
-            prefix: prefix.as_str().to_owned(),
-            key_digest: secret.digest().0.to_vec(),
-            last_four: secret.last_four().to_owned(),
-            owner_id: new.owner_id,
-            metadata: map_to_json(&new.metadata),
-            expire_time,
-            disabled: false,
-            revoke_time: None,
-            last_used_time: None,
-            replaced_by: None,
-            revision: 1,
-            request_id: new.request_id,
-            create_time: now,
-            update_time: now,
-            rate_limits: limits_to_json(&new.rate_limits),
-            usage_id: None,
-            parent_id: None,
-            delegation_depth: 0,
-            ancestry: serde_json::json!([]),
-            roles: roles::names_json(&held),
-            allowed_cidrs: allow_list(new.allowed_cidrs.as_ref(), &workspace)?,
-        };
-        // Its own credit account (rotation successors share their predecessor's).
-        let model = api_key::Model {
-            usage_id: Some(model.id),
-            ..model
-        };
+        let row = NewKeyRow::resolve(
+            &txn,
+            tenant,
+            &workspace,
+            new,
+            prefix.as_str().to_owned(),
+            &secret.digest(),
+            secret.last_four().to_owned(),
+        )
+        .await?;
+        let model = row.model.clone();
         let txn = match self.insert_key(txn, tenant, model.clone()).await? {
             Inserted::Fresh(txn) => txn,
             Inserted::Existing(key) => return Ok((*key, None)),
         };
-        insert_grants(&txn, model.id, &grants).await?;
-        roles::write_roles(&txn, model.id, &held).await?;
-        if let Some(credits) = new.credits {
-            accounts::set_credits(
-                &txn,
-                tenant,
-                model.id,
-                credits.remaining,
-                credits.refill,
-                true,
-            )
-            .await?;
-        }
+        row.write_parts(&txn, tenant).await?;
         let key = find_key(&txn, tenant, model.id)
             .await?
             .ok_or_else(|| StoreError::not_found("api key", model.id))?;
