@@ -2,37 +2,34 @@
 //! token on every request (Envoy, a gateway) pays for the signature check once. Keyed by
 //! the token itself (hashing it with SHA-256 first cost more than the lookup), weighed by
 //! its length so memory stays bounded whatever the tokens' size; only tokens that
-//! verified are kept, and expiry is checked against the clock at every use.
+//! verified are kept, and expiry is checked against the clock at every use (an expired
+//! entry is dropped when next seen, or pushed out by newer ones).
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use moka::Expiry;
-use moka::sync::Cache;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
 
 use super::AuthError;
 use super::jwt::TokenIdentity;
 
-/// Bytes of tokens remembered (about 20,000 typical tokens); callers are services, few and
-/// long-lived.
+/// Bytes of tokens remembered; callers are services, few and long-lived.
 const CAPACITY_BYTES: u64 = 8 << 20;
+/// About 20,000 typical tokens fill [`CAPACITY_BYTES`].
+const TYPICAL_TOKENS: usize = 20_000;
 
 pub struct TokenCache {
-    verified: Cache<Arc<str>, Arc<TokenIdentity>>,
+    verified: Cache<Arc<str>, Arc<TokenIdentity>, ByLength>,
 }
 
-/// Entries leave the cache when their token stops being accepted.
-struct UntilExpiry;
+/// Weighs an entry by its token's length, so memory stays bounded whatever the tokens' size.
+#[derive(Clone)]
+struct ByLength;
 
-impl Expiry<Arc<str>, Arc<TokenIdentity>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _: &Arc<str>,
-        identity: &Arc<TokenIdentity>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_secs(
-            identity.accepted_until.saturating_sub(now_secs()) + 1,
-        ))
+impl Weighter<Arc<str>, Arc<TokenIdentity>> for ByLength {
+    fn weight(&self, token: &Arc<str>, _: &Arc<TokenIdentity>) -> u64 {
+        // Never 0: a weightless entry would never be evicted.
+        token.len().max(1) as u64
     }
 }
 
@@ -45,11 +42,7 @@ fn now_secs() -> u64 {
 impl TokenCache {
     pub fn new() -> Self {
         Self {
-            verified: Cache::builder()
-                .max_capacity(CAPACITY_BYTES)
-                .weigher(|token: &Arc<str>, _| u32::try_from(token.len()).unwrap_or(u32::MAX))
-                .expire_after(UntilExpiry)
-                .build(),
+            verified: Cache::with_weighter(TYPICAL_TOKENS, CAPACITY_BYTES, ByLength),
         }
     }
 
@@ -63,7 +56,7 @@ impl TokenCache {
             if now_secs() <= identity.accepted_until {
                 return Ok(identity);
             }
-            self.verified.invalidate(token);
+            self.verified.remove(token);
             return Err(AuthError::TokenExpired);
         }
         let identity = Arc::new(verify(token)?);

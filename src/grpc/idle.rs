@@ -28,8 +28,11 @@ const PREFACE_LEN: usize = 24;
 pub struct IdleTimeout {
     inner: TcpStream,
     timeout: Duration,
-    /// Pushed back by every byte read.
+    /// Fires at the latest `timeout` after the last read. A read only notes its time in
+    /// `last_read`; the timer is moved when it fires early, not on every read (moving it
+    /// costs a timer-wheel update, and a busy connection reads thousands of times a second).
     idle: Pin<Box<Sleep>>,
+    last_read: Instant,
     /// Fixed at accept; dropped once the preface is in.
     preface: Option<Pin<Box<Sleep>>>,
     read_so_far: usize,
@@ -41,6 +44,7 @@ impl IdleTimeout {
             inner,
             timeout,
             idle: Box::pin(tokio::time::sleep(timeout)),
+            last_read: Instant::now(),
             preface: Some(Box::pin(tokio::time::sleep(timeout))),
             read_so_far: 0,
         }
@@ -51,7 +55,18 @@ impl IdleTimeout {
             .preface
             .as_mut()
             .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-        preface_late || self.idle.as_mut().poll(cx).is_ready()
+        if preface_late {
+            return true;
+        }
+        while self.idle.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_read + self.timeout;
+            if deadline <= Instant::now() {
+                return true;
+            }
+            // Read since the timer was set: wait for the rest of the period.
+            self.idle.as_mut().reset(deadline);
+        }
+        false
     }
 }
 
@@ -66,8 +81,7 @@ impl AsyncRead for IdleTimeout {
             Poll::Ready(result) => {
                 let read = buf.filled().len() - before;
                 if read > 0 {
-                    let next = Instant::now() + self.timeout;
-                    self.idle.as_mut().reset(next);
+                    self.last_read = Instant::now();
                     self.read_so_far += read;
                     if self.read_so_far >= PREFACE_LEN {
                         self.preface = None;

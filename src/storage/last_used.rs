@@ -1,5 +1,6 @@
 //! `last_used_time` without one database write per verification: verifications note the
 //! time in memory, and a background task writes the latest value per key in batches.
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,20 +14,30 @@ use super::entity::api_key;
 use super::{Store, StoreError};
 use crate::domain::TenantId;
 
-/// Pending `last_used_time` values, keyed by key id. A sharded map: verifications of different keys do not
+/// Pending `last_used_time` values (microseconds since the epoch, the database's
+/// precision), keyed by key id. A sharded map: verifications of different keys do not
 /// contend, and none waits for a flush.
 #[derive(Debug, Default)]
 pub struct LastUsedRecorder {
-    pending: DashMap<Uuid, (TenantId, DateTime<Utc>)>,
+    pending: DashMap<Uuid, (TenantId, AtomicI64)>,
 }
 
 impl LastUsedRecorder {
-    /// Notes a successful verification; cheap enough for the hot path.
+    /// Notes a successful verification; cheap enough for the hot path. A key already
+    /// pending (the usual case: a busy key is verified thousands of times per flush) costs
+    /// a shared lock on its shard and an atomic maximum, so concurrent verifications of
+    /// the same key do not queue behind each other.
     pub fn record(&self, tenant: TenantId, key_id: Uuid, at: DateTime<Utc>) {
+        let micros = at.timestamp_micros();
+        if let Some(pending) = self.pending.get(&key_id) {
+            pending.1.fetch_max(micros, Ordering::Relaxed);
+            return;
+        }
         self.pending
             .entry(key_id)
-            .and_modify(|(_, t)| *t = (*t).max(at))
-            .or_insert((tenant, at));
+            .or_insert_with(|| (tenant, AtomicI64::new(micros)))
+            .1
+            .fetch_max(micros, Ordering::Relaxed);
     }
 
     /// Writes what is pending. On failure the batch goes back into the queue for the next
@@ -35,11 +46,17 @@ impl LastUsedRecorder {
         let batch: Vec<(TenantId, Uuid, DateTime<Utc>)> = self
             .pending
             .iter()
-            .map(|e| (e.value().0, *e.key(), e.value().1))
+            .filter_map(|e| {
+                let micros = e.value().1.load(Ordering::Relaxed);
+                let at = DateTime::from_timestamp_micros(micros)?;
+                Some((e.value().0, *e.key(), at))
+            })
             .collect();
         // Taken out unless a newer use came in meanwhile (that one waits for the next flush).
         for (_, id, at) in &batch {
-            self.pending.remove_if(id, |_, (_, t)| t <= at);
+            let micros = at.timestamp_micros();
+            self.pending
+                .remove_if(id, |_, (_, t)| t.load(Ordering::Relaxed) <= micros);
         }
         if batch.is_empty() {
             return;

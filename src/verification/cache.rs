@@ -7,14 +7,19 @@
 //! are evaluated against the clock at every use, and the caller's tenant is applied per
 //! call. A write to a role or an ancestor evicts every standing it changes. Entries leave when a write evicts them
 //! (see `storage::invalidation`), when the bound (`--cache-capacity`) pushes them out, and
-//! all at once when the invalidation feed comes back after an outage. While the feed is
+//! all at once when the invalidation feed comes back after an outage.
+//!
+//! A hit is a read lock on one shard and a probe (quick_cache): no bookkeeping runs on the
+//! request's path. (moka, used before, logged every read for its eviction policy and
+//! replayed that log inline on the request that filled it.) Eviction work happens only on
+//! insert, which follows a database read anyway. While the feed is
 //! down the cache does not answer normally and is not filled; it may still give stale
 //! answers while the database does not answer either (`verification::outage`).
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::Counter;
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 
 use crate::domain::key::KeyDigest;
 use crate::domain::standing::Standing;
@@ -49,7 +54,8 @@ pub struct VerificationCache {
 impl VerificationCache {
     pub fn new(capacity: u64, feed: Arc<FeedState>) -> Self {
         Self {
-            entries: (capacity > 0).then(|| Cache::builder().max_capacity(capacity).build()),
+            entries: (capacity > 0)
+                .then(|| Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX))),
             epoch: AtomicU64::new(0),
             feed,
             hits: metrics::counter!("keyplane_verification_cache_total", "result" => "hit"),
@@ -98,7 +104,7 @@ impl VerificationCache {
         entries.insert(digest, entry);
         // An eviction between the check and the insert may have missed the new entry.
         if self.epoch.load(Ordering::Acquire) != epoch {
-            entries.invalidate(&digest);
+            entries.remove(&digest);
         }
     }
 }
@@ -113,13 +119,13 @@ impl EvictionSink for VerificationCache {
             Eviction::Keys(digests) => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 for digest in digests {
-                    entries.invalidate(digest);
+                    entries.remove(digest);
                 }
                 self.evicted.increment(digests.len() as u64);
             }
             Eviction::All => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
-                entries.invalidate_all();
+                entries.clear();
                 self.evicted.increment(1);
             }
         }
