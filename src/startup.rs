@@ -18,8 +18,6 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
-
 use crate::auth::Authenticator;
 use crate::auth::jwt::JwtVerifier;
 use crate::config::Settings;
@@ -27,15 +25,15 @@ use crate::domain::page::PageTokenCodec;
 use crate::grpc::KeyplaneApi;
 use crate::grpc::auth_layer::AuthLayer;
 use crate::grpc::health::{self, DrainingHealth};
+use crate::grpc::hot_path;
 use crate::grpc::idle::IdleTimeout;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::size_limit::{self, MAX_REQUEST_BYTES};
 use crate::grpc::tls::{self, Tls};
 use crate::http::HttpLayer;
 use crate::proto::{
-    api_key_service_server::ApiKeyServiceServer, audit_service_server::AuditServiceServer,
-    role_service_server::RoleServiceServer, scope_service_server::ScopeServiceServer,
-    workspace_service_server::WorkspaceServiceServer,
+    audit_service_server::AuditServiceServer, role_service_server::RoleServiceServer,
+    scope_service_server::ScopeServiceServer, workspace_service_server::WorkspaceServiceServer,
 };
 use crate::storage::database::Primary;
 use crate::storage::feed::{self, FeedState};
@@ -286,18 +284,12 @@ impl Application {
                 RoleServiceServer::new(self.api.clone())
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
-            .add_service(
-                ApiKeyServiceServer::new(self.api.clone())
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
+            .add_service(hot_path::ApiKeys::new(self.api.clone()))
             .add_service(
                 AuditServiceServer::new(self.api.clone())
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
-            .add_service(
-                AuthorizationServer::new(self.api.clone())
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
-            );
+            .add_service(hot_path::Authorization::new(self.api.clone()));
 
         let idle_timeout = self.settings.idle_timeout;
         let incoming = TcpListenerStream::new(self.listener).map(move |accepted| {

@@ -4,6 +4,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::convert::{self, Patchable, RequestCheck};
+use super::prepared::{Answer, AnswerKind};
 use super::{KeyplaneApi, acting, caller};
 use crate::auth::Caller;
 use crate::domain::audit::ActorKind;
@@ -18,11 +19,14 @@ use crate::domain::role::RoleName;
 use crate::domain::rules::RuleViolation;
 use crate::domain::rules::{GraceOutOfRange, GracePeriod};
 use crate::domain::scope::ScopeString;
+use crate::domain::standing::Standing;
 use crate::domain::update::Update;
 use crate::domain::usage::{self, Cost, CreditDelta, CreditLimit};
 use crate::domain::validate::{self, NAME_MAX, OWNER_MAX, ValidationError, Validator};
 use crate::proto::{self as pb, api_key_service_server::ApiKeyService};
 use crate::storage::{ApiKeyFilter, StoreError};
+use crate::verification::Verification;
+use crate::verification::meter::UsageReport;
 
 fn owner(v: &mut Validator, field: &str, text: &str) -> Option<String> {
     (!text.is_empty()).then(|| v.max_len(field, text, OWNER_MAX))
@@ -727,6 +731,18 @@ impl ApiKeyService for KeyplaneApi {
         &self,
         request: Request<pb::VerifyApiKeyRequest>,
     ) -> Result<Response<pb::VerifyApiKeyResponse>, Status> {
+        let outcome = self.verify_outcome(request).await?;
+        Ok(Response::new(verify_response(&outcome)))
+    }
+}
+
+impl KeyplaneApi {
+    /// `VerifyApiKey` up to its answer: the request read, the key verified, the code
+    /// counted.
+    pub(super) async fn verify_outcome(
+        &self,
+        request: Request<pb::VerifyApiKeyRequest>,
+    ) -> Result<Verification, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let required = parse_required_scopes(&r.required_scopes)?;
@@ -745,55 +761,194 @@ impl ApiKeyService for KeyplaneApi {
             )
             .await?;
         self.verifications.count(outcome.code);
-        let code: pb::VerifyCode = outcome.code.into();
-        let mut api_key: Option<pb::ApiKey> = outcome.standing.as_deref().map(|s| (&s.key).into());
-        // The cached key's balance is as old as the cache entry: the estimate is fresher.
-        if let (Some(key), Some(credits)) = (
-            api_key.as_mut(),
-            outcome.usage.as_ref().and_then(|u| u.credits),
-        ) {
-            key.remaining_uses = Some(i64::try_from(credits.remaining).unwrap_or(i64::MAX));
+        Ok(outcome)
+    }
+
+    /// The answer to `outcome`. A VALID answer is the same on every call for the same
+    /// standing but for a metered key's usage, so it is prepared once, and the usage
+    /// appended per call.
+    pub(super) fn verify_answer(&self, outcome: &Verification) -> Answer<pb::VerifyApiKeyResponse> {
+        match &outcome.standing {
+            Some(standing)
+                if outcome.code == VerifyCode::Valid
+                    && !outcome.stale
+                    && outcome.missing.is_empty() =>
+            {
+                let prepared = self
+                    .prepared
+                    .get_or_prepare(standing, AnswerKind::Verify, || {
+                        key_answer(outcome.code, Some(standing), &[], false)
+                    });
+                let usage = outcome
+                    .usage
+                    .as_ref()
+                    .map(|usage| usage_answer(standing, usage));
+                Answer::Prepared(prepared, usage)
+            }
+            _ => Answer::Built(verify_response(outcome)),
         }
-        Ok(Response::new(pb::VerifyApiKeyResponse {
-            valid: outcome.code == VerifyCode::Valid,
-            code: code.into(),
-            tenant_id: api_key
-                .as_ref()
-                .map(|k| k.tenant_id.clone())
-                .unwrap_or_default(),
-            workspace_id: api_key
-                .as_ref()
-                .map(|k| k.workspace_id.clone())
-                .unwrap_or_default(),
-            api_key,
-            missing_scopes: outcome.missing,
-            rate_limits: outcome
-                .standing
-                .as_deref()
-                .zip(outcome.usage.as_ref())
-                .map(|(standing, usage)| convert::limit_states(&standing.key, usage))
-                .unwrap_or_default(),
-            remaining_uses: outcome
-                .usage
-                .as_ref()
-                .and_then(|u| u.credits)
-                .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX)),
-            stale: outcome.stale,
-            effective_scopes: outcome
-                .standing
-                .as_deref()
-                .map(|s| s.effective.clone())
-                .unwrap_or_default(),
-            delegation_chain: outcome
-                .standing
-                .as_deref()
-                .map(|s| {
-                    s.delegation_chain()
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }))
+    }
+}
+
+/// `VerifyApiKey`'s response to a verification.
+fn verify_response(outcome: &Verification) -> pb::VerifyApiKeyResponse {
+    let standing = outcome.standing.as_deref();
+    let mut response = key_answer(outcome.code, standing, &outcome.missing, outcome.stale);
+    if let (Some(standing), Some(usage)) = (standing, &outcome.usage) {
+        // As a decoder merges the usage into a prepared answer.
+        let usage = usage_answer(standing, usage);
+        if let (Some(key), Some(remaining)) = (response.api_key.as_mut(), usage.remaining_uses) {
+            key.remaining_uses = Some(remaining);
+        }
+        response.remaining_uses = usage.remaining_uses;
+        response.rate_limits = usage.rate_limits;
+    }
+    response
+}
+
+/// The answer without this call's usage: the code and the key as cached.
+fn key_answer(
+    code: VerifyCode,
+    standing: Option<&Standing>,
+    missing: &[String],
+    stale: bool,
+) -> pb::VerifyApiKeyResponse {
+    let api_key: Option<pb::ApiKey> = standing.map(|s| (&s.key).into());
+    pb::VerifyApiKeyResponse {
+        valid: code == VerifyCode::Valid,
+        code: pb::VerifyCode::from(code).into(),
+        tenant_id: api_key
+            .as_ref()
+            .map(|k| k.tenant_id.clone())
+            .unwrap_or_default(),
+        workspace_id: api_key
+            .as_ref()
+            .map(|k| k.workspace_id.clone())
+            .unwrap_or_default(),
+        api_key,
+        missing_scopes: missing.to_vec(),
+        rate_limits: Vec::new(),
+        remaining_uses: None,
+        stale,
+        effective_scopes: standing.map(|s| s.effective.clone()).unwrap_or_default(),
+        delegation_chain: standing
+            .map(|s| {
+                s.delegation_chain()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// What this call's usage adds to the answer: the rate limits' states and the remaining
+/// credits, on the response and on its key (the cached key's balance is as old as the
+/// cache entry: this replica's estimate is fresher). Only these fields are set.
+fn usage_answer(standing: &Standing, usage: &UsageReport) -> pb::VerifyApiKeyResponse {
+    let remaining = usage
+        .credits
+        .map(|c| i64::try_from(c.remaining).unwrap_or(i64::MAX));
+    pb::VerifyApiKeyResponse {
+        api_key: remaining.map(|remaining| pb::ApiKey {
+            remaining_uses: Some(remaining),
+            ..Default::default()
+        }),
+        rate_limits: convert::limit_states(&standing.key, usage),
+        remaining_uses: remaining,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::domain::usage::{Credits, LimitState, Period, RateLimit, RateLimitName, RateLimits};
+    use crate::verification::meter::{CreditReport, LimitReport};
+
+    /// A metered key's VALID verification: 7 credits left of the cached 50, one limit.
+    fn metered() -> Verification {
+        let db_now_ms = 1_800_000_000_000;
+        let mut key = ApiKey {
+            scopes: vec!["crm:read".into()],
+            credits: Some(Credits {
+                balance: 50,
+                refill: None,
+                epoch: 0,
+                version: 0,
+                next_refill_ms: None,
+            }),
+            rate_limits: RateLimits::new(vec![
+                RateLimit::new(
+                    RateLimitName::parse("burst").unwrap(),
+                    100,
+                    Period::rate_limit_ms(1_000).unwrap(),
+                    false,
+                )
+                .unwrap(),
+            ])
+            .unwrap(),
+            ..ApiKey::fixture()
+        };
+        key.bind_budgets();
+        Verification {
+            code: VerifyCode::Valid,
+            standing: Some(std::sync::Arc::new(Standing::plain(key))),
+            missing: Vec::new(),
+            usage: Some(UsageReport {
+                limits: vec![LimitReport {
+                    state: LimitState {
+                        limit: 100,
+                        remaining: 42,
+                        reset_ms: db_now_ms + 500,
+                        exceeded: false,
+                    },
+                    db_now_ms,
+                }],
+                credits: Some(CreditReport {
+                    remaining: 7,
+                    reset_ms: None,
+                    refill_amount: None,
+                    db_now_ms,
+                }),
+            }),
+            stale: false,
+        }
+    }
+
+    #[test]
+    fn a_prepared_answer_with_the_usage_after_it_decodes_as_the_built_one() {
+        let outcome = metered();
+        let standing = outcome.standing.as_deref().unwrap();
+        let built = verify_response(&outcome);
+        assert_eq!(built.remaining_uses, Some(7));
+        assert_eq!(built.api_key.as_ref().unwrap().remaining_uses, Some(7));
+        assert_eq!(built.rate_limits.len(), 1);
+
+        // What the encoder writes: the bytes prepared without usage, then the usage.
+        let mut wire = key_answer(VerifyCode::Valid, Some(standing), &[], false).encode_to_vec();
+        usage_answer(standing, outcome.usage.as_ref().unwrap())
+            .encode(&mut wire)
+            .unwrap();
+        assert_eq!(
+            pb::VerifyApiKeyResponse::decode(wire.as_slice()).unwrap(),
+            built
+        );
+    }
+
+    #[test]
+    fn a_key_without_usage_is_answered_by_its_prepared_bytes_alone() {
+        let outcome = Verification {
+            usage: None,
+            ..metered()
+        };
+        let standing = outcome.standing.as_deref().unwrap();
+        let wire = key_answer(VerifyCode::Valid, Some(standing), &[], false).encode_to_vec();
+        assert_eq!(
+            pb::VerifyApiKeyResponse::decode(wire.as_slice()).unwrap(),
+            verify_response(&outcome)
+        );
     }
 }

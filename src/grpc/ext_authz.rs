@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpStatus, HttpStatusCode, OkHttpResponse,
+    CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue,
+    HeaderValueOption, HttpStatus, HttpStatusCode, OkHttpResponse,
 };
 use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt};
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Status};
 
 use super::convert::RequestCheck;
+use super::prepared::{Answer, AnswerKind};
 use super::{KeyplaneApi, caller};
 use crate::auth::bearer_token;
 use crate::domain::key::{ApiKeySecret, ImportedSecret};
@@ -542,12 +543,14 @@ fn exhausted_message(verification: &Verification, key: Option<&ApiKey>) -> Strin
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for KeyplaneApi {
-    async fn check(
+impl KeyplaneApi {
+    /// Envoy's `Check`: the request read, the key verified, the answer built — or, for an
+    /// allow that depends on nothing but the key and the headers it came in, the answer
+    /// prepared for this key before ([`super::prepared`]).
+    pub(super) async fn check(
         &self,
         request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+    ) -> Result<Answer<CheckResponse>, Status> {
         let caller = caller(&request)?;
         let mut input = parse_check(request.get_ref(), &self.queries)?;
         if self.verifier.holds_imported_keys() {
@@ -588,8 +591,32 @@ impl Authorization for KeyplaneApi {
             .as_ref()
             .map_or(Outcome::NoKey, Outcome::Verified);
         self.checks.count(outcome.code());
-        Ok(Response::new(respond(outcome, &input)))
+        if let Some(v) = &verification
+            && let Some(standing) = &v.standing
+            && v.code == VerifyCode::Valid
+            && v.usage.is_none()
+            && !v.stale
+            && !standing.has_usage_controls()
+            && input.client_keyplane_headers.is_empty()
+        {
+            let kind = AnswerKind::CheckAllow(credential_bits(&input.credential_headers));
+            let bytes = self
+                .prepared
+                .get_or_prepare(standing, kind, || respond(outcome, &input));
+            return Ok(Answer::Prepared(bytes, None));
+        }
+        Ok(Answer::Built(respond(outcome, &input)))
     }
+}
+
+/// The credential headers an allow removes, as the bits of a prepared answer's kind.
+fn credential_bits(headers: &[KeyHeader]) -> u8 {
+    headers.iter().fold(0, |bits, h| {
+        bits | match h {
+            KeyHeader::ApiKey => 1,
+            KeyHeader::Authorization => 2,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@ pub mod convert;
 pub mod error;
 pub mod ext_authz;
 pub mod health;
+pub mod hot_path;
 pub mod idle;
 pub mod observe;
+pub mod prepared;
 pub mod roles;
 pub mod rpc;
 pub mod scopes;
@@ -30,6 +32,7 @@ use crate::verification::KeyVerifier;
 use crate::verification::queries::{self, ParsedQueries};
 use error::ApiError;
 use observe::RequestId;
+use prepared::PreparedAnswers;
 
 /// Implements every keyplane service; cheap to clone.
 #[derive(Clone)]
@@ -43,6 +46,8 @@ pub struct KeyplaneApi {
     max_delegation_ttl: chrono::Duration,
     /// Permission queries parsed once per distinct text, for VerifyApiKey and Check.
     queries: Arc<ParsedQueries>,
+    /// VerifyApiKey's and Check's answers, encoded once per key.
+    prepared: Arc<PreparedAnswers>,
 }
 
 impl KeyplaneApi {
@@ -55,6 +60,7 @@ impl KeyplaneApi {
         Self {
             max_delegation_ttl,
             queries: Arc::new(ParsedQueries::new(queries::DEFAULT_CAPACITY)),
+            prepared: Arc::new(PreparedAnswers::default()),
             store,
             verifier,
             pages,

@@ -14,6 +14,7 @@ on_both_backends!(
     forced_deletes_evict_every_affected_key,
     a_tenant_never_sees_another_tenants_cached_key,
     an_admin_key_is_refused_as_soon_as_it_is_revoked,
+    a_prepared_answer_follows_every_write_to_its_key,
 );
 
 /// Verifies until the key is cached (the first call fills), then asserts the code.
@@ -224,4 +225,95 @@ async fn an_admin_key_is_refused_as_soon_as_it_is_revoked(backend: Backend) {
         .list_workspaces(pb::ListWorkspacesRequest::default())
         .await;
     assert_err(refused, Code::Unauthenticated, "API_KEY_INVALID");
+}
+
+/// Envoy's allow for `secret` on a route needing `crm:read`, presented in `x-api-key` or
+/// as a bearer: the identity headers it sets and the headers it removes.
+async fn allow(
+    app: &TestApp,
+    secret: &str,
+    bearer: bool,
+) -> (std::collections::HashMap<String, String>, Vec<String>) {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    let mut request = crate::matrix::check_request(secret, "crm:read");
+    if bearer {
+        let http = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("an HTTP check");
+        http.headers.remove("x-api-key");
+        http.headers
+            .insert("authorization".into(), format!("Bearer {secret}"));
+    }
+    let response = app
+        .as_admin()
+        .authorization()
+        .check(request)
+        .await
+        .expect("Check")
+        .into_inner();
+    let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
+        panic!("not an allow: {response:?}");
+    };
+    let set = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    (set, ok.headers_to_remove)
+}
+
+/// VerifyApiKey's and Check's answers about a cached key are encoded once and written as
+/// they are on later calls: each write to the key is in the very next answer, and a key
+/// presented in another header gets its own removals.
+async fn a_prepared_answer_follows_every_write_to_its_key(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let ws = app.create_workspace("w").await;
+    app.create_scope("crm:read", "").await;
+    app.create_scope("crm:write", "").await;
+    let (key, secret) = app.create_key(&ws.id, &["crm:read"]).await;
+    let mut keys = app.as_admin().keys;
+
+    for round in 0..3 {
+        let name = format!("name {round}");
+        let owner = format!("owner-{round}");
+        let scopes: &[&str] = if round % 2 == 0 {
+            &["crm:read"]
+        } else {
+            &["crm:read", "crm:write"]
+        };
+        keys.update_api_key(pb::UpdateApiKeyRequest {
+            api_key: Some(pb::ApiKey {
+                id: key.id.clone(),
+                name: name.clone(),
+                owner_id: owner.clone(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["name", "owner_id", "scopes"]),
+            etag: String::new(),
+        })
+        .await
+        .expect("update");
+        // Twice each: the first fills the cache and prepares, the second is prepared.
+        for _ in 0..2 {
+            let verified = app.verify(&secret, &["crm:read"]).await;
+            assert_eq!(verified.code(), pb::VerifyCode::Valid);
+            let answered = verified.api_key.expect("the key");
+            assert_eq!(answered.name, name);
+            assert_eq!(answered.owner_id, owner);
+            assert_eq!(verified.effective_scopes, scopes);
+
+            let (set, removed) = allow(&app, &secret, false).await;
+            assert_eq!(set["x-keyplane-owner-id"], owner);
+            assert_eq!(set["x-keyplane-scopes"], scopes.join(" "));
+            assert_eq!(removed, ["x-api-key"]);
+            let (set, removed) = allow(&app, &secret, true).await;
+            assert_eq!(set["x-keyplane-owner-id"], owner);
+            assert_eq!(removed, ["authorization"]);
+        }
+    }
 }
