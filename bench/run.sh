@@ -6,14 +6,19 @@
 # Knobs (environment variables, defaults in brackets):
 #   DURATION [10]      seconds of each latency measurement
 #   WARMUP [2]         seconds of h2load warm-up before each throughput measurement
-#   CLIENTS [16]       h2load connections for throughput (-c)
+#   CONNECTIONS [4 16] the load shapes of the throughput rounds: h2load connections (-c),
+#                      each measured in every round
 #   STREAMS [16]       concurrent streams per connection for throughput (-m)
 #   LAT_CLIENTS [8]    one-at-a-time clients of the latency runs (-c, with -m 1)
 #   ROUNDS [100]       revocations measured across replicas
 #   TP_ROUNDS [5]      interleaved throughput rounds (echo, VerifyApiKey, metered, role,
 #                      delegated, query, HTTP/JSON verify, Check)
-#   H1_CLIENTS [64]    HTTP/1.1 keep-alive connections of the HTTP/JSON verify (h2load --h1
-#                      -c, one request at a time each: HTTP/1.1 has no streams)
+#   (the HTTP/JSON verify runs over HTTP/1.1 keep-alive with as many connections as the
+#   shape has concurrent gRPC calls, CONNECTIONS x STREAMS, one request at a time each:
+#   HTTP/1.1 has no streams)
+#   LOW_RPS [2000]     the rate of the direct Check comparison (one client, one call at a
+#                      time), keyplane against the allow-all ext_authz server
+#   LOW_ROUNDS [3]     interleaved rounds of that comparison
 #   TP_DURATION [5]    seconds of each throughput run of a round (and of the cold run)
 #   PORT_BASE [18500]  first of the 10 local ports used (echo, keyplane, cold, 3 replicas,
 #                      the allow-all ext_authz server, Envoy's two listeners and its admin)
@@ -30,9 +35,10 @@ cd "$ROOT"
 
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
-CLIENTS=${CLIENTS:-16}
+CONNECTIONS=${CONNECTIONS:-4 16}
 STREAMS=${STREAMS:-16}
-H1_CLIENTS=${H1_CLIENTS:-64}
+LOW_RPS=${LOW_RPS:-2000}
+LOW_ROUNDS=${LOW_ROUNDS:-3}
 LAT_CLIENTS=${LAT_CLIENTS:-8}
 ROUNDS=${ROUNDS:-100}
 TP_ROUNDS=${TP_ROUNDS:-5}
@@ -144,23 +150,35 @@ serve_keyplane() {
 }
 
 # ---------------------------------------------------------------- h2load helpers
+# Figures and verdicts: ratio A B as a percentage, µs as ms, fractions as percentages, and
+# comparisons printing 1 or 0 (an empty or "nan" figure compares false).
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == 0) print "n/a"; else printf "%.1f%%", 100 * a / b }'; }
+ms() { awk -v us="$1" 'BEGIN { if (us == "" || us == "nan") print "n/a"; else printf "%.3f", us / 1000 }'; }
+met() { if [ "$1" = 1 ]; then echo "met"; else echo "**not met**"; fi; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 >= b + 0) }' && echo 1 || echo 0; }
+lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 < b + 0) }' && echo 1 || echo 0; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 <= b + 0) }' && echo 1 || echo 0; }
+
+pct() { awk -v f="$1" 'BEGIN { if (f == "") print "n/a"; else printf "%.1f%%", 100 * f }'; }
 H2_HEADERS=(-H 'content-type: application/grpc' -H 'te: trailers')
 auth_header() { printf 'authorization: Bearer %s' "$TOKEN"; }
 
-# throughput NAME PORT PATH PAYLOAD: prints req/s; fails unless every request got a 2xx.
+# throughput NAME CONNECTIONS PORT PATH PAYLOAD: prints req/s; fails unless every request
+# got a 2xx.
 throughput() {
-  local name=$1 port=$2 path=$3 payload=$4 out="$WORK/$1.h2load.txt"
-  h2load -D "$TP_DURATION" --warm-up-time "$WARMUP" -c "$CLIENTS" -m "$STREAMS" \
+  local name=$1 conns=$2 port=$3 path=$4 payload=$5 out="$WORK/$1.h2load.txt"
+  h2load -D "$TP_DURATION" --warm-up-time "$WARMUP" -c "$conns" -m "$STREAMS" \
     "${H2_HEADERS[@]}" -H "$(auth_header)" -d "$payload" \
     "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
   check_h2load "$name" "$out"
   awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out"
 }
 
-# throughput_h1 NAME PORT PATH PAYLOAD: the same over HTTP/1.1 keep-alive, with a JSON body.
+# throughput_h1 NAME CONNECTIONS PORT PATH PAYLOAD: the same over HTTP/1.1 keep-alive, with a
+# JSON body, one request at a time per connection.
 throughput_h1() {
-  local name=$1 port=$2 path=$3 payload=$4 out="$WORK/$1.h2load.txt"
-  h2load --h1 -D "$TP_DURATION" --warm-up-time "$WARMUP" -c "$H1_CLIENTS" -m 1 \
+  local name=$1 conns=$2 port=$3 path=$4 payload=$5 out="$WORK/$1.h2load.txt"
+  h2load --h1 -D "$TP_DURATION" --warm-up-time "$WARMUP" -c "$conns" -m 1 \
     -H 'content-type: application/json' -H "$(auth_header)" -d "$payload" \
     "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
   check_h2load "$name" "$out"
@@ -187,21 +205,23 @@ check_h2load() {
   fi
 }
 
-# latency NAME PORT PATH PAYLOAD TOTAL_RPS: 8 one-at-a-time clients offering TOTAL_RPS
-# together; prints "offered carried p50 p90 p99 max" (rates in req/s, latencies in µs).
+# latency NAME PORT PATH PAYLOAD TOTAL_RPS [CLIENTS]: CLIENTS (LAT_CLIENTS) one-at-a-time
+# clients offering TOTAL_RPS together; prints "offered carried p50 p90 p99 max" (rates in
+# req/s, latencies in µs).
 latency() {
-  local name=$1 port=$2 path=$3 payload=$4 total=$5 out="$WORK/$1.lat.txt" log="$WORK/$1.lat.log"
-  local per_client=$((total / LAT_CLIENTS))
+  local name=$1 port=$2 path=$3 payload=$4 total=$5 clients=${6:-$LAT_CLIENTS}
+  local out="$WORK/$1.lat.txt" log="$WORK/$1.lat.log"
+  local per_client=$((total / clients))
   [ "$per_client" -ge 1 ] || per_client=1
   rm -f "$log"
-  h2load -D "$DURATION" -c "$LAT_CLIENTS" -m 1 --rps "$per_client" \
+  h2load -D "$DURATION" -c "$clients" -m 1 --rps "$per_client" \
     "${H2_HEADERS[@]}" -H "$(auth_header)" -d "$payload" --log-file "$log" \
     "http://127.0.0.1:$port$path" >"$out" 2>&1 || { cat "$out" >&2; die "h2load failed on $name"; }
   check_h2load "$name" "$out"
   # Columns: start (µs since epoch), HTTP status, µs to the end of the response. Only
   # answered 2xx requests count; the carried rate is over the span they were sent in.
   awk -F'\t' '$2 >= 200 && $2 < 300 { print $1 "\t" $3 }' "$log" | sort -t$'\t' -k2,2n |
-    awk -F'\t' -v offered=$((per_client * LAT_CLIENTS)) -v secs="$DURATION" '
+    awk -F'\t' -v offered=$((per_client * clients)) -v secs="$DURATION" '
       { lat[NR] = $2; if (NR == 1 || $1 < first) first = $1; if ($1 > last) last = $1 }
       function pct(p,   r) { r = int((p / 100) * NR); if (r < (p / 100) * NR) r++; if (r < 1) r = 1; return lat[r] }
       END {
@@ -277,27 +297,33 @@ fi
 # ---------------------------------------------------------------- throughput, interleaved
 # The machine is shared and noisy: the echo alone, measured second by second, swings
 # between 78,000 and 108,000 req/s, and a single run of each target a minute apart can
-# differ by more than the gap being measured. So the targets take turns, TP_ROUNDS times, and each
-# round's ratios are taken against that round's echo; the report gives every round and
-# judges by the median ratio. The role, delegated and query keys are judged the same way
-# against the plain VerifyApiKey of their round.
-ECHO_ALL=() VERIFY_ALL=() METERED_ALL=() ROLE_ALL=() DELEGATED_ALL=() QUERY_ALL=() HTTP_ALL=() CHECK_ALL=()
+# differ by more than the gap being measured. So the targets take turns, TP_ROUNDS times,
+# at each load shape (CONNECTIONS), and each round's ratios are taken against that round's
+# echo at the same shape; the report gives every round and judges by the median ratio. The
+# role, delegated and query keys, and the HTTP/JSON verify, are judged the same way against
+# the plain VerifyApiKey of their round and shape.
+TARGETS=(echo verify metered role delegated query http check)
+declare -A ALL=()
 for round in $(seq "$TP_ROUNDS"); do
-  log "throughput round $round of $TP_ROUNDS: echo, VerifyApiKey, metered, role, delegated and query key, HTTP/JSON verify, Check (${TP_DURATION}s each, -c $CLIENTS -m $STREAMS; HTTP/1.1 -c $H1_CLIENTS)"
-  e=$(throughput "echo.$round" "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
-  v=$(throughput "verify.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
-  m=$(throughput "verify_metered.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
-  r=$(throughput "verify_role.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_role.bin")
-  d=$(throughput "verify_delegated.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_delegated.bin")
-  q=$(throughput "verify_query.$round" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_query.bin")
-  h=$(throughput_h1 "verify_http.$round" "$KP_PORT" /v1/apiKeys:verify "$WORK/verify.json")
-  c=n/a
-  if [ "$CHECK_STATUS" = 0 ]; then
-    c=$(throughput "check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
-    CHECK_ALL+=("$c")
-  fi
-  ECHO_ALL+=("$e") VERIFY_ALL+=("$v") METERED_ALL+=("$m") ROLE_ALL+=("$r") DELEGATED_ALL+=("$d") QUERY_ALL+=("$q") HTTP_ALL+=("$h")
-  echo "round $round: echo $e, VerifyApiKey $v, metered $m, role $r, delegated $d, query $q, HTTP/JSON verify $h, Check $c req/s" >&2
+  for c in $CONNECTIONS; do
+    h1=$((c * STREAMS))
+    log "throughput round $round of $TP_ROUNDS at -c $c -m $STREAMS: echo, VerifyApiKey, metered, role, delegated and query key, HTTP/JSON verify (HTTP/1.1 -c $h1), Check (${TP_DURATION}s each)"
+    e=$(throughput "echo.c$c.$round" "$c" "$ECHO_PORT" /keyplane.bench.v1.Echo/Echo "$WORK/echo.bin")
+    v=$(throughput "verify.c$c.$round" "$c" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
+    m=$(throughput "verify_metered.c$c.$round" "$c" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_metered.bin")
+    r=$(throughput "verify_role.c$c.$round" "$c" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_role.bin")
+    d=$(throughput "verify_delegated.c$c.$round" "$c" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_delegated.bin")
+    q=$(throughput "verify_query.c$c.$round" "$c" "$KP_PORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify_query.bin")
+    h=$(throughput_h1 "verify_http.c$c.$round" "$h1" "$KP_PORT" /v1/apiKeys:verify "$WORK/verify.json")
+    k=n/a
+    if [ "$CHECK_STATUS" = 0 ]; then
+      k=$(throughput "check.c$c.$round" "$c" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin")
+      ALL[check.$c]+=" $k"
+    fi
+    ALL[echo.$c]+=" $e" ALL[verify.$c]+=" $v" ALL[metered.$c]+=" $m" ALL[role.$c]+=" $r"
+    ALL[delegated.$c]+=" $d" ALL[query.$c]+=" $q" ALL[http.$c]+=" $h"
+    echo "round $round, -c $c: echo $e, VerifyApiKey $v, metered $m, role $r, delegated $d, query $q, HTTP/JSON verify $h, Check $k req/s" >&2
+  done
 done
 probe verify "$KP_PORT" >&2 || die "VerifyApiKey no longer answers VALID after the runs"
 # median NUMBER...: the middle value (the lower middle for an even count).
@@ -311,29 +337,25 @@ ratios() {
   local i
   for i in "${!num[@]}"; do awk -v a="${num[$i]}" -v b="${den[$i]}" 'BEGIN { printf "%.4f\n", a / b }'; done
 }
-ECHO_RPS=$(median "${ECHO_ALL[@]}")
-VERIFY_RPS=$(median "${VERIFY_ALL[@]}")
-METERED_RPS=$(median "${METERED_ALL[@]}")
-V_SHARE=$(median $(ratios "${VERIFY_ALL[@]}" -- "${ECHO_ALL[@]}"))
-M_SHARE=$(median $(ratios "${METERED_ALL[@]}" -- "${ECHO_ALL[@]}"))
-ROLE_RPS=$(median "${ROLE_ALL[@]}")
-DELEGATED_RPS=$(median "${DELEGATED_ALL[@]}")
-QUERY_RPS=$(median "${QUERY_ALL[@]}")
-HTTP_RPS=$(median "${HTTP_ALL[@]}")
-# Of the plain cached VerifyApiKey (the §6 bar), and of the echo for comparison.
-R_OF_V=$(median $(ratios "${ROLE_ALL[@]}" -- "${VERIFY_ALL[@]}"))
-D_OF_V=$(median $(ratios "${DELEGATED_ALL[@]}" -- "${VERIFY_ALL[@]}"))
-Q_OF_V=$(median $(ratios "${QUERY_ALL[@]}" -- "${VERIFY_ALL[@]}"))
-R_SHARE=$(median $(ratios "${ROLE_ALL[@]}" -- "${ECHO_ALL[@]}"))
-D_SHARE=$(median $(ratios "${DELEGATED_ALL[@]}" -- "${ECHO_ALL[@]}"))
-Q_SHARE=$(median $(ratios "${QUERY_ALL[@]}" -- "${ECHO_ALL[@]}"))
-H_OF_V=$(median $(ratios "${HTTP_ALL[@]}" -- "${VERIFY_ALL[@]}"))
-H_SHARE=$(median $(ratios "${HTTP_ALL[@]}" -- "${ECHO_ALL[@]}"))
-CHECK_RPS="" C_SHARE=""
-if [ "$CHECK_STATUS" = 0 ]; then
-  CHECK_RPS=$(median "${CHECK_ALL[@]}")
-  C_SHARE=$(median $(ratios "${CHECK_ALL[@]}" -- "${ECHO_ALL[@]}"))
-fi
+# At each shape: RPS[target.c] the median rate, OF_ECHO[target.c] the median of the
+# per-round ratios to the echo, OF_VERIFY[target.c] to the plain VerifyApiKey.
+declare -A RPS=() OF_ECHO=() OF_VERIFY=()
+for c in $CONNECTIONS; do
+  for t in "${TARGETS[@]}"; do
+    [ -n "${ALL[$t.$c]:-}" ] || continue
+    # shellcheck disable=SC2086 # the lists are space-separated numbers
+    RPS[$t.$c]=$(median ${ALL[$t.$c]})
+    # shellcheck disable=SC2046,SC2086
+    OF_ECHO[$t.$c]=$(median $(ratios ${ALL[$t.$c]} -- ${ALL[echo.$c]}))
+    # shellcheck disable=SC2046,SC2086
+    OF_VERIFY[$t.$c]=$(median $(ratios ${ALL[$t.$c]} -- ${ALL[verify.$c]}))
+  done
+done
+# The latency runs below are offered half of the highest echo rate of the shapes.
+ECHO_RPS=0
+for c in $CONNECTIONS; do
+  ECHO_RPS=$(awk -v a="$ECHO_RPS" -v b="${RPS[echo.$c]}" 'BEGIN { print (b > a ? b : a) }')
+done
 
 # ---------------------------------------------------------------- latency at half the echo
 HALF=$(awk -v r="$ECHO_RPS" 'BEGIN { printf "%d", r / 2 }')
@@ -349,13 +371,30 @@ if [ "$CHECK_STATUS" = 0 ]; then
   read -r C_LAT_OFF C_LAT_CAR C_P50 C_P90 C_P99 C_MAX <<<"$LAT"
 fi
 
+# ---------------------------------------------------------------- direct Check at a low rate
+# One client, one call at a time, LOW_RPS: the server is idle between calls, so what a call
+# waits for shows, not what it computes under load. keyplane's Check against a server that
+# answers Check with an allow without looking (the same request bytes), LOW_ROUNDS rounds
+# taking turns; judged by the median of the rounds' p50 differences.
+start allow_all "$BIN/allow_all" --listen "127.0.0.1:$ALLOW_PORT"
+ALLOW_PID=$LAST_PID
+LOW_ALLOW_P50=() LOW_CHECK_P50=() LOW_DIFF=() LOW_CARRIED_OK=1
+if [ "$CHECK_STATUS" = 0 ]; then
+  log "direct Check at $LOW_RPS req/s (1 client, -m 1): keyplane vs allow-all, $LOW_ROUNDS rounds"
+  for round in $(seq "$LOW_ROUNDS"); do
+    read -r a_off a_car a50 _ <<<"$(latency "low-allow.$round" "$ALLOW_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$LOW_RPS" 1)"
+    read -r k_off k_car k50 _ <<<"$(latency "low-check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$LOW_RPS" 1)"
+    LOW_ALLOW_P50+=("$a50") LOW_CHECK_P50+=("$k50") LOW_DIFF+=($((k50 - a50)))
+    [ "$(ge "$k_car" "$(awk -v o="$k_off" 'BEGIN { print o * 0.95 }')")" = 1 ] || LOW_CARRIED_OK=0
+    echo "direct Check round $round: allow-all p50 ${a50} µs ($a_car of $a_off req/s), keyplane p50 ${k50} µs ($k_car of $k_off req/s)" >&2
+  done
+fi
+
 # ---------------------------------------------------------------- behind Envoy
 # One Envoy, two listeners: one asks keyplane (Check, scope crm:read), the other a server
 # that allows everything without looking. Both answer with a direct response, so the
 # difference between them is keyplane's verification and nothing else.
 log "behind Envoy: ${ENVOY_RPS} req/s steady, keyplane vs allow-all"
-start allow_all "$BIN/allow_all" --listen "127.0.0.1:$ALLOW_PORT"
-ALLOW_PID=$LAST_PID
 envoy_listener() { # NAME PORT CLUSTER
   cat <<YAML
   - name: $1
@@ -459,7 +498,7 @@ else
 fi
 log "cold VerifyApiKey on PostgreSQL: ${TP_DURATION}s throughput ($COLD_NOTE)"
 probe verify "$CPORT" >&2 || die "the cold VerifyApiKey probe did not answer VALID"
-COLD_RPS=$(throughput cold "$CPORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
+COLD_RPS=$(throughput cold "${CONNECTIONS##* }" "$CPORT" /keyplane.v1.ApiKeyService/VerifyApiKey "$WORK/verify.bin")
 echo "cold VerifyApiKey: $COLD_RPS req/s" >&2
 stop "$KP_PID"
 
@@ -478,29 +517,31 @@ REV_SAMPLES=$(revf samples) REV_MISSES=$(revf misses) REV_NOT_REVOKED=$(revf not
 REV_P50=$(revf p50_ms) REV_P99=$(revf p99_ms) REV_MAX=$(revf max_ms) REV_GIVE_UP=$(revf give_up_ms)
 
 # ---------------------------------------------------------------- report
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == 0) print "n/a"; else printf "%.1f%%", 100 * a / b }'; }
-ms() { awk -v us="$1" 'BEGIN { if (us == "" || us == "nan") print "n/a"; else printf "%.3f", us / 1000 }'; }
-met() { if [ "$1" = 1 ]; then echo "met"; else echo "**not met**"; fi; }
-ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 >= b + 0) }' && echo 1 || echo 0; }
-lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 < b + 0) }' && echo 1 || echo 0; }
-le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "nan" && a + 0 <= b + 0) }' && echo 1 || echo 0; }
-
-pct() { awk -v f="$1" 'BEGIN { if (f == "") print "n/a"; else printf "%.1f%%", 100 * f }'; }
-V_OK=$(ge "$V_SHARE" 0.90)
-M_OK=$(ge "$M_SHARE" 0.80)
-R_OK=$(ge "$R_OF_V" 0.85)
-D_OK=$(ge "$D_OF_V" 0.85)
-Q_OK=$(ge "$Q_OF_V" 0.85)
-H_OK=$(ge "$H_OF_V" 0.70)
-if [ -n "$CHECK_RPS" ]; then
-  C_OK=$(ge "$C_SHARE" 0.85)
-  C_VERDICT=$(met "$C_OK")
-else
-  C_VERDICT="not measured (UNIMPLEMENTED)"
-fi
+# Throughput verdicts, per shape: VERDICT[target.c] is 1 when the bar is met.
+declare -A BAR_OF_ECHO=([verify]=0.90 [metered]=0.80 [check]=0.85)
+declare -A BAR_OF_VERIFY=([role]=0.85 [delegated]=0.85 [query]=0.85 [http]=0.70)
+declare -A VERDICT=()
+for c in $CONNECTIONS; do
+  for t in "${!BAR_OF_ECHO[@]}"; do
+    [ -n "${OF_ECHO[$t.$c]:-}" ] && VERDICT[$t.$c]=$(ge "${OF_ECHO[$t.$c]}" "${BAR_OF_ECHO[$t]}")
+  done
+  for t in "${!BAR_OF_VERIFY[@]}"; do
+    VERDICT[$t.$c]=$(ge "${OF_VERIFY[$t.$c]}" "${BAR_OF_VERIFY[$t]}")
+  done
+done
+verdict() { # TARGET C
+  if [ -n "${VERDICT[$1.$2]:-}" ]; then met "${VERDICT[$1.$2]}"; else echo "not measured (UNIMPLEMENTED)"; fi
+}
 # p99 target: under 1 ms, with the offered rate actually carried (within 5%).
 V_CARRIED=$(ge "$V_LAT_CAR" "$(awk -v o="$V_LAT_OFF" 'BEGIN { print o * 0.95 }')")
 V_P99_OK=$(( $(lt "$V_P99" 1000) && V_CARRIED ))
+C_CARRIED=$(ge "$C_LAT_CAR" "$(awk -v o="$C_LAT_OFF" 'BEGIN { print o * 0.95 }')")
+C_P99_OK=$(( $(lt "$C_P99" 1000) && C_CARRIED ))
+ECHO_CARRIED=$(ge "$ECHO_LAT_CAR" "$(awk -v o="$ECHO_LAT_OFF" 'BEGIN { print o * 0.95 }')")
+# Direct Check at a low rate: the median p50 difference within 15 µs, every round carried.
+LOW_DIFF_MEDIAN=""
+[ "${#LOW_DIFF[@]}" -gt 0 ] && LOW_DIFF_MEDIAN=$(median "${LOW_DIFF[@]}")
+LOW_OK=$(( $(le "$LOW_DIFF_MEDIAN" 15) && LOW_CARRIED_OK ))
 COLD_OK=$(ge "$COLD_RPS" 5000)
 REV_P99_OK=$(( $(le "$REV_P99" 100) && REV_MISSES == 0 ))
 REV_MAX_OK=$(( $(le "$REV_MAX" 1000) && REV_MISSES == 0 ))
@@ -522,67 +563,73 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "$(h2load --version | head -n1); PostgreSQL $(pgq 'SHOW server_version'); server and load generator on the same machine."
   echo "Load average (1, 5, 15 min) before the build: $LOAD_BEFORE; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo "Wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s$([ "$SKIP_BUILD" != 1 ] && echo ", the build included")."
-  echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS ROUNDS=$ROUNDS TP_ROUNDS=$TP_ROUNDS TP_DURATION=$TP_DURATION."
+  echo "Knobs: DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=\"$CONNECTIONS\" STREAMS=$STREAMS LAT_CLIENTS=$LAT_CLIENTS LOW_RPS=$LOW_RPS LOW_ROUNDS=$LOW_ROUNDS ROUNDS=$ROUNDS TP_ROUNDS=$TP_ROUNDS TP_DURATION=$TP_DURATION."
   echo
-  echo "## Throughput (h2load -c $CLIENTS -m $STREAMS, ${TP_DURATION}s after ${WARMUP}s warm-up, $TP_ROUNDS interleaved rounds)"
+  echo "## Throughput ($TP_ROUNDS interleaved rounds at each shape, ${TP_DURATION}s per target after ${WARMUP}s warm-up)"
   echo
-  echo "Medians over the rounds; \"/ echo\" is the median of each round's ratio to that round's echo."
-  echo
-  echo "| target | req/s | / echo | goal | |"
-  echo "|---|---:|---:|---|---|"
-  echo "| echo (bare tonic, the ceiling) | $ECHO_RPS | 100% | | |"
-  echo "| VerifyApiKey ($VERIFY_LABEL) | $VERIFY_RPS | $(pct "$V_SHARE") | ≥ 90% | $(met "$V_OK") |"
-  echo "| VerifyApiKey, key with a rate limit and credits | $METERED_RPS | $(pct "$M_SHARE") | ≥ 80% | $(met "$M_OK") |"
-  if [ -n "$CHECK_RPS" ]; then
-    echo "| Check (Envoy ext_authz) | $CHECK_RPS | $(pct "$C_SHARE") | ≥ 85% | $C_VERDICT |"
-  else
-    echo "| Check (Envoy ext_authz) | — | — | ≥ 85% | $C_VERDICT |"
-  fi
-  echo "| VerifyApiKey cold on PostgreSQL | $COLD_RPS | $(ratio "$COLD_RPS" "$ECHO_RPS") | ≥ 5,000/s | $(met "$COLD_OK") |"
-  echo
-  echo "Rounds (req/s; in parentheses, of that round's echo, but for role, delegated, query and HTTP/JSON: of that round's VerifyApiKey):"
-  echo
-  echo "| round | echo | VerifyApiKey | metered key | role | delegated | query | HTTP/JSON | Check |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  for i in "${!ECHO_ALL[@]}"; do
-    echo "| $((i + 1)) | ${ECHO_ALL[$i]} | ${VERIFY_ALL[$i]} ($(ratio "${VERIFY_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${METERED_ALL[$i]} ($(ratio "${METERED_ALL[$i]}" "${ECHO_ALL[$i]}")) | ${ROLE_ALL[$i]} ($(ratio "${ROLE_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${DELEGATED_ALL[$i]} ($(ratio "${DELEGATED_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${QUERY_ALL[$i]} ($(ratio "${QUERY_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${HTTP_ALL[$i]} ($(ratio "${HTTP_ALL[$i]}" "${VERIFY_ALL[$i]}")) | ${CHECK_ALL[$i]:-—}$([ -n "${CHECK_ALL[$i]:-}" ] && echo " ($(ratio "${CHECK_ALL[$i]}" "${ECHO_ALL[$i]}"))") |"
+  echo "Medians over the rounds; \"/ echo\" is the median of each round's ratio to that round's echo"
+  echo "at the same shape, \"/ VerifyApiKey\" likewise to the plain cached VerifyApiKey. The role,"
+  echo "delegated and query keys are each VALID for \`$SCOPE\` another way (through a role; a key at"
+  echo "depth 3 of a delegation chain; the permission query \`$QUERY\`). The HTTP/JSON verify is the"
+  echo "plain key by \`POST /v1/apiKeys:verify\` with a JSON body over HTTP/1.1 keep-alive, one"
+  echo "request at a time on each of as many connections as the shape has concurrent gRPC calls."
+  for c in $CONNECTIONS; do
+    echo
+    echo "### $c connections × $STREAMS streams (HTTP/1.1: $((c * STREAMS)) connections)"
+    echo
+    echo "| target | req/s | / echo | / VerifyApiKey | goal | |"
+    echo "|---|---:|---:|---:|---|---|"
+    echo "| echo (bare tonic, the ceiling) | ${RPS[echo.$c]} | 100% | | | |"
+    echo "| VerifyApiKey ($VERIFY_LABEL) | ${RPS[verify.$c]} | $(pct "${OF_ECHO[verify.$c]}") | 100% | ≥ 90% of echo | $(verdict verify "$c") |"
+    echo "| VerifyApiKey, key with a rate limit and credits | ${RPS[metered.$c]} | $(pct "${OF_ECHO[metered.$c]}") | $(pct "${OF_VERIFY[metered.$c]}") | ≥ 80% of echo | $(verdict metered "$c") |"
+    echo "| Check (Envoy ext_authz) | ${RPS[check.$c]:-—} | $(pct "${OF_ECHO[check.$c]:-}") | $(pct "${OF_VERIFY[check.$c]:-}") | ≥ 85% of echo | $(verdict check "$c") |"
+    echo "| VerifyApiKey, scope through a role | ${RPS[role.$c]} | $(pct "${OF_ECHO[role.$c]}") | $(pct "${OF_VERIFY[role.$c]}") | ≥ 85% of VerifyApiKey | $(verdict role "$c") |"
+    echo "| VerifyApiKey, delegated key at depth 3 | ${RPS[delegated.$c]} | $(pct "${OF_ECHO[delegated.$c]}") | $(pct "${OF_VERIFY[delegated.$c]}") | ≥ 85% of VerifyApiKey | $(verdict delegated "$c") |"
+    echo "| VerifyApiKey, permission query | ${RPS[query.$c]} | $(pct "${OF_ECHO[query.$c]}") | $(pct "${OF_VERIFY[query.$c]}") | ≥ 85% of VerifyApiKey | $(verdict query "$c") |"
+    echo "| POST /v1/apiKeys:verify, HTTP/1.1 JSON | ${RPS[http.$c]} | $(pct "${OF_ECHO[http.$c]}") | $(pct "${OF_VERIFY[http.$c]}") | ≥ 70% of VerifyApiKey | $(verdict http "$c") |"
+    echo
+    echo "Rounds (req/s):"
+    echo
+    echo "| target | $(seq -s ' | ' 1 "$TP_ROUNDS") |"
+    echo "|---|$(printf -- '---:|%.0s' $(seq "$TP_ROUNDS"))"
+    for t in "${TARGETS[@]}"; do
+      [ -n "${ALL[$t.$c]:-}" ] || continue
+      # shellcheck disable=SC2086 # space-separated numbers
+      echo "| $t | $(printf '%s | ' ${ALL[$t.$c]})" | sed 's/ $//'
+    done
   done
+  echo
+  echo "| target | req/s | goal | |"
+  echo "|---|---:|---|---|"
+  echo "| VerifyApiKey cold on PostgreSQL (-c ${CONNECTIONS##* } -m $STREAMS) | $COLD_RPS | ≥ 5,000/s | $(met "$COLD_OK") |"
   echo
   echo "Cold: $COLD_NOTE."
   [ -n "$CHECK_NOTE" ] && echo "Check: $CHECK_NOTE."
-  echo
-  echo "### Authorization model on the hot path (the same rounds)"
-  echo
-  echo "Each key is VALID for \`$SCOPE\` another way; \"/ VerifyApiKey\" is the median of each round's"
-  echo "ratio to that round's plain cached VerifyApiKey above, \"/ echo\" as above."
-  echo
-  echo "| target | req/s | / VerifyApiKey | / echo | goal | |"
-  echo "|---|---:|---:|---:|---|---|"
-  echo "| VerifyApiKey, key holding \`$SCOPE\` only through a role | $ROLE_RPS | $(pct "$R_OF_V") | $(pct "$R_SHARE") | ≥ 85% of VerifyApiKey | $(met "$R_OK") |"
-  echo "| VerifyApiKey, delegated key at depth 3 | $DELEGATED_RPS | $(pct "$D_OF_V") | $(pct "$D_SHARE") | ≥ 85% of VerifyApiKey | $(met "$D_OK") |"
-  echo "| VerifyApiKey, permission query \`$QUERY\` | $QUERY_RPS | $(pct "$Q_OF_V") | $(pct "$Q_SHARE") | ≥ 85% of VerifyApiKey | $(met "$Q_OK") |"
-  echo
-  echo "### HTTP/JSON (the same rounds)"
-  echo
-  echo "The plain key verified by \`POST /v1/apiKeys:verify\` with a JSON body over HTTP/1.1 keep-alive"
-  echo "(h2load --h1 -c $H1_CLIENTS, one request at a time per connection), beside gRPC VerifyApiKey above."
-  echo
-  echo "| target | req/s | / VerifyApiKey | / echo | goal | |"
-  echo "|---|---:|---:|---:|---|---|"
-  echo "| POST /v1/apiKeys:verify, HTTP/1.1 JSON | $HTTP_RPS | $(pct "$H_OF_V") | $(pct "$H_SHARE") | ≥ 70% of VerifyApiKey | $(met "$H_OK") |"
   echo
   echo "## Latency at half the echo's rate ($LAT_CLIENTS clients, one call at a time each, ${DURATION}s)"
   echo
   echo "| target | offered req/s | carried req/s | p50 ms | p90 ms | p99 ms | max ms | goal | |"
   echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
-  echo "| echo | $ECHO_LAT_OFF | $ECHO_LAT_CAR | $(ms "$ECHO_P50") | $(ms "$ECHO_P90") | $(ms "$ECHO_P99") | $(ms "$ECHO_MAX") | | |"
-  echo "| VerifyApiKey | $V_LAT_OFF | $V_LAT_CAR | $(ms "$V_P50") | $(ms "$V_P90") | $(ms "$V_P99") | $(ms "$V_MAX") | p99 < 1 ms | $(met "$V_P99_OK") |"
-  if [ -n "$CHECK_RPS" ]; then
-    echo "| Check | $C_LAT_OFF | $C_LAT_CAR | $(ms "$C_P50") | $(ms "$C_P90") | $(ms "$C_P99") | $(ms "$C_MAX") | | |"
+  echo "| echo | $ECHO_LAT_OFF | $ECHO_LAT_CAR | $(ms "$ECHO_P50") | $(ms "$ECHO_P90") | $(ms "$ECHO_P99") | $(ms "$ECHO_MAX") | (reference) | carried $(met "$ECHO_CARRIED") |"
+  echo "| VerifyApiKey | $V_LAT_OFF | $V_LAT_CAR | $(ms "$V_P50") | $(ms "$V_P90") | $(ms "$V_P99") | $(ms "$V_MAX") | ≥ 95% carried, p99 < 1 ms | $(met "$V_P99_OK") |"
+  if [ "$CHECK_STATUS" = 0 ]; then
+    echo "| Check | $C_LAT_OFF | $C_LAT_CAR | $(ms "$C_P50") | $(ms "$C_P90") | $(ms "$C_P99") | $(ms "$C_MAX") | ≥ 95% carried, p99 < 1 ms | $(met "$C_P99_OK") |"
   fi
   echo
-  echo "Percentiles are over the requests answered (2xx) in the window; a carried rate below the"
-  echo "offered one means the clients could not keep the pace, and the p99 goal counts as not met."
+  echo "Percentiles are over the requests answered (2xx) in the window; a carried rate below 95% of"
+  echo "the offered one means the clients could not keep the pace, and the goal counts as not met."
+  if [ "$CHECK_STATUS" = 0 ]; then
+    echo
+    echo "## Direct Check at $LOW_RPS req/s (1 client, one call at a time, ${DURATION}s, $LOW_ROUNDS rounds)"
+    echo
+    echo "| round | allow-all p50 µs | keyplane Check p50 µs | difference µs |"
+    echo "|---:|---:|---:|---:|"
+    for i in "${!LOW_DIFF[@]}"; do
+      echo "| $((i + 1)) | ${LOW_ALLOW_P50[$i]} | ${LOW_CHECK_P50[$i]} | ${LOW_DIFF[$i]} |"
+    done
+    echo
+    echo "Median difference: ${LOW_DIFF_MEDIAN} µs; goal ≤ 15 µs with the rate carried: $(met "$LOW_OK")."
+  fi
   echo
   echo "## Behind Envoy ($ENVOY_RPS req/s steady, $LAT_CLIENTS one-at-a-time clients, ${DURATION}s; Envoy $(envoy --version 2>/dev/null | sed -n 's#.*version: [^/]*/\([^/]*\)/.*#\1#p'))"
   echo
