@@ -378,12 +378,20 @@ fi
 # taking turns; judged by the median of the rounds' p50 differences.
 start allow_all "$BIN/allow_all" --listen "127.0.0.1:$ALLOW_PORT"
 ALLOW_PID=$LAST_PID
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$ALLOW_PORT") 2>/dev/null && break
+  sleep 0.1
+done
+probe check "$ALLOW_PORT" >&2 || die "the allow-all server does not answer Check (see $WORK/allow_all.log)"
 LOW_ALLOW_P50=() LOW_CHECK_P50=() LOW_DIFF=() LOW_CARRIED_OK=1
 if [ "$CHECK_STATUS" = 0 ]; then
   log "direct Check at $LOW_RPS req/s (1 client, -m 1): keyplane vs allow-all, $LOW_ROUNDS rounds"
   for round in $(seq "$LOW_ROUNDS"); do
-    read -r a_off a_car a50 _ <<<"$(latency "low-allow.$round" "$ALLOW_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$LOW_RPS" 1)"
-    read -r k_off k_car k50 _ <<<"$(latency "low-check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$LOW_RPS" 1)"
+    # Assigned first: a failed measurement stops the run (set -e), never reads as empty.
+    a=$(latency "low-allow.$round" "$ALLOW_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$LOW_RPS" 1)
+    k=$(latency "low-check.$round" "$KP_PORT" /envoy.service.auth.v3.Authorization/Check "$WORK/check.bin" "$LOW_RPS" 1)
+    read -r a_off a_car a50 _ <<<"$a"
+    read -r k_off k_car k50 _ <<<"$k"
     LOW_ALLOW_P50+=("$a50") LOW_CHECK_P50+=("$k50") LOW_DIFF+=($((k50 - a50)))
     [ "$(ge "$k_car" "$(awk -v o="$k_off" 'BEGIN { print o * 0.95 }')")" = 1 ] || LOW_CARRIED_OK=0
     echo "direct Check round $round: allow-all p50 ${a50} µs ($a_car of $a_off req/s), keyplane p50 ${k50} µs ($k_car of $k_off req/s)" >&2
