@@ -160,7 +160,13 @@ impl Application {
         let auth = Authenticator::new(jwt, verifier.clone());
         let max_delegation_ttl = chrono::Duration::from_std(settings.max_delegation_ttl)
             .context("--max-delegation-ttl is too long")?;
-        let api = KeyplaneApi::new(store.clone(), verifier, pages, max_delegation_ttl);
+        let api = KeyplaneApi::new(
+            store.clone(),
+            verifier,
+            pages,
+            max_delegation_ttl,
+            settings.cache_capacity,
+        );
 
         let health = HealthReporter::new();
         let initial = if store.ping().await.is_ok() {

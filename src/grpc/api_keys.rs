@@ -937,18 +937,4 @@ mod tests {
             built
         );
     }
-
-    #[test]
-    fn a_key_without_usage_is_answered_by_its_prepared_bytes_alone() {
-        let outcome = Verification {
-            usage: None,
-            ..metered()
-        };
-        let standing = outcome.standing.as_deref().unwrap();
-        let wire = key_answer(VerifyCode::Valid, Some(standing), &[], false).encode_to_vec();
-        assert_eq!(
-            pb::VerifyApiKeyResponse::decode(wire.as_slice()).unwrap(),
-            verify_response(&outcome)
-        );
-    }
 }

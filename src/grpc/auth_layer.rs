@@ -16,8 +16,9 @@ use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
 use super::rpc::{self, Access};
-use crate::auth::{Authenticator, Credentials};
+use crate::auth::{AuthError, Authenticator, Caller, Credentials};
 use crate::domain::network::ClientAddress;
+use crate::domain::scope::BuiltinScope;
 
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -76,6 +77,14 @@ fn peer<B>(request: &http::Request<B>) -> Option<ClientAddress> {
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
         .map(|addr| ClientAddress::new(addr.ip()))
+}
+
+/// The caller, if it authenticated and holds the scope the RPC needs.
+fn permitted(
+    verified: Result<Caller, AuthError>,
+    needed: BuiltinScope,
+) -> Result<Caller, AuthError> {
+    verified.and_then(|caller| caller.require(needed).map(|()| caller))
 }
 
 /// The answer to a refused caller, counted by its code.
@@ -150,16 +159,13 @@ where
         let known = self
             .auth
             .authenticate_now(credentials(request.headers(), None));
-        match known {
-            Some(Ok(caller)) => match caller.require(needed) {
-                Ok(()) => {
-                    request.extensions_mut().insert(caller);
-                    AuthFuture::Inner {
-                        inner: self.inner.call(request),
-                    }
+        match known.map(|verified| permitted(verified, needed)) {
+            Some(Ok(caller)) => {
+                request.extensions_mut().insert(caller);
+                AuthFuture::Inner {
+                    inner: self.inner.call(request),
                 }
-                Err(err) => answered(refused(err.into())),
-            },
+            }
             Some(Err(err)) => answered(refused(err.into())),
             None => {
                 // The ready service handles this call; a fresh clone waits for the next one.
@@ -169,8 +175,7 @@ where
                 AuthFuture::Verifying {
                     verifying: Box::pin(async move {
                         let creds = credentials(request.headers(), peer(&request));
-                        let verified = auth.authenticate(creds).await;
-                        match verified.and_then(|caller| caller.require(needed).map(|()| caller)) {
+                        match permitted(auth.authenticate(creds).await, needed) {
                             Ok(caller) => {
                                 request.extensions_mut().insert(caller);
                                 inner.call(request).await

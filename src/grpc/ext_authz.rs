@@ -596,7 +596,6 @@ impl KeyplaneApi {
             && v.code == VerifyCode::Valid
             && v.usage.is_none()
             && !v.stale
-            && !standing.has_usage_controls()
             && input.client_keyplane_headers.is_empty()
         {
             let kind = AnswerKind::CheckAllow(credential_bits(&input.credential_headers));

@@ -56,11 +56,12 @@ impl KeyplaneApi {
         verifier: KeyVerifier,
         pages: PageTokenCodec,
         max_delegation_ttl: chrono::Duration,
+        cache_capacity: u64,
     ) -> Self {
         Self {
             max_delegation_ttl,
             queries: Arc::new(ParsedQueries::new(queries::DEFAULT_CAPACITY)),
-            prepared: Arc::new(PreparedAnswers::default()),
+            prepared: Arc::new(PreparedAnswers::new(cache_capacity)),
             store,
             verifier,
             pages,

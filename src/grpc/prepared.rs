@@ -29,10 +29,6 @@ use uuid::Uuid;
 
 use crate::domain::standing::Standing;
 
-/// Entries kept: one per key and kind of answer in use; a server answering for more keys
-/// than this builds the rest per call, as before.
-const CAPACITY: usize = 16_384;
-
 /// Which answer of a key is prepared: keys of different kinds never share bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AnswerKind {
@@ -43,19 +39,25 @@ pub enum AnswerKind {
     CheckAllow(u8),
 }
 
-pub struct PreparedAnswers {
-    entries: Cache<(Uuid, AnswerKind), (Weak<Standing>, Bytes)>,
-}
+/// A key's answer of one kind, with the standing it was prepared for.
+type Slots = Cache<(Uuid, AnswerKind), (Weak<Standing>, Bytes)>;
 
-impl Default for PreparedAnswers {
-    fn default() -> Self {
-        Self {
-            entries: Cache::new(CAPACITY),
-        }
-    }
+pub struct PreparedAnswers {
+    /// `None` when the verification cache is off: every verification then reads a new
+    /// standing, so nothing prepared would ever be served again.
+    entries: Option<Slots>,
 }
 
 impl PreparedAnswers {
+    /// Room for as many answers as the verification cache holds keys
+    /// (`--cache-capacity`): one per cached key and kind of answer in use.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            entries: (capacity > 0)
+                .then(|| Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX))),
+        }
+    }
+
     /// The encoded answer of `kind` for this standing: prepared earlier for the same
     /// standing, or built by `build` now and kept.
     pub fn get_or_prepare<M: Message>(
@@ -64,8 +66,11 @@ impl PreparedAnswers {
         kind: AnswerKind,
         build: impl FnOnce() -> M,
     ) -> Bytes {
+        let Some(entries) = &self.entries else {
+            return Bytes::from(build().encode_to_vec());
+        };
         let slot = (standing.key.id, kind);
-        if let Some((owner, bytes)) = self.entries.get(&slot)
+        if let Some((owner, bytes)) = entries.get(&slot)
             // The weak reference keeps the old standing's allocation, so its address cannot
             // be reused by the new one: equal addresses mean the same standing.
             && std::ptr::eq(owner.as_ptr(), Arc::as_ptr(standing))
@@ -73,8 +78,7 @@ impl PreparedAnswers {
             return bytes;
         }
         let bytes = Bytes::from(build().encode_to_vec());
-        self.entries
-            .insert(slot, (Arc::downgrade(standing), bytes.clone()));
+        entries.insert(slot, (Arc::downgrade(standing), bytes.clone()));
         bytes
     }
 }
